@@ -1,0 +1,27 @@
+"""Layout of the float64 parameter vector that carries a rain spec into the kernels.
+
+Kernels never see ``engine.rain.RainSpec`` (imports point engine -> kernels); ``RainSpec.to_vector()`` packs the spec
+into this layout. Ranges are closed intervals; integer fields (length, angle, widths) hold whole numbers.
+"""
+from __future__ import annotations
+
+FAMILY = 0          # family id, see FAMILY_IDS
+AMOUNT_LO = 1       # seed fraction (streak) / density (other families), uniform range
+AMOUNT_HI = 2
+LENGTH_LO = 3       # streak length in pixels, uniform integer range
+LENGTH_HI = 4
+ANGLE_LO = 5        # degrees from vertical, uniform integer range (0 = vertical streaks)
+ANGLE_HI = 6
+BETA_LO = 7         # compositing weight, uniform range, drawn in 1/1024 steps
+BETA_HI = 8
+RAIN_PROB = 9       # probability that a patch gets rain at all
+THRESHOLD = 10      # mask threshold t on the 0..255 rain layer (mask = rain > t)
+CANVAS_PAD = 11     # 0: render on the patch; p > 0: render on a (H+2p) x (W+2p) canvas, keep the centre crop
+N_WIDTHS = 12       # number of width choices (1..MAX_WIDTHS)
+WIDTHS = 13         # WIDTHS .. WIDTHS+MAX_WIDTHS-1: odd blur widths in pixels
+WIDTH_CDF = WIDTHS + 8  # cumulative probabilities of the width choices (last one is 1.0)
+MAX_WIDTHS = 8
+SIZE = WIDTH_CDF + MAX_WIDTHS
+
+#: Renderer families. "streak" is the authors' generator; the others are held-out test families.
+FAMILY_IDS = {"streak": 0, "layered": 1, "sparse": 2}

@@ -1,0 +1,29 @@
+"""Test set-up. GPU kernels run through numba's CUDA simulator unless RAINSWEEP_REAL_GPU=1: the simulator must be
+switched on before numba is first imported, which is why this happens at the top of conftest."""
+import os
+
+if os.environ.get("RAINSWEEP_REAL_GPU") != "1":
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+def real_gpu_available() -> bool:
+    """True when a real CUDA device is usable by CuPy (never under the simulator)."""
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return False
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+requires_gpu = pytest.mark.skipif(not real_gpu_available(), reason="needs a real CUDA GPU (RAINSWEEP_REAL_GPU=1)")
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)

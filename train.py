@@ -1,0 +1,1 @@
+"""Placeholder replaced by the trainer (issue 4)."""
