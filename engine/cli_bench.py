@@ -1,0 +1,207 @@
+"""``rainsweep bench``: patches/s of synthesis and metrics, ours against the peers, in one process."""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import math
+import os
+import time
+from typing import Any, Sequence
+
+import click
+
+from engine import benchmarks as B
+
+
+@click.command()
+@click.option("--presets", default="small,medium,large", show_default=True,
+              help="Comma-separated rain presets to synthesize (see `RainSpec.preset`).")
+@click.option("--patches", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Patches (128 x 128 x 3 uint8, built-in images) per timed call on the CPU.")
+@click.option("--threads", default="1,all", show_default=True,
+              help="CPU thread counts to run, comma-separated; 'all' = numba's thread pool size. Applies to numba, "
+                   "OpenCV and torch alike.")
+@click.option("--gpu/--no-gpu", default=None,
+              help="Also time the GPU cases on CuPy arrays (default: when a CUDA GPU is present).")
+@click.option("--gpu-patches", type=click.IntRange(min=1), default=65536, show_default=True,
+              help="Patches per timed call on the GPU (the CPU patches repeated; a GPU needs large batches).")
+@click.option("--peers/--no-peers", default=True, show_default=True,
+              help="Time the installed peers in the same run: the authors' OpenCV generator, albumentations and "
+                   "kornia RandomRain, OpenCV gray + Laplacian variance.")
+@click.option("--loader", is_flag=True, help="Append the data-loader cases (engine.loader_bench).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True),
+              help="Also write all numbers, ratios and the machine description to this JSON file.")
+@click.option("--seconds", type=click.FloatRange(min=0.0), default=1.0, show_default=True,
+              help="Minimum timed seconds per case (after warm-up); at least 3 repeats, the median is reported.")
+def bench(presets: str, patches: int, threads: str, gpu: bool | None, gpu_patches: int, peers: bool, loader: bool,
+          json_path: str | None, seconds: float) -> None:
+    """Patches/s of rain synthesis (rain layer + rainy image + mask) per preset, of sharpness and complexity, on
+    CPU with one thread and all threads and on the GPU when present; beside them the peers on the same patches in
+    the same process, and the ratios ours / peer.
+
+    Each case is warmed up outside the clock (numba compiles there), then repeated for at least --seconds; the
+    median of the repeats is reported.
+
+    \b
+    For stable OpenCV and kornia numbers set glibc's allocator thresholds before starting (DESIGN 4):
+      MALLOC_TRIM_THRESHOLD_=1073741824 MALLOC_MMAP_THRESHOLD_=33554432 rainsweep bench
+    """
+    try:
+        preset_names = B.check_presets(presets.split(","))
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--presets") from None
+    try:
+        thread_counts = B.parse_threads(threads)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--threads") from None
+    has_gpu = B.gpu_available()
+    if gpu is None:
+        gpu = has_gpu
+    elif gpu and not has_gpu:
+        raise click.UsageError("--gpu: no CUDA GPU is usable through CuPy here (use --no-gpu)")
+    if loader and importlib.util.find_spec("engine.loader_bench") is None:
+        raise click.UsageError("--loader needs engine/loader_bench.py (run_loader_bench), which is not in this "
+                               "checkout")
+    if any(os.environ.get(k) != v for k, v in B.MALLOC_ENV.items()):
+        click.echo("note: allocator thresholds not set; for stable peer numbers run with "
+                   + " ".join(f"{k}={v}" for k, v in B.MALLOC_ENV.items()), err=True)
+
+    from engine.builtin_images import builtin_patches
+
+    data = builtin_patches(patches, 128)
+    progress = (lambda msg: click.echo(f"  timing {msg}", err=True))
+    started = time.time()
+    results: list[B.Result] = []
+    cpu_cases = B.our_cpu_cases(preset_names) + (B.peer_cpu_cases(preset_names) if peers else [])
+    for n in thread_counts:
+        results += B.run_cases(cpu_cases, data, n, seconds, progress=progress)
+    if gpu:
+        results += B.run_cases(B.gpu_cases(preset_names), B.tile_patches(data, gpu_patches), None, seconds,
+                               progress=progress)
+    loader_rows = _run_loader(seconds, gpu, thread_counts) if loader else []
+
+    ratio_rows = B.ratios(results)
+    click.echo(format_results(results))
+    if ratio_rows:
+        click.echo("")
+        click.echo(format_ratios(ratio_rows))
+    if loader_rows:
+        click.echo("")
+        click.echo(format_rows(loader_rows, "loader"))
+    if json_path:
+        doc = {
+            "machine": B.machine_info(),
+            "settings": {"presets": preset_names, "patches": patches, "patch_shape": [128, 128, 3],
+                         "threads": thread_counts, "gpu": bool(gpu), "gpu_patches": gpu_patches if gpu else None,
+                         "peers": peers, "seconds": seconds, "started_utc": _utc(started),
+                         "elapsed_s": time.time() - started},
+            "results": [r.as_dict() for r in results],
+            "ratios": ratio_rows,
+            "loader": loader_rows if loader else None,
+        }
+        _write_json_atomic(json_path, doc)
+        click.echo(f"wrote {json_path}", err=True)
+
+
+def _run_loader(seconds: float, gpu: bool, threads: list[int]) -> list[dict]:
+    """The loader helper's cases (engine.loader_bench.run_loader_bench) with this run's time, GPU and threads.
+    --patches is not passed on: there it means the size of the temporary store, not a batch."""
+    from engine.loader_bench import run_loader_bench
+
+    # Pass only the arguments its signature takes, so either side can grow options independently.
+    offered: dict[str, Any] = {"seconds": seconds, "gpu": gpu, "threads": threads}
+    params = inspect.signature(run_loader_bench).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        kwargs = offered
+    else:
+        kwargs = {k: v for k, v in offered.items() if k in params}
+    return list(run_loader_bench(**kwargs))
+
+
+# ---- formatting ----------------------------------------------------------------------------------------------------
+
+def _rate(x: float | None) -> str:
+    return "-" if x is None else f"{x:,.0f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    fmt = lambda row: "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)  # noqa: E731
+                                for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+    line = "  ".join("-" * w for w in widths)
+    return "\n".join([fmt(header), line] + [fmt(r) for r in rows])
+
+
+def format_results(results: Sequence[B.Result]) -> str:
+    """The on-screen table: one row per case and thread count (patches/s is the median of the repeats)."""
+    rows = []
+    for r in results:
+        d = r.as_dict()
+        spread = "" if r.timing is None else f"{_rate(d['patches_per_s_min'])}..{_rate(d['patches_per_s_max'])}"
+        rows.append([d["case"], d["impl"], d["device"], "-" if r.threads is None else str(r.threads),
+                     _rate(d["patches_per_s"]) if r.timing else "skipped", spread, d["outputs"],
+                     r.skipped or d["note"]])
+    return _table(["case", "impl", "device", "threads", "patches/s", "min..max", "outputs", "note"], rows,
+                  right={3, 4, 5})
+
+
+def format_ratios(rows: Sequence[dict]) -> str:
+    """Ours / peer, same task, threads and patches."""
+    body = [[r["ours"], r["peer"], str(r["threads"]), _rate(r["ours_patches_per_s"]), _rate(r["peer_patches_per_s"]),
+             f"{r['ratio']:.2f}x"] for r in rows]
+    return _table(["ours", "peer", "threads", "ours/s", "peer/s", "ratio"], body, right={2, 3, 4, 5})
+
+
+def format_rows(rows: Sequence[dict], title: str) -> str:
+    """Generic table of dict rows (the loader cases), columns in first-seen key order."""
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    body = [[_num(v) if isinstance(v, float) else str(v) for v in (r.get(k, "") for k in keys)] for r in rows]
+    return f"{title}:\n" + _table(keys, body, right=set())
+
+
+def _num(x: float) -> str:
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _write_json_atomic(path: str, doc: dict) -> None:
+    """Write to a temporary name beside ``path`` and rename, so a reader never sees half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(_finite(doc), f, indent=2, default=_json_default, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _finite(x: Any) -> Any:
+    """NaN / inf -> None, recursively, so the file is strict JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def _json_default(x: Any) -> Any:
+    import numpy as np
+
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
