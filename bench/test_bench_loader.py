@@ -1,0 +1,66 @@
+"""Loader benchmarks: patches/s of ``engine.loader`` per mode with on-the-fly medium rain, one epoch per round.
+
+The store is written from the suite's built-in patches (``RAINSWEEP_BENCH_PATCHES``, default 2048) just before,
+so it is page-cached. Threads: 2 (the issue's figure: DALI CPU loader, 2 threads, >= 15,000 patches/s). GPU cases
+run when CUDA is usable. ``extra_info['patches_per_s']`` holds the rate (median round).
+
+Run: ``pytest bench/test_bench_loader.py`` (``rainsweep bench --loader`` measures the same through
+``engine.loader_bench``).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.benchmarks import suite_settings
+from engine.loader import Loader
+from engine.loader_bench import cpu_threads
+
+ROUNDS = suite_settings().rounds
+THREADS = 2
+BATCH = 256
+
+CASES = [("resident", "cpu", None), ("dali", "cpu", 0), ("dali", "cpu", 1),
+         ("resident", "cuda", None), ("dali", "cuda", None)]
+
+
+@pytest.fixture(scope="module")
+def store_path(patches, tmp_path_factory) -> str:
+    from engine.store import write_store
+
+    n = len(patches)
+    path = tmp_path_factory.mktemp("bench_loader") / "store"
+    write_store(path, patches, sharpness=np.zeros(n), complexity=np.zeros(n))
+    return str(path)
+
+
+@pytest.mark.parametrize("mode, device, workers", CASES, ids=[f"{m}-{d}-w{w}" for m, d, w in CASES])
+def test_loader_epoch(benchmark, store_path, mode, device, workers):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    with cpu_threads(THREADS):
+        loader = Loader(store_path, batch_size=BATCH, rain="medium", seed=0, device=device, mode=mode,
+                        workers=workers, threads=THREADS)
+        try:
+            n = loader.indices.size
+            state = {"epoch": 0}
+
+            def one_epoch() -> int:
+                count = 0
+                for b in loader.epoch(state["epoch"]):
+                    count += len(b)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                state["epoch"] += 1
+                return count
+
+            benchmark.group = f"loader-{device}-{THREADS}t"
+            benchmark.extra_info.update(mode=mode, device=device, workers=workers, threads=THREADS, batch=BATCH,
+                                        rain="medium", patches=n)
+            got = benchmark.pedantic(one_epoch, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+            assert got == n  # every round delivered the whole epoch
+            if benchmark.stats is not None:  # None under --benchmark-disable
+                benchmark.extra_info["patches_per_s"] = n / benchmark.stats.stats.median
+        finally:
+            loader.close()

@@ -1,0 +1,348 @@
+"""engine.loader: epoch order, shards, modes (resident / dali) agreeing batch for batch, rain against a direct
+``engine.synth.synthesize`` call, and bad input. DALI runs its CPU pipeline here (no GPU)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from conftest import requires_gpu
+from engine import loader as L
+from engine.loader import Loader, LoaderError
+from engine.rain import RainSpec
+
+P = 16
+N = 45
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory) -> str:
+    from engine.store import write_store
+
+    rng = np.random.default_rng(7)
+    patches = rng.integers(0, 256, size=(N, P, P, 3), dtype=np.uint8)
+    path = tmp_path_factory.mktemp("loader") / "store"
+    # chunks of 8 patches so batches span several chunk files; metrics are irrelevant here
+    write_store(path, patches, sharpness=np.zeros(N), complexity=np.zeros(N), chunk_patches=8)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def store_patches(store_path) -> np.ndarray:
+    """The store's patches read by plain zarr-python (independent of PatchStore.read's fast path)."""
+    return np.asarray(zarr.open_group(store_path, mode="r")["patches"][:])
+
+
+@pytest.fixture(scope="module")
+def other_store_path(tmp_path_factory) -> str:
+    from engine.store import write_store
+
+    patches = np.full((10, P, P, 3), 9, dtype=np.uint8)
+    path = tmp_path_factory.mktemp("loader_other") / "store"
+    write_store(path, patches, sharpness=np.zeros(10), complexity=np.zeros(10))
+    return str(path)
+
+
+def _epoch(store_path, **kw) -> list[L.Batch]:
+    kw.setdefault("rain", None)
+    epoch = kw.pop("epoch", 0)
+    loader = Loader(store_path, **kw)
+    try:
+        return list(loader.epoch(epoch))
+    finally:
+        loader.close()
+
+
+def _order(batches: list[L.Batch]) -> np.ndarray:
+    return np.concatenate([b.index.numpy() for b in batches]) if batches else np.zeros(0, np.int64)
+
+
+# ---- order -------------------------------------------------------------------------------------------------------
+
+def _reference_order(indices: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """The documented order, computed with numba's scalar helpers (an implementation independent of the numpy one
+    the loader uses): sort by bits(patch_state(seed, ~epoch), counter(0, index)), ties by index."""
+    from kernels.rng import cpu
+
+    state = np.uint64(cpu.patch_state(np.int64(seed), np.int64(~epoch)))
+    # np.uint64 around every value crossing into numba: a Python int would type as int64, and int64 + uint64 is
+    # float64 in numba's typing
+    keys = [(int(cpu.bits(state, np.uint64(cpu.counter(np.uint64(0), np.uint64(i))))), int(i)) for i in indices]
+    return np.array([i for _, i in sorted(keys)], dtype=np.int64)
+
+
+@pytest.mark.parametrize("mode", ["resident", "dali"])
+def test_epoch_visits_every_subset_index_once(store_path, mode):
+    subset = np.array([3, 40, 7, 0, 22, 31, 44, 12, 9, 18, 27], dtype=np.int64)
+    got = _order(_epoch(store_path, subset=subset, batch_size=4, mode=mode, seed=5, epoch=2))
+    assert sorted(got.tolist()) == sorted(subset.tolist())
+    np.testing.assert_array_equal(got, _reference_order(subset, 5, 2))
+
+
+def test_order_depends_on_seed_and_epoch_only(store_path):
+    a = _order(_epoch(store_path, batch_size=7, mode="resident", seed=1, epoch=0))
+    b = _order(_epoch(store_path, batch_size=7, mode="resident", seed=1, epoch=1))
+    c = _order(_epoch(store_path, batch_size=7, mode="resident", seed=2, epoch=0))
+    again = _order(_epoch(store_path, batch_size=5, mode="resident", seed=1, epoch=0))  # batch size is irrelevant
+    assert sorted(a.tolist()) == list(range(N))
+    assert not np.array_equal(a, b) and not np.array_equal(a, c)
+    np.testing.assert_array_equal(a, again)
+    # the order of a subset is the whole store's order restricted to it, however the subset lists its indices
+    sub = np.array([40, 2, 17, 33, 8], dtype=np.int64)
+    got = _order(_epoch(store_path, subset=sub[::-1].copy(), batch_size=2, mode="resident", seed=1, epoch=0))
+    np.testing.assert_array_equal(got, a[np.isin(a, sub)])
+
+
+def test_batch_sizes_and_drop_last(store_path):
+    sizes = [len(b) for b in _epoch(store_path, batch_size=10, mode="resident")]
+    assert sizes == [10, 10, 10, 10, 5]
+    sizes = [len(b) for b in _epoch(store_path, batch_size=10, mode="resident", drop_last=True)]
+    assert sizes == [10, 10, 10, 10]
+    assert [b.step for b in _epoch(store_path, batch_size=10, mode="resident")] == [0, 1, 2, 3, 4]
+    assert len(Loader(store_path, batch_size=10, rain=None, mode="resident")) == 5
+
+
+# ---- shards ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_shards_are_disjoint_and_cover_the_epoch(store_path, drop_last):
+    bs, shards = 4, 3
+    full = _order(_epoch(store_path, batch_size=bs, mode="resident", seed=9, epoch=3))
+    parts = [_epoch(store_path, batch_size=bs, mode="resident", seed=9, epoch=3, drop_last=drop_last,
+                    shard_id=s, num_shards=shards) for s in range(shards)]
+    orders = [_order(p) for p in parts]
+    everything = np.concatenate(orders)
+    assert np.unique(everything).size == everything.size  # disjoint
+    if drop_last:
+        # every shard has the same number of full batches: 45 // 4 = 11 batches, 11 // 3 = 3 per shard
+        assert [len(p) for p in parts] == [3, 3, 3]
+        assert all(len(b) == bs for p in parts for b in p)
+        assert sorted(everything.tolist()) == sorted(full[:9 * bs].tolist())
+    else:
+        assert sorted(everything.tolist()) == list(range(N))
+        # strided batches: batch k of the epoch goes to shard k % 3
+        for s, p in enumerate(parts):
+            for j, b in enumerate(p):
+                k = s + j * shards
+                np.testing.assert_array_equal(b.index.numpy(), full[k * bs:(k + 1) * bs])
+
+
+# ---- modes agree, contents are right ----------------------------------------------------------------------------
+
+def _assert_same_batches(xs: list[L.Batch], ys: list[L.Batch]) -> None:
+    assert len(xs) == len(ys)
+    for x, y in zip(xs, ys):
+        for f in ("index", "background", "rainy", "rain", "mask"):
+            a, b = getattr(x, f), getattr(y, f)
+            assert a.dtype == b.dtype and a.shape == b.shape, f
+            assert torch.equal(a.cpu(), b.cpu()), f
+
+
+@pytest.mark.parametrize("workers", [0, 1, None])
+def test_dali_and_resident_give_identical_batches(store_path, workers):
+    kw = dict(subset=np.arange(3, 40), batch_size=8, rain="medium", seed=11, epoch=4)
+    res = _epoch(store_path, mode="resident", **kw)
+    dali = _epoch(store_path, mode="dali", workers=workers, **kw)
+    _assert_same_batches(res, dali)
+    assert any(b.mask.any() for b in res)  # rain was actually drawn
+
+
+def test_batches_match_store_and_direct_synthesis(store_path, store_patches):
+    from engine.synth import synthesize
+
+    spec = RainSpec.preset("medium")
+    seed, epoch = 3, 6
+    for mode in ("resident", "dali"):
+        for b in _epoch(store_path, batch_size=16, rain=spec, seed=seed, epoch=epoch, mode=mode):
+            idx = b.index.numpy()
+            bg = store_patches[idx]
+            assert b.background.dtype == torch.float32 and b.background.shape == (len(idx), 3, P, P)
+            assert b.background.is_contiguous() and b.rainy.is_contiguous()
+            expect_bg = bg.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255)
+            np.testing.assert_array_equal(b.background.numpy(), expect_bg)
+            keys = np.array([epoch * 2**40 + int(i) for i in idx], dtype=np.int64)
+            ref = synthesize(bg.copy(), spec, seed=seed, keys=keys)
+            rainy = np.asarray(ref.rainy).transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255)
+            rain = np.asarray(ref.rain)[:, None].astype(np.float32) / np.float32(255)
+            np.testing.assert_array_equal(b.rainy.numpy(), rainy)
+            np.testing.assert_array_equal(b.rain.numpy(), rain)
+            np.testing.assert_array_equal(b.mask.numpy(), np.asarray(ref.mask)[:, None])
+            assert b.rain.shape == (len(idx), 1, P, P) and b.mask.dtype == torch.bool
+            assert 0.0 <= float(b.rainy.min()) and float(b.rainy.max()) <= 1.0
+
+
+def test_device_conversion_equals_true_division():
+    """The conversion the GPU path uses, run on CPU tensors: exact float32 quotients v / 255 (a multiplication by
+    1/255 would be off in the last bit for about half of the values), in NCHW, from an NHWC view."""
+    x = torch.from_numpy(np.arange(2 * 4 * 8 * 3, dtype=np.int64).reshape(2, 4, 8, 3).astype(np.uint8) * 5)
+    got = L.unit_by_lut(x.permute(0, 3, 1, 2), L._device_lut(torch.device("cpu")))
+    want = x.numpy().transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255)
+    assert got.dtype == torch.float32 and got.is_contiguous() and got.shape == (2, 3, 4, 8)
+    np.testing.assert_array_equal(got.numpy(), want)
+    every = torch.arange(256, dtype=torch.uint8)
+    np.testing.assert_array_equal(L.unit_by_lut(every, L._device_lut(torch.device("cpu"))).numpy(),
+                                  np.arange(256, dtype=np.float32) / np.float32(255))
+
+
+def test_no_rain_means_rainy_is_background(store_path, store_patches):
+    for b in _epoch(store_path, batch_size=20, rain=None, mode="resident"):
+        assert torch.equal(b.rainy, b.background) and b.rainy is not b.background
+        assert not b.mask.any() and float(b.rain.abs().max()) == 0.0
+
+
+def test_output_buffers_are_recycled_only_after_release(store_path, store_patches):
+    loader = Loader(store_path, batch_size=5, rain="medium", mode="resident")
+    held = list(loader.epoch(0))  # the caller keeps every batch: no two may share memory
+    ptrs = [t.data_ptr() for b in held for t in (b.background, b.rainy, b.rain, b.mask)]
+    assert len(set(ptrs)) == len(ptrs)
+    for b in held:  # nothing was overwritten by the batches produced after it
+        expect = store_patches[b.index.numpy()].transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255)
+        np.testing.assert_array_equal(b.background.numpy(), expect)
+    view = held[0].rainy[:, :1].clone(), held[1].background.numpy()  # a numpy view keeps its batch's buffer
+    kept = held[1].background.data_ptr()
+    del held, b
+    seen = set()
+    for b in loader.epoch(1):
+        seen.add(b.background.data_ptr())
+        del b
+    assert kept not in seen
+    assert len(seen) < len(loader)  # released buffers came back
+    del view
+
+
+def test_abandoned_dali_epoch_does_not_leak_into_the_next(store_path):
+    loader = Loader(store_path, batch_size=4, rain=None, mode="dali", workers=1, seed=2)
+    try:
+        it = loader.epoch(0)
+        next(it)
+        it.close()  # stop after one batch; DALI has prefetched more
+        got = _order(list(loader.epoch(1)))
+        want = _order(_epoch(store_path, batch_size=4, mode="resident", seed=2, epoch=1))
+        np.testing.assert_array_equal(got, want)
+    finally:
+        loader.close()
+
+
+def test_one_dali_epoch_at_a_time(store_path):
+    loader = Loader(store_path, batch_size=4, rain=None, mode="dali")
+    try:
+        first = loader.epoch(0)
+        next(first)
+        with pytest.raises(RuntimeError, match="still being iterated"):
+            next(loader.epoch(1))
+        first.close()
+        assert len(list(loader.epoch(1))) == len(loader)
+    finally:
+        loader.close()
+
+
+# ---- subsets and stores as arguments ----------------------------------------------------------------------------
+
+def test_subset_objects_paths_and_store_objects(store_path, tmp_path):
+    from engine.select import Subset
+    from engine.store import open_store
+
+    store = open_store(store_path)
+    idx = np.array([1, 5, 9, 30, 44], dtype=np.int64)
+    sub = Subset(indices=idx, query={}, seed=0, store_path=store_path, store_fingerprint=store.fingerprint)
+    sub.save(tmp_path / "sub.json")
+    want = _order(_epoch(store_path, subset=idx, batch_size=2, mode="resident"))
+    for s in (sub, tmp_path / "sub.json", str(tmp_path / "sub.json"), torch.from_numpy(idx)):
+        np.testing.assert_array_equal(_order(_epoch(store, subset=s, batch_size=2, mode="resident")), want)
+
+
+def test_subset_of_another_store_is_refused(store_path, other_store_path):
+    from engine.select import Subset, SubsetError
+    from engine.store import open_store
+
+    other = open_store(other_store_path)
+    sub = Subset(indices=np.arange(3), query={}, seed=0, store_path=other_store_path,
+                 store_fingerprint=other.fingerprint)
+    with pytest.raises(SubsetError, match="fingerprint"):
+        Loader(store_path, subset=sub, rain=None)
+
+
+def test_batches_function_reuses_its_loader(store_path):
+    L.clear_cache()
+    a = _order(list(L.batches(store_path, batch_size=6, rain=None, seed=4, epoch=1, mode="resident")))
+    assert len(L._CACHE) == 1
+    loader = next(iter(L._CACHE.values()))
+    resident = loader._resident
+    b = _order(list(L.batches(store_path, batch_size=6, rain=None, seed=4, epoch=2, mode="resident")))
+    assert len(L._CACHE) == 1 and loader._resident is resident  # loaded once
+    np.testing.assert_array_equal(a, _reference_order(np.arange(N), 4, 1))
+    np.testing.assert_array_equal(b, _reference_order(np.arange(N), 4, 2))
+    L.clear_cache()
+    assert not L._CACHE
+
+
+# ---- mode choice -------------------------------------------------------------------------------------------------
+
+def test_auto_mode_follows_the_memory_budget(store_path, monkeypatch):
+    subset_bytes = 10 * P * P * 3
+    small = Loader(store_path, subset=np.arange(10), rain=None, mode="auto", memory_budget=subset_bytes)
+    big = Loader(store_path, subset=np.arange(10), rain=None, mode="auto", memory_budget=subset_bytes - 1)
+    assert small.mode == "resident" and big.mode == "dali"
+    assert "resident" in small.note and "dali" in big.note
+    import engine.loader_dali as LD
+
+    monkeypatch.setattr(LD, "dali_problem", lambda: "NVIDIA DALI is not importable (test)")
+    with pytest.warns(RuntimeWarning, match="falling back to resident"):
+        fallback = Loader(store_path, subset=np.arange(10), rain=None, mode="auto", memory_budget=0)
+    assert fallback.mode == "resident" and "falling back" in fallback.note and "not importable" in fallback.note
+    with pytest.raises(LoaderError, match="mode: 'dali' cannot run: NVIDIA DALI is not importable"):
+        Loader(store_path, rain=None, mode="dali")
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(batch_size=0), "batch_size: expected an integer >= 1"),
+    (dict(batch_size=2.5), "batch_size: expected an integer"),
+    (dict(shard_id=2, num_shards=2), r"shard_id: expected an integer in 0\.\.1"),
+    (dict(shard_id=-1), "shard_id"),
+    (dict(num_shards=0), "num_shards"),
+    (dict(mode="fast"), "mode: expected one of auto, resident, dali"),
+    (dict(device="tpu"), "device: expected 'cpu', 'cuda' or 'cuda:N'"),
+    (dict(rain="drizzle"), "rain: unknown rain preset 'drizzle'"),
+    (dict(rain=3), "rain: expected a RainSpec"),
+    (dict(subset=np.array([0, 45])), r"subset: store indices must lie in 0\.\.44"),
+    (dict(subset=np.array([-1, 2])), "subset: store indices must lie"),
+    (dict(subset=np.array([1, 1])), "subset: holds duplicate"),
+    (dict(subset=np.array([], dtype=np.int64)), "subset: is empty"),
+    (dict(subset=np.array([0.5])), "subset: expected integer"),
+    (dict(subset=np.zeros((2, 2), dtype=np.int64)), "subset: expected a 1-d"),
+])
+def test_bad_arguments_raise_clear_errors(store_path, kwargs, match):
+    kwargs.setdefault("rain", None)
+    with pytest.raises(LoaderError, match=match):
+        Loader(store_path, **kwargs)
+
+
+def test_bad_epoch_store_and_cuda(store_path, tmp_path):
+    loader = Loader(store_path, rain=None, mode="resident")
+    with pytest.raises(LoaderError, match="epoch: expected an integer in 0"):
+        loader.epoch(-1)
+    from engine.store import StoreError
+
+    with pytest.raises(StoreError):
+        Loader(tmp_path / "nothing-here", rain=None)
+    with pytest.raises(LoaderError, match="store: expected a store path"):
+        Loader(42, rain=None)
+    if not torch.cuda.is_available():
+        with pytest.raises(LoaderError, match="no CUDA GPU"):
+            Loader(store_path, rain=None, device="cuda")
+
+
+# ---- GPU ---------------------------------------------------------------------------------------------------------
+
+@requires_gpu
+@pytest.mark.gpu
+def test_gpu_modes_match_cpu(store_path):
+    kw = dict(batch_size=8, rain="medium", seed=1, epoch=2)
+    cpu = _epoch(store_path, mode="resident", device="cpu", **kw)
+    for mode in ("resident", "dali"):
+        gpu = _epoch(store_path, mode=mode, device="cuda", **kw)
+        assert all(b.background.is_cuda and b.rainy.is_cuda and b.rain.is_cuda and b.mask.is_cuda for b in gpu)
+        _assert_same_batches(cpu, gpu)
