@@ -28,11 +28,15 @@ class RainSpec:
 
     Attributes:
         family: renderer, one of ``"streak"`` (the authors' generator), ``"layered"`` and ``"sparse"`` (held-out).
-        amount: (lo, hi) fraction of pixels that seed a streak (streak); family-specific density otherwise.
-        width: odd blur widths in pixels to choose from.
+        amount: (lo, hi) fraction of pixels that seed a streak (streak); streaks per canvas pixel per depth layer
+            (layered; far layers get up to twice as many); streaks per canvas pixel, at least one (sparse).
+        width: odd blur widths in pixels to choose from (streak); near-layer streak widths, the far layer being
+            1 px wide (layered); streak widths (sparse).
         width_prob: probability of each width (sums to 1).
-        length: (lo, hi) streak length in pixels, integers, inclusive.
-        angle: (lo, hi) streak angle in whole degrees from vertical, inclusive.
+        length: (lo, hi) streak length in pixels, integers, inclusive (streak, sparse); far-layer length, nearer
+            layers being shorter down to 2/5 of it (layered).
+        angle: (lo, hi) streak angle in whole degrees from vertical, inclusive (a positive angle puts the lower end
+            to the right); for layered and sparse one direction per patch, with per-streak jitter of a few degrees.
         beta: (lo, hi) compositing weight in ``I = clip(B + beta * R, 0, 255)``.
         rain_prob: probability that a patch gets rain (the authors train with 0.9).
         threshold: mask threshold ``t``: ``mask = rain > t`` on the 0..255 rain layer.
@@ -231,10 +235,15 @@ PRESETS: dict[str, RainSpec] = {
     "table1-medium": _table1("table1-medium", (5, 7, 9), (20, 40), (-30, 30)),
     "table1-large": _table1("table1-large", (1, 3, 5, 7, 9), (5, 60), (-70, 70)),
     # Held-out test families (generator form and statistics differ from every training preset; see kernels).
-    "heldout-layered": RainSpec(family="layered", amount=(0.0015, 0.003), width=(1, 3, 5), width_prob=(1/3,) * 3,
+    # layered: 2-4 depth layers of 25-50 streaks each on 128 x 128 (twice that in the far layer), near layers
+    # 3-5 px wide, far layer 1 px wide and 20-60 px long; coverage of rain > 50 ~0.25, and ~5 % of its rain pixels
+    # above 200 (~0.4 % in the authors' min-max normalized rain) (kernels/rain_layered.py, tests/test_rain_heldout.py).
+    "heldout-layered": RainSpec(family="layered", amount=(0.0015, 0.003), width=(3, 5), width_prob=(0.5, 0.5),
                                 length=(20, 60), angle=(-20, 20), beta=(0.8, 1.0), name="heldout-layered"),
+    # sparse: 4-9 thin (1 px) bright streaks 60-100 px long with tapered ends; the patch's direction lies within 15
+    # degrees of vertical, each streak within 3 of it; coverage of rain > 50 ~0.03 (kernels/rain_sparse.py).
     "heldout-sparse": RainSpec(family="sparse", amount=(0.0003, 0.0006), width=(1,), width_prob=(1.0,),
-                               length=(60, 100), angle=(-45, 45), beta=(0.8, 1.0), name="heldout-sparse"),
+                               length=(60, 100), angle=(-15, 15), beta=(0.8, 1.0), name="heldout-sparse"),
 }
 
 #: Presets the trainer may use for training rain; everything else is meant for held-out testing.
