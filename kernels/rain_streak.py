@@ -1,0 +1,893 @@
+"""The authors' streak rain (DESIGN 2), rendered fast: seeds by geometric skipping, splatted with a sparse kernel.
+
+The generator this reproduces (``kernels/authors_generator.py`` is the OpenCV version): seed noise (a fraction
+``amount`` of the pixels, strength ``U(256 (1 - amount), 256)``), the 3 x 3 seed filter ``[[0,.1,0],[.1,8,.1],
+[0,.1,0]]``, a streak kernel (the ``length x length`` diagonal rotated by ``angle - 45`` degrees about
+``(length/2, length/2)`` with bilinear ``cv2.warpAffine``, then ``cv2.GaussianBlur`` with odd ``width``, OpenCV's
+weights, reflect-101 borders inside the kernel), ``cv2.filter2D`` with reflect-101 borders, and a per-patch min-max
+normalization to 0..255 truncated to uint8. ``angle`` is in whole degrees from vertical; a positive angle puts the
+lower end of a streak to the right.
+
+How it is computed here (the numpy reference ``kernels/reference_rain.py`` does the same arithmetic the obvious way):
+
+- Per patch (stream 1 of ``kernels.rng``): counter 0: ``amount`` as ``aq / 2**24`` with ``aq`` a uniform integer;
+  1: ``length``; 2: ``angle``; 3: width choice (a 53-bit uniform compared with the width CDF).
+- Streak kernel in integers: source coordinates of the rotation in 1/32 px (as OpenCV's ``INTER_BITS``) from the
+  host-made cos/sin table (``TRIG``, 2**-16), bilinear weights in 1/1024, Gaussian rows/columns with OpenCV's
+  weights in 2**-12 (``GAUSS``), reflect-101 inside the kernel, the seed filter folded in (x 10, so ``[1, 80, 1]``),
+  then scaled down by a power of two to at most ``2**TAP_BITS`` and stored as rows of taps (scatter offsets).
+  Folding is exact: the reflect-101 extension of a seed image filtered by a symmetric 3 x 3 kernel is the same as
+  filtering the extended seed image.
+- Seeds (stream 2, one sub-stream per canvas row ``y``, draw ``j`` at counter ``2 << 32 | y << 12 | j``): one 64-bit
+  hash per seed. Its top 53 bits ``u`` give the gap to the next seed, ``floor(log(1 - u) / log(1 - amount))``
+  (geometric: an exact Bernoulli(amount) process per pixel); its low 11 bits ``b`` give the strength
+  ``v = 4095 - (aq * b >> 23)`` in 1/16 (``256 (1 - amount u')``, ``u' = b / 2048``).
+- Every seed is splatted with all its reflect-101 mirror images that reach the canvas (what ``filter2D``'s border
+  does) into an int64 accumulator; integer sums do not depend on the order, so atomics on the GPU give the CPU's
+  result exactly.
+- Min-max normalization over the canvas in integers: ``floor((acc - min) * 255 / (max - min))`` (all equal -> 0),
+  then the centre crop when ``canvas_pad > 0``.
+
+CPU (``render_cpu``, numba, parallel over patches): seeds are collected per row, expanded into the events of the
+reflect-101 extension sorted by row, and splatted kernel-tap-outermost into a column-extended accumulator (no
+clipping; see ``_splat_cpu``). GPU (``render_gpu``, numba.cuda, one block per patch): the threads build the kernel
+pass by pass (rows spread over threads), draw the seeds of one canvas row each and splat them and their mirror
+images with int64 atomics into a global scratch accumulator (a 128 x 128 int64 canvas is 128 KB, beyond numba's
+48 KB static shared memory), then reduce min/max in shared memory and write the normalized crop.
+
+Residual float risk (CPU vs GPU vs reference): the gap uses ``log`` (libm on the CPU, libdevice on the GPU, both
+within 1 ulp) and one IEEE division; a 1-ulp difference changes ``floor`` only when the quotient lies within ~1e-16
+relative of an integer, probability ~1e-15 per seed. Everything else is integer arithmetic or exact float
+operations (powers of two, compares).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import cuda, njit, prange
+
+from kernels import params as P
+from kernels import rng
+from kernels.jit import cpu_jit, cuda_device_jit
+
+# ---- host-made tables -----------------------------------------------------------------------------------------------
+
+#: cos/sin of whole degrees as round(value * 2**TRIG_BITS); row ``d + TRIG_OFFSET`` holds (cos d, sin d).
+TRIG_BITS = 16
+TRIG_OFFSET = 180
+#: Gaussian weights as round(weight * 2**GAUSS_BITS); row ``w // 2`` holds the ``w`` weights of odd width ``w``.
+GAUSS_BITS = 12
+MAX_WIDTH = 31
+#: Amounts are drawn as integers ``aq`` in units of 2**-AMOUNT_BITS.
+AMOUNT_BITS = 24
+#: Largest tap after scaling (tap precision relative to the kernel's peak).
+TAP_BITS = 20
+#: Canvas limits: one 12-bit sub-stream index per row (``j < 4096`` draws per row) and >= 2 pixels for reflect-101.
+MAX_CANVAS_WIDTH = 4094
+MAX_CANVAS_HEIGHT = 1 << 20
+
+# OpenCV's fixed small Gaussian kernels (``small_gaussian_tab`` in imgproc/src/smooth.dispatch.cpp): used by
+# ``getGaussianKernel(ksize, sigma <= 0)`` for ksize 1..9; larger sizes use the sigma rule (checked against cv2 in
+# tests/test_rain_streak.py).
+_OPENCV_SMALL_GAUSSIAN = {
+    1: [1.0],
+    3: [0.25, 0.5, 0.25],
+    5: [0.0625, 0.25, 0.375, 0.25, 0.0625],
+    7: [0.03125, 0.109375, 0.21875, 0.28125, 0.21875, 0.109375, 0.03125],
+    9: [0.015625, 0.05078125, 0.1171875, 0.19921875, 0.234375, 0.19921875, 0.1171875, 0.05078125, 0.015625],
+}
+
+
+def opencv_gaussian_weights(width: int) -> np.ndarray:
+    """float64 weights of ``cv2.getGaussianKernel(width, 0)`` (sum 1) without importing OpenCV.
+
+    Odd ``width`` <= 9: OpenCV's fixed tables; above: ``sigma = 0.3 * ((width - 1) * 0.5 - 1) + 0.8`` and normalized
+    ``exp(-x^2 / (2 sigma^2))``.
+    """
+    if width < 1 or width % 2 == 0:
+        raise ValueError(f"width: expected an odd integer >= 1, got {width}")
+    if width in _OPENCV_SMALL_GAUSSIAN:
+        return np.asarray(_OPENCV_SMALL_GAUSSIAN[width], dtype=np.float64)
+    sigma = 0.3 * ((width - 1) * 0.5 - 1) + 0.8
+    x = np.arange(width, dtype=np.float64) - (width - 1) * 0.5
+    g = np.exp(-(x * x) / (2.0 * sigma * sigma))
+    return g / g.sum()
+
+
+def _make_trig() -> np.ndarray:
+    rad = np.deg2rad(np.arange(-TRIG_OFFSET, TRIG_OFFSET + 1, dtype=np.float64))
+    scale = float(1 << TRIG_BITS)
+    return np.stack([np.round(np.cos(rad) * scale), np.round(np.sin(rad) * scale)], axis=1).astype(np.int64)
+
+
+def _make_gauss() -> np.ndarray:
+    table = np.zeros((MAX_WIDTH // 2 + 1, MAX_WIDTH), dtype=np.int64)
+    for w in range(1, MAX_WIDTH + 1, 2):
+        table[w // 2, :w] = np.round(opencv_gaussian_weights(w) * (1 << GAUSS_BITS)).astype(np.int64)
+    return table
+
+
+#: int64 [361, 2]: (cos, sin) of degree ``d`` at row ``d + TRIG_OFFSET``, scaled by 2**TRIG_BITS.
+TRIG = _make_trig()
+#: int64 [16, 31]: Gaussian weights of odd width ``w`` in row ``w // 2``, scaled by 2**GAUSS_BITS.
+GAUSS = _make_gauss()
+
+
+def kernel_size(params: np.ndarray) -> int:
+    """Side of the scratch square that holds any streak kernel of ``params`` (length hi + 2 for the seed filter)."""
+    return int(params[P.LENGTH_HI]) + 2
+
+
+# ---- per-patch logic, one source for CPU and GPU ------------------------------------------------------------------
+
+def build(jit, r, add):
+    """Define the per-patch helpers with decorator ``jit``, rng helpers ``r`` and accumulator op ``add(acc, i, v)``."""
+    bits = r.bits
+    counter = r.counter
+    randint = r.randint
+    uniform = r.uniform
+
+    @jit
+    def refl(i, n):
+        """reflect-101 index (OpenCV's BORDER_REFLECT_101, repeated for far indices)."""
+        if n == 1:
+            return 0
+        while i < 0 or i >= n:
+            if i < 0:
+                i = -i
+            else:
+                i = 2 * n - 2 - i
+        return i
+
+    @jit
+    def draw_params(params, state):
+        """(aq, length, angle, width) of one patch from stream 1."""
+        # x * 2**24 is exact and int() truncates, so lo/hi become the same integers on every backend
+        lo = np.int64(params[P.AMOUNT_LO] * 16777216.0 + 0.5)
+        hi = np.int64(params[P.AMOUNT_HI] * 16777216.0 + 0.5)
+        if lo < 1:
+            lo = np.int64(1)
+        if hi < lo:
+            hi = lo
+        aq = randint(state, counter(1, 0), lo, hi)
+        length = randint(state, counter(1, 1), np.int64(params[P.LENGTH_LO]), np.int64(params[P.LENGTH_HI]))
+        angle = randint(state, counter(1, 2), np.int64(params[P.ANGLE_LO]), np.int64(params[P.ANGLE_HI]))
+        u = uniform(state, counter(1, 3))
+        n = np.int64(params[P.N_WIDTHS])
+        k = 0
+        while k < n - 1 and u >= params[P.WIDTH_CDF + k]:
+            k += 1
+        width = np.int64(params[P.WIDTHS + k])
+        return aq, length, angle, width
+
+    @jit
+    def line_value(x, y, length, cq, sq):
+        """Bilinear sample (1/1024) of the rotated ``length x length`` diagonal at destination pixel (x, y)."""
+        # source coordinates in 2**-17 px: c + R^-1 (p - c), c = length / 2, R^-1 = [[cos, -sin], [sin, cos]]
+        big_x = length * 65536 + cq * (2 * x - length) - sq * (2 * y - length)
+        big_y = length * 65536 + sq * (2 * x - length) + cq * (2 * y - length)
+        sx = (big_x + 2048) >> 12          # to 1/32 px, rounding as OpenCV's fixed-point warpAffine
+        sy = (big_y + 2048) >> 12
+        ix = sx >> 5
+        iy = sy >> 5
+        fx = sx & 31
+        fy = sy & 31
+        v = 0
+        # the source is 1 on its diagonal (i == j, 0 <= i < length) and 0 elsewhere, 0 outside (BORDER_CONSTANT)
+        if ix == iy:
+            if 0 <= ix < length:
+                v += (32 - fx) * (32 - fy)
+            if 0 <= ix + 1 < length:
+                v += fx * fy
+        elif ix + 1 == iy:
+            if 0 <= iy < length:
+                v += fx * (32 - fy)
+        elif ix == iy + 1:
+            if 0 <= ix < length:
+                v += (32 - fx) * fy
+        return v
+
+    # The streak kernel is built in passes over its rows; within a pass every row is independent, so the GPU
+    # kernel spreads the rows of each pass over its threads (barriers between passes) and the CPU runs them in
+    # order. Scratch: ``kb`` int64 [4, KS, KS] (line, row blur, column blur, folded), ``ext`` int64 [7, KS] (per-row
+    # extents and peaks), ``rows`` int64 [4, KS] (per tap row: dy, dx0, count, offset into ``vals``), ``vals``
+    # int64 [KS * KS]; KS >= length + 2.
+
+    @jit
+    def kernel_clear_row(kb, y, L):
+        for x in range(L + 2):
+            kb[0, y, x] = 0
+            kb[1, y, x] = 0
+            kb[2, y, x] = 0
+            kb[3, y, x] = 0
+
+    @jit
+    def kernel_line_row(kb, ext, y, L, angle, trig):
+        """Pass 1: row y of the rotated line. Only a band of x can lie within 2 px of the diagonal: |sx - sy| < 2 px
+        with sx - sy = ((cos - sin)(2x - L) - (cos + sin)(2y - L)) / 2; the band is a superset (exact integers)."""
+        phi = angle - 45
+        cq = trig[phi + 180, 0]
+        sq = trig[phi + 180, 1]
+        slope = cq - sq
+        if slope == 0:
+            xlo = 0
+            xhi = L - 1
+        else:
+            num = (cq + sq) * (2 * y - L)
+            xc2 = L + num // slope
+            a = slope if slope > 0 else -slope
+            hw = (278528 + a - 1) // a + 2        # (2 px + 2 roundings) in 2**-17 px over |slope| per px
+            xlo = max(xc2 // 2 - hw, 0)
+            xhi = min(xc2 // 2 + hw, L - 1)
+        lo = L
+        hi = -1
+        for x in range(xlo, xhi + 1):
+            v = line_value(x, y, L, cq, sq)
+            if v != 0:
+                kb[0, y, x] = v
+                if x < lo:
+                    lo = x
+                hi = x
+        ext[0, y] = lo
+        ext[1, y] = hi
+
+    @jit
+    def kernel_blurx_row(kb, ext, y, L, width, gauss):
+        """Pass 2: Gaussian along row y (reflect-101 inside the kernel), outputs within radius of the row's extent."""
+        rad = width // 2
+        g = gauss[width // 2]
+        lo = ext[0, y]
+        hi = ext[1, y]
+        if hi < lo:
+            ext[2, y] = L
+            ext[3, y] = -1
+            return
+        olo = max(lo - rad, 0)
+        ohi = min(hi + rad, L - 1)
+        for x in range(olo, ohi + 1):
+            s = 0
+            for k in range(width):
+                s += g[k] * kb[0, y, refl(x + k - rad, L)]
+            kb[1, y, x] = s
+        ext[2, y] = olo
+        ext[3, y] = ohi
+
+    @jit
+    def kernel_blury_row(kb, ext, y, L, width, gauss):
+        """Pass 3: Gaussian along columns for output row y (reads rows y - rad .. y + rad; reflections stay within)."""
+        rad = width // 2
+        g = gauss[width // 2]
+        lo = L
+        hi = -1
+        for j in range(y - rad, y + rad + 1):
+            if 0 <= j < L:
+                if ext[2, j] < lo:
+                    lo = ext[2, j]
+                if ext[3, j] > hi:
+                    hi = ext[3, j]
+        for x in range(lo, hi + 1):
+            s = 0
+            for k in range(width):
+                s += g[k] * kb[1, refl(y + k - rad, L), x]
+            kb[2, y, x] = s
+        ext[4, y] = lo
+        ext[5, y] = hi
+
+    @jit
+    def kernel_fold_row(kb, ext, y3, L):
+        """Pass 4: fold the seed filter (x10: centre 80, arms 1) into row y3 of the (L+2)^2 kernel; ext[6] = peak."""
+        lo = L + 2
+        hi = -1
+        for j in range(y3 - 2, y3 + 1):
+            if 0 <= j < L:
+                if ext[4, j] < lo:
+                    lo = ext[4, j]
+                if ext[5, j] + 2 > hi:
+                    hi = ext[5, j] + 2
+        peak = 0
+        for x3 in range(lo, hi + 1):
+            yc = y3 - 1
+            xc = x3 - 1
+            s = 0
+            if 0 <= yc < L:
+                if 0 <= xc < L:
+                    s += 80 * kb[2, yc, xc]
+                if 0 <= xc - 1 < L:
+                    s += kb[2, yc, xc - 1]
+                if 0 <= xc + 1 < L:
+                    s += kb[2, yc, xc + 1]
+            if 0 <= xc < L:
+                if 0 <= yc - 1 < L:
+                    s += kb[2, yc - 1, xc]
+                if 0 <= yc + 1 < L:
+                    s += kb[2, yc + 1, xc]
+            kb[3, y3, x3] = s
+            if s > peak:
+                peak = s
+        ext[0, y3] = lo
+        ext[1, y3] = hi
+        ext[6, y3] = peak
+
+    @jit
+    def kernel_shift(ext, L):
+        """Pass 5 (one thread): right shift that brings the folded kernel's peak to at most 2**TAP_BITS."""
+        peak = 0
+        for y3 in range(L + 2):
+            if ext[6, y3] > peak:
+                peak = ext[6, y3]
+        shift = 0
+        while (peak >> shift) > (1 << TAP_BITS):
+            shift += 1
+        return shift
+
+    @jit
+    def kernel_extent_row(kb, ext, y3, shift):
+        """Pass 6: tight extent of the nonzero scaled taps of row y3 -> ext[2], ext[3]."""
+        lo = 1 << 30
+        hi = -1
+        for x3 in range(ext[0, y3], ext[1, y3] + 1):
+            if (kb[3, y3, x3] >> shift) != 0:
+                if x3 < lo:
+                    lo = x3
+                hi = x3
+        ext[2, y3] = lo
+        ext[3, y3] = hi
+
+    @jit
+    def kernel_plan(ext, rows, L):
+        """Pass 7 (one thread): tap rows (scatter offsets = anchor - index, anchor = L // 2 + 1) and their places in
+        ``vals``; ext[4, y3] = tap row index of kernel row y3 (-1: empty). Returns (n_rows, dy/dx min and max)."""
+        anchor = L // 2 + 1
+        n_rows = 0
+        n_vals = 0
+        dy_min = 1 << 30
+        dy_max = -(1 << 30)
+        dx_min = 1 << 30
+        dx_max = -(1 << 30)
+        for y3 in range(L + 2):
+            lo = ext[2, y3]
+            hi = ext[3, y3]
+            if hi < lo:
+                ext[4, y3] = -1
+                continue
+            dy = anchor - y3
+            rows[0, n_rows] = dy
+            rows[1, n_rows] = anchor - hi
+            rows[2, n_rows] = hi - lo + 1
+            rows[3, n_rows] = n_vals
+            ext[4, y3] = n_rows
+            n_vals += hi - lo + 1
+            n_rows += 1
+            dy_min = min(dy_min, dy)
+            dy_max = max(dy_max, dy)
+            dx_min = min(dx_min, anchor - hi)
+            dx_max = max(dx_max, anchor - lo)
+        return n_rows, dy_min, dy_max, dx_min, dx_max
+
+    @jit
+    def kernel_fill_row(kb, ext, rows, vals, y3, shift):
+        """Pass 8: scaled taps of row y3, stored right to left so that dx = dx0 + j grows with j."""
+        r_ = ext[4, y3]
+        if r_ < 0:
+            return
+        hi = ext[3, y3]
+        off = rows[3, r_]
+        for j in range(rows[2, r_]):
+            vals[off + j] = kb[3, y3, hi - j] >> shift
+
+    @jit
+    def build_kernel(length, angle, width, trig, gauss, kb, ext, rows, vals):
+        """All passes in order (the CPU path). Returns (n_rows, dy_min, dy_max, dx_min, dx_max)."""
+        L = length
+        for y in range(L + 2):
+            kernel_clear_row(kb, y, L)
+        for y in range(L):
+            kernel_line_row(kb, ext, y, L, angle, trig)
+        for y in range(L):
+            kernel_blurx_row(kb, ext, y, L, width, gauss)
+        for y in range(L):
+            kernel_blury_row(kb, ext, y, L, width, gauss)
+        for y3 in range(L + 2):
+            kernel_fold_row(kb, ext, y3, L)
+        shift = kernel_shift(ext, L)
+        for y3 in range(L + 2):
+            kernel_extent_row(kb, ext, y3, shift)
+        plan = kernel_plan(ext, rows, L)
+        for y3 in range(L + 2):
+            kernel_fill_row(kb, ext, rows, vals, y3, shift)
+        return plan
+
+    @jit
+    def splat_event(acc, wc, hc, qy, qx, v, rows, vals, n_rows):
+        """Add ``v`` times the kernel at canvas position (qy, qx) (may lie outside the canvas) into flat ``acc``."""
+        for r_ in range(n_rows):
+            yy = qy + rows[0, r_]
+            if yy < 0 or yy >= hc:
+                continue
+            xs = qx + rows[1, r_]
+            n = rows[2, r_]
+            off = rows[3, r_]
+            j0 = 0
+            if xs < 0:
+                j0 = -xs
+            j1 = n
+            if xs + n > wc:
+                j1 = wc - xs
+            base = yy * wc + xs
+            for j in range(j0, j1):
+                add(acc, base + j, v * vals[off + j])
+
+    @jit
+    def splat_seed(acc, hc, wc, y, x, v, rows, vals, n_rows, dy_min, dy_max, dx_min, dx_max):
+        """Splat a seed and each reflect-101 mirror image of it whose kernel reaches the canvas."""
+        py = 2 * (hc - 1)
+        px = 2 * (wc - 1)
+        qy_lo = -dy_max
+        qy_hi = hc - 1 - dy_min
+        qx_lo = -dx_max
+        qx_hi = wc - 1 - dx_min
+        for by_i in range(2):
+            if by_i == 0:
+                by = y
+            else:
+                if y == 0 or y == hc - 1:
+                    continue
+                by = -y
+            ky0 = -((by - qy_lo) // py)
+            ky1 = (qy_hi - by) // py
+            for ky in range(ky0, ky1 + 1):
+                qy = by + ky * py
+                for bx_i in range(2):
+                    if bx_i == 0:
+                        bx = x
+                    else:
+                        if x == 0 or x == wc - 1:
+                            continue
+                        bx = -x
+                    kx0 = -((bx - qx_lo) // px)
+                    kx1 = (qx_hi - bx) // px
+                    for kx in range(kx0, kx1 + 1):
+                        splat_event(acc, wc, hc, qy, bx + kx * px, v, rows, vals, n_rows)
+
+    @jit
+    def next_seed(state, y, j, x, wc, aq, log1m):
+        """Row ``y``'s next seed after column ``x`` from draw ``j``: (x, strength in 1/16, next j); x >= wc: none."""
+        b = bits(state, counter(2, (y << 12) | j))
+        u = 1.0 - np.float64(b >> np.uint64(11)) * (1.0 / 9007199254740992.0)   # (0, 1]
+        gap = math.log(u) / log1m
+        if gap >= wc:                        # past the row (also keeps the int conversion in range)
+            return wc, 0, j + 1
+        x += 1 + np.int64(gap)
+        v = 4095 - ((aq * np.int64(b & np.uint64(2047))) >> 23)
+        return x, v, j + 1
+
+    @jit
+    def seed_row(acc, state, y, hc, wc, aq, log1m, rows, vals, n_rows, dy_min, dy_max, dx_min, dx_max):
+        """Draw row ``y``'s seeds by geometric skipping and splat each one."""
+        x = -1
+        j = 0
+        while True:
+            x, v, j = next_seed(state, y, j, x, wc, aq, log1m)
+            if x >= wc:
+                break
+            splat_seed(acc, hc, wc, y, x, v, rows, vals, n_rows, dy_min, dy_max, dx_min, dx_max)
+
+    @jit
+    def normalize_value(a, mn, d, inv):
+        """floor((a - mn) * 255 / d) exactly: a float estimate (``inv`` ~ 1 / d) corrected in integers."""
+        num = (a - mn) * 255
+        q = np.int64(np.float64(num) * inv)
+        while q * d > num:
+            q -= 1
+        while (q + 1) * d <= num:
+            q += 1
+        return q
+
+    passes = (kernel_clear_row, kernel_line_row, kernel_blurx_row, kernel_blury_row, kernel_fold_row, kernel_shift,
+              kernel_extent_row, kernel_plan, kernel_fill_row)
+    return draw_params, build_kernel, seed_row, normalize_value, refl, line_value, next_seed, passes
+
+
+@cpu_jit
+def _add_cpu(acc, i, v):
+    acc[i] += v
+
+
+(_draw_params_cpu, _build_kernel_cpu, _seed_row_cpu, _normalize_value_cpu, _refl_cpu,
+ _line_value_cpu, _next_seed_cpu, _passes_cpu) = build(cpu_jit, rng.cpu, _add_cpu)
+
+
+@cpu_jit
+def _x_images(x, wc, qx_lo, qx_hi, out_q, n):
+    """Append to ``out_q`` (from index n) every column q in [qx_lo, qx_hi] with refl(q) = x; returns the new n."""
+    px = 2 * (wc - 1)
+    for bx_i in range(2):
+        if bx_i == 0:
+            bx = x
+        else:
+            if x == 0 or x == wc - 1:
+                continue
+            bx = -x
+        for kx in range(-((bx - qx_lo) // px), (qx_hi - bx) // px + 1):
+            out_q[n] = bx + kx * px
+            n += 1
+    return n
+
+
+@cpu_jit
+def _splat_cpu(acc, ev_base, ev_v, ev_start, qy_lo, qy_hi, hc, rows, vals, n_rows, we):
+    """Add every event's kernel into ``acc`` (canvas rows x extended columns), kernel tap outermost.
+
+    Events are sorted by row ``qy``, so the events whose tap row ``qy + dy`` lies on the canvas are one contiguous
+    range: no per-add clipping, and the innermost loop over events is a plain load-multiply-add.
+    """
+    for r_ in range(n_rows):
+        dy = rows[0, r_]
+        k0 = max(qy_lo, -dy) - qy_lo
+        k1 = min(qy_hi, hc - 1 - dy) - qy_lo
+        if k1 < k0:
+            continue
+        e0 = ev_start[k0]
+        e1 = ev_start[k1 + 1]
+        rb = dy * we + rows[1, r_]
+        off = rows[3, r_]
+        for j in range(rows[2, r_]):
+            t = vals[off + j]
+            o = rb + j
+            for e in range(np.uint64(e0), np.uint64(e1)):
+                # unsigned indices: numba skips its negative-index wraparound (the sums are never negative)
+                acc[np.uint64(ev_base[e] + o)] += ev_v[e] * t
+
+
+@njit(cache=True)
+def _render_one_cpu(params, state, out_patch, pad, trig, gauss, kb, ext, rows, vals, acc, seed_x, seed_v,
+                    row_start, ev_base, ev_v, ev_start, qbuf):
+    h, w = out_patch.shape
+    hc = h + 2 * pad
+    wc = w + 2 * pad
+    aq, length, angle, width = _draw_params_cpu(params, state)
+    n_rows, dy_min, dy_max, dx_min, dx_max = _build_kernel_cpu(length, angle, width, trig, gauss, kb, ext,
+                                                               rows, vals)
+    if n_rows == 0:
+        out_patch[:, :] = 0
+        return
+    # seeds of every canvas row (CSR: row_start, seed_x, seed_v)
+    log1m = math.log(1.0 - np.float64(aq) * (1.0 / 16777216.0))
+    n_seeds = 0
+    for y in range(hc):
+        row_start[y] = n_seeds
+        x = -1
+        j = 0
+        while True:
+            x, v, j = _next_seed_cpu(state, y, j, x, wc, aq, log1m)
+            if x >= wc:
+                break
+            seed_x[n_seeds] = x
+            seed_v[n_seeds] = v
+            n_seeds += 1
+    row_start[hc] = n_seeds
+    # events = the reflect-101 extension's seeds whose kernel reaches the canvas, sorted by row qy; columns are
+    # extended by ex on both sides so that no column needs clipping
+    ex = dx_max - dx_min
+    we = wc + 2 * ex
+    qy_lo = -dy_max
+    qy_hi = hc - 1 - dy_min
+    qx_lo = -dx_max
+    qx_hi = wc - 1 - dx_min
+    n_ev = 0
+    for qy in range(qy_lo, qy_hi + 1):
+        ev_start[qy - qy_lo] = n_ev
+        ys = _refl_cpu(qy, hc)
+        for s in range(row_start[ys], row_start[ys + 1]):
+            nq = _x_images(seed_x[s], wc, qx_lo, qx_hi, qbuf, 0)
+            if n_ev + nq > ev_base.size:                 # rare (dense rain on a small canvas): grow
+                grown = max(2 * ev_base.size, n_ev + nq)
+                nb = np.empty(grown, dtype=np.int64)
+                nv = np.empty(grown, dtype=np.int64)
+                nb[:n_ev] = ev_base[:n_ev]
+                nv[:n_ev] = ev_v[:n_ev]
+                ev_base = nb
+                ev_v = nv
+            for k in range(nq):
+                ev_base[n_ev] = qy * we + qbuf[k] + ex
+                ev_v[n_ev] = seed_v[s]
+                n_ev += 1
+    ev_start[qy_hi - qy_lo + 1] = n_ev
+    acc[:hc * we] = 0
+    _splat_cpu(acc, ev_base, ev_v, ev_start, qy_lo, qy_hi, hc, rows, vals, n_rows, we)
+    mn = acc[ex]
+    mx = acc[ex]
+    for y in range(hc):
+        b = y * we + ex
+        for x in range(wc):
+            a = acc[b + x]
+            mn = min(mn, a)
+            mx = max(mx, a)
+    d = mx - mn
+    if d == 0:
+        out_patch[:, :] = 0
+        return
+    inv = 1.0 / np.float64(d)
+    if d * 255 < (1 << 52):
+        # the float estimate is within 1 of the quotient (numerator < 2**52): one branch-free correction each way,
+        # a loop LLVM can vectorize
+        for y in range(h):
+            b = (y + pad) * we + ex + pad
+            for x in range(w):
+                num = (acc[b + x] - mn) * 255
+                q = np.int64(np.float64(num) * inv)
+                q -= np.int64(q * d > num)
+                q += np.int64((q + 1) * d <= num)
+                out_patch[y, x] = q
+    else:
+        for y in range(h):
+            b = (y + pad) * we + ex + pad
+            for x in range(w):
+                out_patch[y, x] = _normalize_value_cpu(acc[b + x], mn, d, inv)
+
+
+@njit(cache=True)
+def _render_chunk_cpu(params, states, active, out, trig, gauss, c, n_chunks):
+    """Render patches c, c + n_chunks, ... with one set of scratch buffers (allocation stays off the per-patch
+    path)."""
+    n, h, w = out.shape
+    pad = np.int64(params[P.CANVAS_PAD])
+    hc = h + 2 * pad
+    wc = w + 2 * pad
+    ks = np.int64(params[P.LENGTH_HI]) + 2
+    kb = np.empty((4, ks, ks), dtype=np.int64)
+    ext = np.empty((7, ks), dtype=np.int64)
+    rows = np.empty((4, ks), dtype=np.int64)
+    vals = np.empty(ks * ks, dtype=np.int64)
+    acc = np.empty(hc * (wc + 2 * ks), dtype=np.int64)
+    seed_x = np.empty(hc * wc, dtype=np.int64)
+    seed_v = np.empty(hc * wc, dtype=np.int64)
+    row_start = np.empty(hc + 1, dtype=np.int64)
+    ev_base = np.empty(4096, dtype=np.int64)
+    ev_v = np.empty(4096, dtype=np.int64)
+    ev_start = np.empty(hc + 2 * ks + 2, dtype=np.int64)
+    qbuf = np.empty(2 * ((wc + 2 * ks) // max(1, 2 * (wc - 1)) + 2), dtype=np.int64)
+    for i in range(c, n, n_chunks):
+        if active[i] == 0:
+            out[i] = 0
+        else:
+            _render_one_cpu(params, states[i], out[i], pad, trig, gauss, kb, ext, rows, vals, acc, seed_x,
+                            seed_v, row_start, ev_base, ev_v, ev_start, qbuf)
+
+
+@njit(parallel=True, cache=True)
+def _render_cpu_kernel(params, states, active, out, trig, gauss, n_chunks):
+    for c in prange(n_chunks):
+        _render_chunk_cpu(params, states, active, out, trig, gauss, c, n_chunks)
+
+
+def check_render_args(params, states, active, out) -> None:
+    """Shapes, dtypes and limits shared by the three renderers (numpy or CuPy arrays)."""
+    if tuple(params.shape) != (P.SIZE,) or params.dtype != np.float64:
+        raise ValueError(f"params: expected float64[{P.SIZE}] (RainSpec.to_vector()), "
+                         f"got {params.dtype}{tuple(params.shape)}")
+    if out.ndim != 3 or out.dtype != np.uint8:
+        raise ValueError(f"out: expected uint8 [N, H, W] (rain layer, 0..255), got {out.dtype}{tuple(out.shape)}")
+    n = out.shape[0]
+    if tuple(states.shape) != (n,) or states.dtype != np.uint64:
+        raise ValueError(f"states: expected uint64[{n}] (one per patch of out), got {states.dtype}{tuple(states.shape)}")
+    if tuple(active.shape) != (n,) or active.dtype != np.uint8:
+        raise ValueError(f"active: expected uint8[{n}] (one per patch of out), got {active.dtype}{tuple(active.shape)}")
+
+
+def _host_params(params) -> np.ndarray:
+    return params.get() if hasattr(params, "get") and not isinstance(params, np.ndarray) else np.asarray(params)
+
+
+def _check_canvas(params_host: np.ndarray, h: int, w: int) -> None:
+    pad = int(params_host[P.CANVAS_PAD])
+    hc, wc = h + 2 * pad, w + 2 * pad
+    if hc < 2 or wc < 2:
+        raise ValueError(f"out: the streak renderer needs a canvas of at least 2 x 2 pixels (reflect-101 borders), "
+                         f"got {hc} x {wc}")
+    if wc > MAX_CANVAS_WIDTH or hc > MAX_CANVAS_HEIGHT:
+        raise ValueError(f"out: canvas {hc} x {wc} too large for the streak renderer (width <= {MAX_CANVAS_WIDTH}, "
+                         f"height <= {MAX_CANVAS_HEIGHT}, canvas = patch + 2 * canvas_pad)")
+    if int(params_host[P.FAMILY]) != P.FAMILY_IDS["streak"]:
+        raise ValueError("params: not a streak spec (family id != 0)")
+
+
+def render_cpu(params: np.ndarray, states: np.ndarray, active: np.ndarray, out: np.ndarray) -> None:
+    """Render each patch's streak rain layer into ``out`` (uint8 [N, H, W], 0..255, before beta).
+
+    ``params``: float64[params.SIZE] from ``RainSpec.to_vector()``; ``states``: uint64[N] patch states
+    (``rng.patch_state(seed, key)``); ``active``: uint8[N], 0 -> all zeros. numba, parallel over patches.
+    """
+    check_render_args(params, states, active, out)
+    n, h, w = out.shape
+    if n == 0:
+        return
+    _check_canvas(params, h, w)
+    import numba
+
+    threads = numba.get_num_threads()
+    if threads == 1 or n <= 2:
+        # no parallel region: waking the thread pool costs more than small batches take
+        _render_chunk_cpu(params, states, active, out, TRIG, GAUSS, 0, 1)
+    else:
+        _render_cpu_kernel(params, states, active, out, TRIG, GAUSS, min(n, threads * 4))
+
+
+# ---- GPU: one block per patch ---------------------------------------------------------------------------------------
+
+@cuda_device_jit
+def _add_gpu(acc, i, v):
+    cuda.atomic.add(acc, i, v)   # integer atomics: the sum does not depend on the threads' order
+
+
+(_draw_params_gpu, _build_kernel_gpu, _seed_row_gpu, _normalize_value_gpu, _refl_gpu,
+ _line_value_gpu, _next_seed_gpu, _passes_gpu) = build(cuda_device_jit, rng.gpu, _add_gpu)
+(_k_clear_gpu, _k_line_gpu, _k_blurx_gpu, _k_blury_gpu, _k_fold_gpu, _k_shift_gpu, _k_extent_gpu, _k_plan_gpu,
+ _k_fill_gpu) = _passes_gpu
+
+_GPU_THREADS = 128
+#: Bytes of global scratch per launch (int64 accumulators and kernel buffers); patches go in chunks to fit.
+_GPU_SCRATCH_BYTES = 1 << 30   # ~4,700 medium patches per launch: enough blocks to fill an H100
+
+
+@cuda.jit
+def _render_gpu_kernel(params, states, active, out, trig, gauss, kb_all, ext_all, rows_all, vals_all, acc_all,
+                       info_all, first):
+    """Block ``b`` renders patch ``first + b``: the threads build the streak kernel pass by pass (rows spread over
+    threads), share the canvas rows (seeds and splats, integer atomics into a global int64 accumulator), then a
+    block min/max and the crop.
+
+    The accumulator lives in global memory: a 128 x 128 int64 canvas is 128 KB, beyond numba's 48 KB static shared
+    limit, and int64 is needed for the unreduced fixed-point sums.
+    """
+    b = cuda.blockIdx.x
+    i = first + b
+    tid = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    h = out.shape[1]
+    w = out.shape[2]
+    pad = np.int64(params[P.CANVAS_PAD])
+    hc = h + 2 * pad
+    wc = w + 2 * pad
+    acc = acc_all[b]
+    info = info_all[b]
+    rows = rows_all[b]
+    vals = vals_all[b]
+    smin = cuda.shared.array(_GPU_THREADS, dtype=np.int64)
+    smax = cuda.shared.array(_GPU_THREADS, dtype=np.int64)
+    on = active[i] != 0
+    st = states[i]
+    # every thread draws the patch's parameters (a few hashes) instead of waiting for a broadcast
+    aq, length, angle, width = _draw_params_gpu(params, st)
+    L = length
+    kb = kb_all[b]
+    ext = ext_all[b]
+    if on:
+        for p in range(tid, hc * wc, nt):
+            acc[p] = 0
+        for y in range(tid, L + 2, nt):
+            _k_clear_gpu(kb, y, L)
+    cuda.syncthreads()
+    if on:
+        for y in range(tid, L, nt):
+            _k_line_gpu(kb, ext, y, L, angle, trig)
+    cuda.syncthreads()
+    if on:
+        for y in range(tid, L, nt):
+            _k_blurx_gpu(kb, ext, y, L, width, gauss)
+    cuda.syncthreads()
+    if on:
+        for y in range(tid, L, nt):
+            _k_blury_gpu(kb, ext, y, L, width, gauss)
+    cuda.syncthreads()
+    if on:
+        for y in range(tid, L + 2, nt):
+            _k_fold_gpu(kb, ext, y, L)
+    cuda.syncthreads()
+    if on and tid == 0:
+        info[6] = _k_shift_gpu(ext, L)
+    cuda.syncthreads()
+    if on:
+        for y in range(tid, L + 2, nt):
+            _k_extent_gpu(kb, ext, y, info[6])
+    cuda.syncthreads()
+    if on and tid == 0:
+        n_rows, dy_min, dy_max, dx_min, dx_max = _k_plan_gpu(ext, rows, L)
+        info[0] = aq
+        info[1] = n_rows
+        info[2] = dy_min
+        info[3] = dy_max
+        info[4] = dx_min
+        info[5] = dx_max
+    cuda.syncthreads()
+    if on:
+        for y in range(tid, L + 2, nt):
+            _k_fill_gpu(kb, ext, rows, vals, y, info[6])
+    cuda.syncthreads()
+    if on:
+        aq = info[0]
+        log1m = math.log(1.0 - np.float64(aq) * (1.0 / 16777216.0))
+        for y in range(tid, hc, nt):
+            _seed_row_gpu(acc, st, y, hc, wc, aq, log1m, rows, vals, info[1], info[2], info[3], info[4], info[5])
+    cuda.syncthreads()
+    if on:
+        mn = acc[0]
+        mx = acc[0]
+        for p in range(tid, hc * wc, nt):
+            a = acc[p]
+            if a < mn:
+                mn = a
+            if a > mx:
+                mx = a
+        smin[tid] = mn
+        smax[tid] = mx
+    cuda.syncthreads()
+    if on:
+        mn = smin[0]
+        mx = smax[0]
+        for t in range(1, nt):
+            if smin[t] < mn:
+                mn = smin[t]
+            if smax[t] > mx:
+                mx = smax[t]
+        d = mx - mn
+        inv = 1.0 / np.float64(d if d != 0 else 1)
+        for p in range(tid, h * w, nt):
+            y = p // w
+            x = p - y * w
+            if d == 0:
+                out[i, y, x] = 0
+            else:
+                out[i, y, x] = _normalize_value_gpu(acc[(y + pad) * wc + x + pad], mn, d, inv)
+    else:
+        for p in range(tid, h * w, nt):
+            y = p // w
+            x = p - y * w
+            out[i, y, x] = 0
+
+
+def render_gpu(params, states, active, out) -> None:
+    """``render_cpu`` on device arrays (CuPy arrays; numpy arrays under the CUDA simulator) via numba.cuda kernels.
+
+    Reads ``params`` on the host (P.SIZE floats) to size the scratch buffers; no host copy of ``out``.
+    """
+    check_render_args(params, states, active, out)
+    n, h, w = out.shape
+    if n == 0:
+        return
+    ph = _host_params(params)
+    _check_canvas(ph, h, w)
+    pad = int(ph[P.CANVAS_PAD])
+    hc, wc = h + 2 * pad, w + 2 * pad
+    ks = kernel_size(ph)
+    if type(out).__module__.split(".")[0] == "cupy":
+        import cupy as xp
+
+        stream = cuda.external_stream(xp.cuda.get_current_stream().ptr)
+    else:
+        xp = np
+        stream = 0
+    per_patch = 8 * (hc * wc + 4 * ks * ks + 11 * ks + ks * ks + 8)
+    chunk = max(1, min(n, _GPU_SCRATCH_BYTES // per_patch))
+    # copies: numba copies host arguments back after a launch, which fails on read-only (cached) arrays
+    trig = xp.array(TRIG)
+    gauss = xp.array(GAUSS)
+    params_d = xp.array(params)
+    kb = xp.empty((chunk, 4, ks, ks), dtype=np.int64)
+    ext = xp.empty((chunk, 7, ks), dtype=np.int64)
+    rows = xp.empty((chunk, 4, ks), dtype=np.int64)
+    vals = xp.empty((chunk, ks * ks), dtype=np.int64)
+    acc = xp.empty((chunk, hc * wc), dtype=np.int64)
+    info = xp.empty((chunk, 8), dtype=np.int64)
+    for first in range(0, n, chunk):
+        m = min(chunk, n - first)
+        _render_gpu_kernel[m, _GPU_THREADS, stream](params_d, states, active, out, trig, gauss, kb, ext, rows, vals,
+                                                    acc, info, first)
+
+
+def render_reference(params: np.ndarray, states: np.ndarray, active: np.ndarray, out: np.ndarray) -> None:
+    """The plain numpy reference (``kernels.reference_rain.render_reference``): slow, same draws, same output."""
+    from kernels.reference_rain import render_reference as _reference
+
+    _reference(params, states, active, out)
