@@ -95,7 +95,7 @@ def _composite_gpu_kernel(backgrounds, rain, beta_q, threshold, rainy, mask):
         mask[i, y, x] = r > threshold
         for k in range(c):
             v = (np.int32(backgrounds[i, y, x, k]) * 1024 + q * r) >> 10
-            rainy[i, y, x, k] = min(v, 255)
+            rainy[i, y, x, k] = v if v < 255 else 255  # builtin min() does not compile for CUDA (numba #10753)
 
 
 def composite_gpu(backgrounds, rain, beta_q, threshold: int, rainy, mask) -> None:
