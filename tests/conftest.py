@@ -5,6 +5,10 @@ import os
 if os.environ.get("RAINSWEEP_REAL_GPU") != "1":
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
+# torch's OpenMP threads spin while idle; on a 2-core CI machine running numba and subprocesses beside them that
+# makes training steps 10x slower. Passive waiting costs nothing measurable here.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
