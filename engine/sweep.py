@@ -1,0 +1,266 @@
+"""Sweeps: train one model per (background count, training rain) and draw the paper's figures.
+
+Each configuration runs ``python -m train ...`` as a subprocess (the engine never imports train.py) into
+``OUT/runs/<model>_<rain>_n<count>_s<seed>/``. A run whose ``metrics.json`` exists is skipped on rerun; one with a
+checkpoint but no metrics is resumed. Afterwards:
+
+- ``OUT/results.csv`` and ``OUT/results.json``: one row per run (configuration, status, and the held-out E_R, E_B,
+  rain residual, PSNR and E_R ceiling);
+- ``OUT/figures/er_eb_<model>.png``: E_R (higher is better) and E_B (lower is better) against background count
+  (log x), one line per training-rain range;
+- ``OUT/samples/<run>.png``: each run's rainy input | output | ground truth rows (copied from the run), and
+  ``OUT/figures/samples_<model>.png``: the first sample of every run on one sheet.
+
+Training several runs together on one GPU. DESIGN 4 measured ``torch.func.vmap`` over 8 ResNets (8 x 32) at only
+1.44x the throughput of 8 sequential runs, and a fused multi-model trainer would complicate the single-run script
+(checkpoints, resume, NaN handling per member). The sweep therefore keeps one process per run and offers
+``jobs``: that many train.py processes at once, which share one GPU through the driver's time slicing (or MPS when
+it is enabled). Small models that leave the GPU idle between kernels gain from it; large ones do not. Whether it
+pays must be measured on the GPU (``rainsweep sweep --jobs 1`` vs ``--jobs 4`` and the patches/s in each run's
+log.jsonl); it was not measured on the CPU-only development machine, so the default is 1.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+#: Metric columns of results.csv, in order.
+METRICS = ("E_R", "E_B", "rain_residual", "PSNR", "E_R_ceiling")
+#: Configuration columns of results.csv, in order.
+CONFIG = ("run", "model", "rain", "count", "seed", "iters", "status")
+
+_ROOT = Path(__file__).resolve().parents[1]  # repository root: where train.py lives
+
+
+class SweepError(ValueError):
+    """Bad sweep arguments or failed runs."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One sweep point."""
+
+    model: str
+    rain: str
+    count: int
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        rain = "".join(c if c.isalnum() or c in "-." else "-" for c in self.rain)
+        return f"{self.model}_{rain}_n{self.count}_s{self.seed}"
+
+
+def parse_list(text: str, name: str, kind: type = str, minimum: int | None = None) -> list:
+    """``"8,16,32"`` -> [8, 16, 32]; a clear error naming the option otherwise."""
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise SweepError(f"{name}: expected a comma-separated list, got {text!r}")
+    try:
+        values = [kind(t) for t in items]
+    except ValueError:
+        raise SweepError(f"{name}: expected comma-separated {kind.__name__} values, got {text!r}") from None
+    if minimum is not None and any(v < minimum for v in values):
+        raise SweepError(f"{name}: values must be >= {minimum}, got {text!r}")
+    return values
+
+
+def plan(models: Sequence[str], rains: Sequence[str], counts: Sequence[int], seeds: Sequence[int] = (0,)
+         ) -> list[RunConfig]:
+    """Every configuration, ordered model -> rain -> count -> seed."""
+    return [RunConfig(m, r, c, s) for m in models for r in rains for c in counts for s in seeds]
+
+
+def train_command(cfg: RunConfig, store: str, out: Path, iters: int, extra: Sequence[str], python: str,
+                  resume: bool) -> list[str]:
+    """The ``python -m train`` command line of one run."""
+    cmd = [python, "-m", "train", "--store", store, "--count", str(cfg.count), "--rain", cfg.rain,
+           "--model", cfg.model, "--iters", str(iters), "--seed", str(cfg.seed), "--out", str(out), *extra]
+    return cmd + ["--resume"] if resume else cmd
+
+
+def run_one(cfg: RunConfig, store: str, out_dir: Path, iters: int, extra: Sequence[str] = (),
+            python: str = sys.executable) -> dict:
+    """Train one configuration unless it is finished; returns its results row."""
+    run_dir = out_dir / "runs" / cfg.name
+    metrics_path = run_dir / "metrics.json"
+    status = "done"
+    if not metrics_path.exists():
+        resume = (run_dir / "ckpt.pt").exists()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cmd = train_command(cfg, store, run_dir, iters, extra, python, resume)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")])))
+        with open(run_dir / "train.out", "a") as log:
+            log.write("$ " + " ".join(cmd) + "\n")
+            log.flush()
+            proc = subprocess.run(cmd, cwd=_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        status = "trained" if proc.returncode == 0 and metrics_path.exists() else f"failed (exit {proc.returncode})"
+    else:
+        status = "skipped (finished)"
+    row: dict = {"run": cfg.name, **asdict(cfg), "iters": iters, "status": status}
+    if metrics_path.exists():
+        m = json.loads(metrics_path.read_text())
+        row.update({k: m.get(k) for k in METRICS})
+        row["iters"] = m.get("step", iters)
+        sample = run_dir / "samples.png"
+        if sample.exists():
+            (out_dir / "samples").mkdir(exist_ok=True)
+            shutil.copyfile(sample, out_dir / "samples" / f"{cfg.name}.png")
+    else:
+        row.update({k: None for k in METRICS})
+        tail = (run_dir / "train.out").read_text().strip().splitlines()[-3:] if (run_dir / "train.out").exists() \
+            else []
+        row["error"] = " | ".join(tail)
+    return row
+
+
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_results(out_dir: Path, rows: list[dict]) -> None:
+    """results.json (all fields) and results.csv (configuration and metric columns), written atomically."""
+    _atomic_bytes(out_dir / "results.json", (json.dumps(rows, indent=2) + "\n").encode())
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=[*CONFIG, *METRICS], extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in (*CONFIG, *METRICS)})
+    _atomic_bytes(out_dir / "results.csv", buf.getvalue().encode())
+
+
+def _savefig(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    _atomic_bytes(path, buf.getvalue())
+
+
+def plot_results(out_dir: Path, rows: list[dict], test_rain: str = "") -> list[Path]:
+    """Per model: E_R and E_B against background count (log x), one line per training rain (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    (out_dir / "figures").mkdir(exist_ok=True)
+    done = [r for r in rows if r.get("E_R") is not None]
+    paths = []
+    for model in sorted({r["model"] for r in done}):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for rain in sorted({r["rain"] for r in done if r["model"] == model}, key=_rain_order):
+            pts = [r for r in done if r["model"] == model and r["rain"] == rain]
+            counts = sorted({r["count"] for r in pts})
+            for ax, key in zip(axes, ("E_R", "E_B")):
+                ys = [np.nanmean([float(r[key]) for r in pts if r["count"] == c]) for c in counts]
+                ax.plot(counts, ys, marker="o", label=f"{rain} rain")
+        for ax, key, note in zip(axes, ("E_R", "E_B"), ("rain removal, higher is better",
+                                                         "background error, lower is better")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("training background patches")
+            ax.set_ylabel(f"{key} (0..255 scale)")
+            ax.set_title(f"{key}: {note}")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend()
+        fig.suptitle(f"{model}" + (f", tested on {test_rain} rain" if test_rain else ""))
+        path = out_dir / "figures" / f"er_eb_{model}.png"
+        _savefig(fig, path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def sample_sheet(out_dir: Path, rows: list[dict]) -> list[Path]:
+    """Per model: the first sample row (rainy | output | ground truth) of every finished run, titled by run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from PIL import Image
+
+    paths = []
+    for model in sorted({r["model"] for r in rows}):
+        runs = [r for r in rows if r["model"] == model and (out_dir / "samples" / f"{r['run']}.png").exists()]
+        if not runs:
+            continue
+        fig, axes = plt.subplots(len(runs), 1, figsize=(6, 2.2 * len(runs)), squeeze=False)
+        for ax, r in zip(axes[:, 0], runs):
+            img = np.asarray(Image.open(out_dir / "samples" / f"{r['run']}.png").convert("RGB"))
+            ax.imshow(img[: img.shape[1] // 3])  # first row: three square tiles side by side
+            ax.set_title(f"{r['rain']} rain, {r['count']} backgrounds: rainy | output | ground truth", fontsize=8)
+            ax.axis("off")
+        path = out_dir / "figures" / f"samples_{model}.png"
+        (out_dir / "figures").mkdir(exist_ok=True)
+        _savefig(fig, path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _rain_order(name: str) -> tuple:
+    order = {"small": 0, "medium": 1, "large": 2, "random": 3}
+    return (order.get(name, 9), name)
+
+
+def sweep(store: str | os.PathLike, counts: Sequence[int], rains: Sequence[str], models: Sequence[str],
+          iters: int, out: str | os.PathLike, seeds: Sequence[int] = (0,), extra: Sequence[str] = (),
+          jobs: int = 1, test_rain: str = "", python: str = sys.executable,
+          echo: Callable[[str], None] = print) -> list[dict]:
+    """Run every configuration (skipping finished ones), then write results and figures.
+
+    Args:
+        store: patch store path. counts: training background counts. rains: training rain presets or specs.
+        models: model names (models.NAMES). iters: training steps per run. out: sweep directory.
+        seeds: training seeds (one run per seed). extra: further train.py arguments (e.g. ``--batch 16``).
+        jobs: runs at once (see the module docstring). test_rain: held-out rain name for figure titles.
+    Returns:
+        The result rows (also in results.json). Raises SweepError naming the failed runs after writing them.
+    """
+    from engine.store import open_store
+
+    store = str(Path(store).resolve())
+    st = open_store(store)
+    too_big = [c for c in counts if c >= st.count]
+    if too_big:
+        raise SweepError(f"--counts {','.join(map(str, too_big))}: the store holds only {st.count} patches, and some "
+                         f"must stay out of training for the held-out set; use smaller counts or a larger store")
+    if jobs < 1:
+        raise SweepError(f"jobs: expected >= 1, got {jobs}")
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    configs = plan(models, rains, counts, seeds)
+    rows: list[dict | None] = [None] * len(configs)
+    lock = threading.Lock()
+
+    def work(i: int) -> None:
+        row = run_one(configs[i], store, out_dir, iters, extra, python)
+        with lock:
+            rows[i] = row
+            metrics = "" if row.get("E_R") is None else f"  E_R {row['E_R']:.2f}  E_B {row['E_B']:.2f}"
+            echo(f"[{sum(r is not None for r in rows)}/{len(configs)}] {configs[i].name}: {row['status']}{metrics}")
+            write_results(out_dir, [r for r in rows if r is not None])
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(work, range(len(configs))))
+    final = [r for r in rows if r is not None]
+    write_results(out_dir, final)
+    figs = plot_results(out_dir, final, test_rain) + sample_sheet(out_dir, final)
+    for p in figs:
+        echo(f"figure: {p}")
+    failed = [r["run"] for r in final if r["status"].startswith("failed")]
+    if failed:
+        raise SweepError(f"{len(failed)} run(s) failed: {', '.join(failed)} (see runs/<name>/train.out)")
+    return final
