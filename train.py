@@ -146,6 +146,9 @@ class NonFiniteLoss(click.ClickException):
 @click.option("--test-store", type=click.Path(exists=True), help="Separate store for held-out backgrounds.")
 @click.option("--test-count", default=64, type=click.IntRange(1), help="Held-out patches.")
 @click.option("--test-seed", default=1000, type=int, help="Fixes the held-out set (same for every run).")
+@click.option("--heldout-exclude-count", default=0, type=click.IntRange(0),
+              help="With --count: keep held-out patches out of the N-patch selection too (selection is nested, so a "
+                   "sweep passing its largest count evaluates every run on the same held-out set).")
 @click.option("--model", "model_name", default="resnet", help=f"One of: {', '.join(models.NAMES)}.")
 @click.option("--iters", default=100_000, type=click.IntRange(1), help="Training steps.")
 @click.option("--batch", default=16, type=click.IntRange(1), help="Global batch size (patches per step).")
@@ -259,7 +262,12 @@ def run(opt: dict, device: torch.device, rank: int, world: int, master: bool) ->
     if len(train_indices) == 0:
         raise click.UsageError("the training subset is empty")
     test_store = open_store(opt["test_store"]) if opt["test_store"] else None
-    held = build_heldout(store, train_indices, test_spec, count=opt["test_count"], seed=opt["test_seed"],
+    excluded = train_indices
+    if opt["heldout_exclude_count"] and opt["count"] and test_store is None:
+        # Same query and seed as the training selection: the largest subset of a sweep contains every smaller one.
+        larger = select(store, min(opt["heldout_exclude_count"], store.count), seed=opt["seed"], **kwargs)
+        excluded = np.union1d(train_indices, np.asarray(larger.indices, dtype=np.int64))
+    held = build_heldout(store, excluded, test_spec, count=opt["test_count"], seed=opt["test_seed"],
                          test_store=test_store)
     if test_store is None and np.isin(held.indices, train_indices).any():
         raise RuntimeError("held-out patches overlap the training subset")  # guarded by build_heldout; be sure

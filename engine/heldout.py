@@ -8,6 +8,7 @@ image, the set falls back to patches that are merely not in the training subset 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import warnings
 from dataclasses import dataclass
 
@@ -43,8 +44,9 @@ class HeldOut:
 
     def describe(self) -> dict:
         """JSON-ready summary for metrics.json / config.json."""
+        digest = hashlib.sha256(np.ascontiguousarray(self.indices, dtype=np.int64).tobytes()).hexdigest()[:16]
         return {"count": int(len(self.indices)), "rain": self.rain.name, "rain_spec": self.rain.describe(),
-                "seed": int(self.seed), "policy": self.policy}
+                "seed": int(self.seed), "policy": self.policy, "indices_sha256": digest}
 
 
 def choose_indices(sources: np.ndarray, train_indices: np.ndarray, count: int, seed: int) -> tuple[np.ndarray, str]:

@@ -593,7 +593,8 @@ def _cache_key(store: Any, subset: Any, kwargs: dict) -> tuple | None:
             # a store rebuilt at the same path rewrites zarr.json: a new key, so no stale resident data
             skey = ("path", str(root), (root / "zarr.json").stat().st_mtime_ns)
         else:
-            skey = ("obj", id(store))
+            # by content, not id(): a collected store's id can be reused by another one
+            skey = ("store", str(Path(store.path).resolve()), getattr(store, "fingerprint", None))
         if subset is None:
             sub = None
         elif isinstance(subset, (str, os.PathLike)):

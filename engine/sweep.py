@@ -242,6 +242,9 @@ def sweep(store: str | os.PathLike, counts: Sequence[int], rains: Sequence[str],
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     configs = plan(models, rains, counts, seeds)
+    # Every run is scored on the same held-out patches: those outside the largest (nested) training selection.
+    if not any(str(a).startswith(("--test-store", "--heldout-exclude-count")) for a in extra):
+        extra = [*extra, "--heldout-exclude-count", str(max(counts))]
     rows: list[dict | None] = [None] * len(configs)
     lock = threading.Lock()
 

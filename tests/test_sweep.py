@@ -44,6 +44,9 @@ def test_sweep_runs_skips_and_reports(store: Path, tmp_path: Path) -> None:
     # jobs=2: both runs at once (exercises the concurrent path and halves the wall time on 2 cores)
     rows = sw.sweep(store, [4, 8], ["medium"], ["resnet-s"], 2, out, extra=TINY, jobs=2, echo=lambda s: None)
     assert [r["status"] for r in rows] == ["trained", "trained"]
+    # every count is scored on the same held-out patches (outside the largest, nested training selection)
+    held = [json.loads((out / "runs" / r["run"] / "config.json").read_text())["heldout"] for r in rows]
+    assert held[0]["indices_sha256"] == held[1]["indices_sha256"]
     for r in rows:
         m = json.loads((out / "runs" / r["run"] / "metrics.json").read_text())
         assert r["E_R"] == m["E_R"] and r["E_B"] == m["E_B"]
