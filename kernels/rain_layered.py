@@ -80,6 +80,20 @@ BRIGHT_FACTOR = (160, 256)   # /256
 LENGTH_FACTOR = (205, 256)   # /256
 
 
+def build_width_choice(jit):
+    """``choose_width(params, u)``: the width whose CDF interval in ``params`` holds the uniform ``u`` in [0, 1)."""
+
+    @jit
+    def choose_width(params, u):
+        nw = np.int64(params[P.N_WIDTHS])
+        k = 0
+        while k < nw - 1 and u >= params[P.WIDTH_CDF + k]:
+            k += 1
+        return np.int64(params[P.WIDTHS + k])
+
+    return choose_width
+
+
 def build_int_ops(jit):
     """Integer ``imin`` / ``imax`` compiled with ``jit``.
 
@@ -189,15 +203,7 @@ def build(jit, r):
     randint = r.randint
     uniform = r.uniform
     imin, imax = build_int_ops(jit)
-
-    @jit
-    def choose_width(params, u):
-        """Width choice for a uniform ``u`` in [0, 1) against the CDF in ``params``."""
-        nw = np.int64(params[P.N_WIDTHS])
-        k = 0
-        while k < nw - 1 and u >= params[P.WIDTH_CDF + k]:
-            k += 1
-        return np.int64(params[P.WIDTHS + k])
+    choose_width = build_width_choice(jit)
 
     @jit
     def count_range(params, area):

@@ -32,8 +32,8 @@ from kernels import params as P
 from kernels import rng
 from kernels.jit import cpu_jit, cuda_device_jit
 from kernels.rain_layered import (DIST_ONE, POS_ONE, SINCOS, add_cpu, add_gpu, build_int_ops, build_segments,
-                                  check_render_args, choose_width_np, draw_int_np, imin_gpu, launch_gpu,
-                                  reference_segment)
+                                  build_width_choice, check_render_args, choose_width_np, draw_int_np, imin_gpu,
+                                  launch_gpu, reference_segment)
 
 JITTER_MIN, JITTER_MAX = 0, 3
 PEAK = (190, 255)
@@ -46,14 +46,7 @@ def build(jit, r):
     randint = r.randint
     uniform = r.uniform
     imin, imax = build_int_ops(jit)
-
-    @jit
-    def choose_width(params, u):
-        nw = np.int64(params[P.N_WIDTHS])
-        k = 0
-        while k < nw - 1 and u >= params[P.WIDTH_CDF + k]:
-            k += 1
-        return np.int64(params[P.WIDTHS + k])
+    choose_width = build_width_choice(jit)
 
     @jit
     def patch_draws(params, state, area):

@@ -29,7 +29,7 @@ _SCRIPT = textwrap.dedent("""
     # No driver here: compiling needs a compute capability, not a device.
     D.get_current_device = lambda: SimpleNamespace(compute_capability=(9, 0))
     from numba import cuda, types as T
-    from kernels import complexity, composite, decoupled, rain_streak, sharpness
+    from kernels import complexity, composite, decoupled, rain_layered, rain_sparse, rain_streak, sharpness
 
     u8_4a = T.Array(T.uint8, 4, "A")
     cases = {
@@ -51,11 +51,21 @@ _SCRIPT = textwrap.dedent("""
                                             T.int64[:, :, ::1], T.int64[:, :, ::1], T.int64[:, ::1],
                                             T.int64[:, ::1], T.int64[:, ::1], T.int64)),
     }
+    segment_sig = (T.float64[::1], T.uint64[::1], T.uint8[::1], T.uint8[:, :, ::1], T.int32[:, :, ::1],
+                   T.int64[:, ::1], T.int64)
+    # The held-out families promise that multiplication is their only float64 arithmetic (no add that the
+    # compiler could contract into an FMA and round differently from the CPU): the ops are checked below.
+    exact_f64 = {"rain_layered._render_gpu_kernel", "rain_sparse._render_gpu_kernel"}
+    cases["rain_layered._render_gpu_kernel"] = (rain_layered._render_gpu_kernel, segment_sig)
+    cases["rain_sparse._render_gpu_kernel"] = (rain_sparse._render_gpu_kernel, segment_sig)
     failed = []
     for name, (kernel, sig) in cases.items():
         try:
-            cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))
+            ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))
             print("OK", name)
+            if name in exact_f64:
+                ops = sorted({ln.split()[0] for ln in ptx.splitlines() if ".f64" in ln and ln.strip()[:1] != "."})
+                print("OPS", name, " ".join(ops))
         except Exception as err:
             failed.append(name)
             print("FAIL", name, type(err).__name__, str(err)[:2000])
@@ -79,3 +89,8 @@ def test_all_cuda_kernels_compile_for_sm90():
     if res.stdout.startswith("SKIP"):
         pytest.skip(res.stdout.strip())
     assert "DONE 0" in res.stdout, res.stdout + res.stderr[-3000:]
+    for line in res.stdout.splitlines():
+        if line.startswith("OPS"):
+            ops = set(line.split()[2:])
+            arith = {op for op in ops if not op.startswith(("ld.", "st.", "cvt.", "setp.", "mov."))}
+            assert arith <= {"mul.f64", "mul.rn.f64"}, f"{line}: float64 arithmetic beyond multiplication"
