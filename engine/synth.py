@@ -13,6 +13,7 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
+from numba import njit
 
 from engine import arrays
 from engine.rain import RainSpec
@@ -62,13 +63,45 @@ def _family_module(family: str):
 
 
 def common_draws(spec: RainSpec, seed: int, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Host-side per-patch draws: (states uint64 [N], active uint8 [N], beta_q int64 [N] in 1/1024)."""
+    """Host-side per-patch draws: (states uint64 [N], active uint8 [N], beta_q int64 [N] in 1/1024).
+
+    One numba loop (``kernels.rng``'s CPU helpers): the numpy formulation (``common_draws_np``, same numbers) costs
+    ~50 us per call in temporaries, which is most of ``synthesize``'s overhead on loader-sized batches.
+    """
+    keys = np.ascontiguousarray(keys, dtype=np.int64)
+    lo = int(round(spec.beta[0] * rng.BETA_SCALE))
+    hi = int(round(spec.beta[1] * rng.BETA_SCALE))
+    n = keys.shape[0]
+    states = np.empty(n, dtype=np.uint64)
+    active = np.empty(n, dtype=np.uint8)
+    beta_q = np.empty(n, dtype=np.int64)
+    _common_draws_cpu(np.int64(seed), keys, float(spec.rain_prob), lo, hi, states, active, beta_q)
+    return states, active, beta_q
+
+
+def common_draws_np(spec: RainSpec, seed: int, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``common_draws`` in plain numpy (the reference the numba loop is tested against)."""
     states = rng.patch_state_np(seed, keys)
     active = (rng.uniform_np(states, rng.counter_np(0, rng.COMMON_RAIN_ON)) < spec.rain_prob).astype(np.uint8)
     lo = int(round(spec.beta[0] * rng.BETA_SCALE))
     hi = int(round(spec.beta[1] * rng.BETA_SCALE))
     beta_q = rng.randint_np(states, rng.counter_np(0, rng.COMMON_BETA), lo, hi).astype(np.int64)
     return states, active, beta_q
+
+
+_patch_state = rng.cpu.patch_state
+_counter = rng.cpu.counter
+_uniform = rng.cpu.uniform
+_randint = rng.cpu.randint
+
+
+@njit(cache=True)
+def _common_draws_cpu(seed, keys, rain_prob, lo, hi, states, active, beta_q):
+    for i in range(keys.shape[0]):
+        st = _patch_state(seed, keys[i])
+        states[i] = st
+        active[i] = _uniform(st, _counter(0, rng.COMMON_RAIN_ON)) < rain_prob
+        beta_q[i] = _randint(st, _counter(0, rng.COMMON_BETA), lo, hi)
 
 
 def _out_view(a, name: str, kind: arrays.ArrayKind):
@@ -142,10 +175,15 @@ def synthesize(backgrounds, spec: RainSpec | str, seed: int = 0, keys=None, back
             rainy[...] = r
             mask[...] = m
         elif which == "cpu":
-            from kernels.composite import composite_cpu
+            fused = getattr(module, "render_composite_cpu", None)
+            if fused is not None:
+                # one pass: each patch is composited while its rain layer is still in cache
+                fused(params, states, active, x, beta_q, spec.threshold, rain, rainy, mask)
+            else:
+                from kernels.composite import composite_cpu
 
-            module.render_cpu(params, states, active, rain)
-            composite_cpu(x, rain, beta_q, spec.threshold, rainy, mask)
+                module.render_cpu(params, states, active, rain)
+                composite_cpu(x, rain, beta_q, spec.threshold, rainy, mask)
         else:
             from kernels.composite import composite_gpu
 

@@ -28,37 +28,47 @@ def check_composite_args(backgrounds, rain, beta_q, rainy, mask) -> None:
 
 
 @njit(cache=True)
-def _composite_patch(backgrounds, rain, beta_q, threshold, rainy, mask, i):
-    """Patch ``i``: flat views with the three channels written out, a loop LLVM can vectorize (no channel loop)."""
-    n, h, w, c = backgrounds.shape
-    hw = h * w
-    q = np.int32(beta_q[i])
-    b = backgrounds[i].reshape(hw * 3)
-    r = rain[i].reshape(hw)
-    o = rainy[i].reshape(hw * 3)
-    m = mask[i].reshape(hw)
+def composite_patch_cpu(b, r, q, threshold, o, m, tt):
+    """One patch on flat views: ``b`` uint8 [3 HW] (background, HWC order), ``r`` uint8 [HW] (rain layer),
+    ``q`` int32 beta in 1/1024, ``o`` uint8 [3 HW] (rainy, written), ``m`` bool [HW] (mask, written), ``tt`` uint8
+    [>= HW] scratch.
+
+    ``(1024 B + q R) >> 10 = B + ((q R) >> 10)`` (the first term is a multiple of 1024 and both are >= 0), so the
+    rainy value is the saturating uint8 sum of ``B`` and ``t = min(255, (q R) >> 10)``. The saturation is written
+    with masks (``s | -(s < t)``): numba types ``min`` and conditional expressions on small integers in a way LLVM
+    does not vectorize, the mask form it does (~2x faster for the whole patch).
+    """
+    hw = r.size
     for p in range(hw):
         rv = np.int32(r[p])
-        t = q * rv
         m[p] = rv > threshold
-        v0 = (np.int32(b[3 * p]) * 1024 + t) >> 10
-        v1 = (np.int32(b[3 * p + 1]) * 1024 + t) >> 10
-        v2 = (np.int32(b[3 * p + 2]) * 1024 + t) >> 10
-        o[3 * p] = v0 if v0 < 255 else 255
-        o[3 * p + 1] = v1 if v1 < 255 else 255
-        o[3 * p + 2] = v2 if v2 < 255 else 255
-
-
-@njit(parallel=True, cache=True)
-def _composite_cpu_kernel(backgrounds, rain, beta_q, threshold, rainy, mask):
-    for i in prange(backgrounds.shape[0]):
-        _composite_patch(backgrounds, rain, beta_q, threshold, rainy, mask, i)
+        t = (q * rv) >> 10
+        tt[p] = np.uint8(t) | np.uint8(0 - np.int32(t > 255))       # min(t, 255): t <= 4096 * 255 >> 10
+    for p in range(hw):
+        t = tt[p]
+        s0 = np.uint8(b[3 * p] + t)
+        s1 = np.uint8(b[3 * p + 1] + t)
+        s2 = np.uint8(b[3 * p + 2] + t)
+        o[3 * p] = s0 | np.uint8(0 - np.uint8(s0 < t))                # wrapped sum -> 255
+        o[3 * p + 1] = s1 | np.uint8(0 - np.uint8(s1 < t))
+        o[3 * p + 2] = s2 | np.uint8(0 - np.uint8(s2 < t))
 
 
 @njit(cache=True)
-def _composite_cpu_serial(backgrounds, rain, beta_q, threshold, rainy, mask):
-    for i in range(backgrounds.shape[0]):
-        _composite_patch(backgrounds, rain, beta_q, threshold, rainy, mask, i)
+def _composite_chunk(backgrounds, rain, beta_q, threshold, rainy, mask, c, n_chunks):
+    """Patches c, c + n_chunks, ... with one scratch buffer."""
+    n, h, w, _ = backgrounds.shape
+    hw = h * w
+    tt = np.empty(hw, dtype=np.uint8)
+    for i in range(c, n, n_chunks):
+        composite_patch_cpu(backgrounds[i].reshape(hw * 3), rain[i].reshape(hw), np.int32(beta_q[i]), threshold,
+                            rainy[i].reshape(hw * 3), mask[i].reshape(hw), tt)
+
+
+@njit(parallel=True, cache=True)
+def _composite_cpu_kernel(backgrounds, rain, beta_q, threshold, rainy, mask, n_chunks):
+    for c in prange(n_chunks):
+        _composite_chunk(backgrounds, rain, beta_q, threshold, rainy, mask, c, n_chunks)
 
 
 def composite_cpu(backgrounds: np.ndarray, rain: np.ndarray, beta_q: np.ndarray, threshold: int,
@@ -73,9 +83,12 @@ def composite_cpu(backgrounds: np.ndarray, rain: np.ndarray, beta_q: np.ndarray,
         import numba
 
         # no parallel region for one thread or tiny batches: waking the thread pool costs more than they take
-        kernel = _composite_cpu_serial if numba.get_num_threads() == 1 or backgrounds.shape[0] <= 2 \
-            else _composite_cpu_kernel
-        kernel(backgrounds, rain, beta_q, np.int32(threshold), rainy, mask)
+        threads = numba.get_num_threads()
+        n = backgrounds.shape[0]
+        if threads == 1 or n <= 2:
+            _composite_chunk(backgrounds, rain, beta_q, np.int32(threshold), rainy, mask, 0, 1)
+        else:
+            _composite_cpu_kernel(backgrounds, rain, beta_q, np.int32(threshold), rainy, mask, min(n, threads * 4))
 
 
 @cuda.jit

@@ -23,14 +23,17 @@ How it is computed here (the numpy reference ``kernels/reference_rain.py`` does 
   (geometric: an exact Bernoulli(amount) process per pixel); its low 11 bits ``b`` give the strength
   ``v = 4095 - (aq * b >> 23)`` in 1/16 (``256 (1 - amount u')``, ``u' = b / 2048``).
 - Every seed is splatted with all its reflect-101 mirror images that reach the canvas (what ``filter2D``'s border
-  does) into an int64 accumulator; integer sums do not depend on the order, so atomics on the GPU give the CPU's
-  result exactly.
+  does) into an integer accumulator (int64 on the GPU and in the reference, float64 holding exact integers below
+  2**47 on the CPU, see the comment above ``_BLOCK``); integer sums do not depend on the order, so atomics on the GPU give
+  the CPU's result exactly.
 - Min-max normalization over the canvas in integers: ``floor((acc - min) * 255 / (max - min))`` (all equal -> 0),
   then the centre crop when ``canvas_pad > 0``.
 
-CPU (``render_cpu``, numba, parallel over patches): seeds are collected per row, expanded into the events of the
-reflect-101 extension sorted by row, and splatted kernel-tap-outermost into a column-extended accumulator (no
-clipping; see ``_splat_cpu``). GPU (``render_gpu``, numba.cuda, one block per patch): the threads build the kernel
+CPU (``render_cpu``, numba, parallel over patches; ``render_composite_cpu`` also composites each patch while its
+rain layer is in cache): seeds are collected per row and expanded into the events of the reflect-101 extension,
+grouped by alignment phase and sorted by row; each kernel row is cut into 64-byte-aligned blocks of 8 taps, and
+every event adds them to a column-extended accumulator with one 8-lane vector multiply-add per block (no
+clipping; see ``_splat_blocks_cpu``); then one min/max pass and one normalization pass. GPU (``render_gpu``, numba.cuda, one block per patch): the threads build the kernel
 pass by pass (rows spread over threads), draw the seeds of one canvas row each and splat them and their mirror
 images with int64 atomics into a global scratch accumulator (a 128 x 128 int64 canvas is 128 KB, beyond numba's
 48 KB static shared memory), then reduce min/max in shared memory and write the normalized crop.
@@ -45,9 +48,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import cuda, njit, prange
+from llvmlite import ir
+from numba import cuda, njit, prange, types
+from numba.core.extending import intrinsic
 
 from kernels import params as P
+from kernels.composite import check_composite_args, composite_patch_cpu
 from kernels import rng
 from kernels.jit import cpu_jit, cuda_device_jit
 
@@ -66,6 +72,8 @@ TAP_BITS = 20
 #: Canvas limits: one 12-bit sub-stream index per row (``j < 4096`` draws per row) and >= 2 pixels for reflect-101.
 MAX_CANVAS_WIDTH = 4094
 MAX_CANVAS_HEIGHT = 1 << 20
+#: Longest streak: the CPU's float64 accumulator stays exact while 4095 * (length + 2)**2 * 2**TAP_BITS < 2**53.
+MAX_LENGTH = 1024
 
 # OpenCV's fixed small Gaussian kernels (``small_gaussian_tab`` in imgproc/src/smooth.dispatch.cpp): used by
 # ``getGaussianKernel(ksize, sigma <= 0)`` for ksize 1..9; larger sizes use the sigma rule (checked against cv2 in
@@ -510,49 +518,189 @@ def _add_cpu(acc, i, v):
 
 @cpu_jit
 def _x_images(x, wc, qx_lo, qx_hi, out_q, n):
-    """Append to ``out_q`` (from index n) every column q in [qx_lo, qx_hi] with refl(q) = x; returns the new n."""
+    """Append to ``out_q`` (from index n) every column q in [qx_lo, qx_hi] with refl(q) = x; returns the new n.
+
+    The images are ``x + k p`` and ``-x + k p`` (p = 2 (wc - 1) >= 2, the canvas being >= 2 wide). Stepped by p
+    rather than divided: the range [qx_lo, qx_hi] spans less than a period or two in practice, and the four
+    runtime-divisor floor divisions of the closed form cost more than the whole rest of a seed's bookkeeping."""
     px = 2 * (wc - 1)
     for bx_i in range(2):
         if bx_i == 0:
-            bx = x
+            q = x
         else:
             if x == 0 or x == wc - 1:
                 continue
-            bx = -x
-        for kx in range(-((bx - qx_lo) // px), (qx_hi - bx) // px + 1):
-            out_q[n] = bx + kx * px
+            q = -x
+        while q - px >= qx_lo:
+            q -= px
+        while q < qx_lo:
+            q += px
+        while q <= qx_hi:
+            out_q[n] = q
             n += 1
+            q += px
     return n
 
 
-@cpu_jit
-def _splat_cpu(acc, ev_base, ev_v, ev_start, qy_lo, qy_hi, hc, rows, vals, n_rows, we):
-    """Add every event's kernel into ``acc`` (canvas rows x extended columns), kernel tap outermost.
+# CPU accumulator: float64 holding exact integers. Every term is v * tap with v <= 4095 (12 bits) and 0 <= tap
+# <= 2**TAP_BITS, so each product is an integer < 2**33, exact in float64. A canvas pixel receives at most one term
+# per kernel tap (the extension's seeds sit at distinct positions, and pixel p gets tap p - q from the seed at q), so
+# every partial sum is an integer <= 4095 * (sum of all taps) <= 4095 * 130**2 * 2**20 < 2**47 < 2**53 (lengths
+# <= 128 from RainSpec; _check_canvas caps them at MAX_LENGTH, still < 2**53): all adds are
+# exact, the order does not matter, and the result equals the int64 sums of the GPU and the reference. (int32
+# cannot hold a single product; float64 gets one-instruction vector multiply-adds where int64 multiplies are
+# multi-uop emulations even with AVX-512DQ.)
 
-    Events are sorted by row ``qy``, so the events whose tap row ``qy + dy`` lies on the canvas are one contiguous
-    range: no per-add clipping, and the innermost loop over events is a plain load-multiply-add.
-    """
+#: Taps per block of the CPU splat: each kernel row is cut into blocks of this many taps (zero-padded).
+_BLOCK = 8
+
+
+@intrinsic
+def _axpy_block(typingctx, acc, b, v, taps, toff):
+    """``acc[b : b + _BLOCK] += v * taps[toff : toff + _BLOCK]`` as one vector load, multiply, add and store
+    (float64 x _BLOCK: one AVX-512 register, two AVX2 ones). numba turns off LLVM's SLP vectorizer, and its loop
+    vectorizer cannot help with 8-element rows (the loop gets fully unrolled into scalars first), so the vector
+    code is written out in LLVM IR. Plain IEEE multiply and add, no fusing: on the exact integers of the
+    accumulator (see above) the result is the same anyway. The caller guarantees both ranges lie in the arrays."""
+    f64 = types.float64
+    if not (isinstance(acc, types.Array) and acc.dtype == f64 and isinstance(taps, types.Array) and taps.dtype == f64
+            and v == f64 and isinstance(b, types.Integer) and isinstance(toff, types.Integer)):
+        return None                  # typing error: float64 arrays and value, integer offsets only
+    sig = types.void(acc, b, v, taps, toff)
+
+    def codegen(context, builder, signature, args):
+        acc_v, b_v, v_v, taps_v, toff_v = args
+        acc_arr = context.make_array(signature.args[0])(context, builder, acc_v)
+        taps_arr = context.make_array(signature.args[3])(context, builder, taps_v)
+        dbl = ir.DoubleType()
+        vec = ir.VectorType(dbl, _BLOCK)
+        pa = builder.bitcast(builder.gep(acc_arr.data, [b_v], inbounds=True, source_etype=dbl), vec.as_pointer())
+        pt = builder.bitcast(builder.gep(taps_arr.data, [toff_v], inbounds=True, source_etype=dbl),
+                             vec.as_pointer())
+        a = builder.load(pa, align=8, typ=vec)
+        t = builder.load(pt, align=8, typ=vec)
+        undef = ir.Constant(vec, ir.Undefined)
+        one = builder.insert_element(undef, v_v, ir.Constant(ir.IntType(32), 0))
+        vb = builder.shuffle_vector(one, undef, ir.Constant(ir.VectorType(ir.IntType(32), _BLOCK), [0] * _BLOCK))
+        builder.store(builder.fadd(a, builder.fmul(t, vb)), pa, align=8)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True)
+def _tap_blocks_cpu(rows, vals, n_rows, rblk, btaps):
+    """Aligned tap blocks: for tap row ``r`` and phase ``s`` (0 <= s < _BLOCK), the row's taps shifted right by
+    ``s`` (s zero taps in front) cut into ``ceil((s + n) / _BLOCK)`` blocks of ``_BLOCK`` (zero-padded), stored from
+    block ``rblk[r, s]`` of ``btaps`` (flat, ``_BLOCK`` floats per block). An event whose first tap of row ``r``
+    falls ``s`` columns past a ``_BLOCK``-aligned address uses phase ``s``: every block it adds is then one aligned
+    vector (one cache line for _BLOCK = 8). Returns the number of blocks."""
+    nb = 0
+    for r_ in range(n_rows):
+        n = rows[2, r_]
+        off = rows[3, r_]
+        for s in range(_BLOCK):
+            rblk[r_, s] = nb
+            cnt = (s + n + _BLOCK - 1) // _BLOCK
+            blk = btaps[nb * _BLOCK: (nb + cnt) * _BLOCK]
+            for k in range(cnt * _BLOCK):
+                blk[k] = 0.0
+            dst = blk[s: s + n]
+            src = vals[off: off + n]
+            for j in range(n):
+                dst[j] = np.float64(src[j])
+            nb += cnt
+    return nb
+
+
+@njit(cache=True)
+def _splat_blocks_cpu(acc, ev_base, ev_v, ph_start, nq, qy_lo, qy_hi, hc, rows, n_rows, rblk, btaps, we):
+    """Add every event's kernel into ``acc`` (canvas rows x extended columns) with aligned vector blocks.
+
+    ``acc`` starts on a 64-byte boundary and ``we`` is a multiple of ``_BLOCK``, so an event's alignment phase is
+    ``ev_base % _BLOCK``; events are grouped by phase, then sorted by row (group ``pe * nq + k`` = phase ``pe``, row
+    ``qy_lo + k``, from ``ph_start``). For a tap row, the events of one phase that land on the canvas are one
+    contiguous range and all use the same aligned blocks (``_tap_blocks_cpu``), one vector multiply-add each
+    (``_axpy_block``). Aligned blocks touch one cache line instead of two and never split a load or store across
+    lines. Columns never need clipping (``acc`` is extended on both sides). Tried and slower on the 2-core dev
+    machine: canvas row bands (per-group overhead outweighs the L1 reuse), skipping blocks beside the canvas with a
+    narrower ``acc`` (per-event trip counts mispredict), unaligned 4-, 8- and 16-tap blocks."""
     for r_ in range(n_rows):
         dy = rows[0, r_]
+        dx0 = rows[1, r_]
+        n = rows[2, r_]
         k0 = max(qy_lo, -dy) - qy_lo
         k1 = min(qy_hi, hc - 1 - dy) - qy_lo
         if k1 < k0:
             continue
-        e0 = ev_start[k0]
-        e1 = ev_start[k1 + 1]
-        rb = dy * we + rows[1, r_]
-        off = rows[3, r_]
-        for j in range(rows[2, r_]):
-            t = vals[off + j]
-            o = rb + j
-            for e in range(np.uint64(e0), np.uint64(e1)):
-                # unsigned indices: numba skips its negative-index wraparound (the sums are never negative)
-                acc[np.uint64(ev_base[e] + o)] += ev_v[e] * t
+        for pe in range(_BLOCK):
+            e0 = ph_start[pe * nq + k0]
+            e1 = ph_start[pe * nq + k1 + 1]
+            if e1 == e0:
+                continue
+            s = (pe + dx0) & (_BLOCK - 1)          # two's complement: also right for negative dx0
+            first = rblk[r_, s]
+            base = dy * we + dx0 - s               # + ev_base: aligned
+            cnt = (s + n + _BLOCK - 1) // _BLOCK
+            toff = first * _BLOCK
+            for e in range(e0, e1):
+                # all blocks of the row for one event: its position and strength are loaded once
+                b = ev_base[e] + base
+                v = ev_v[e]
+                for jb in range(cnt):
+                    _axpy_block(acc, b + jb * _BLOCK, v, btaps, toff + jb * _BLOCK)
 
 
 @njit(cache=True)
-def _render_one_cpu(params, state, out_patch, pad, trig, gauss, kb, ext, rows, vals, acc, seed_x, seed_v,
-                    row_start, ev_base, ev_v, ev_start, qbuf):
+def _normalize_cpu(acc, hc, wc, we, ex, pad, out_patch):
+    """Min-max normalize the canvas part of ``acc`` (rows of ``we`` columns, canvas from column ``ex``; exact
+    integers in float64) into the uint8 crop ``out_patch`` (C-contiguous [h, w])."""
+    h, w = out_patch.shape
+    o = out_patch.reshape(h * w)
+    # min/max on int64 copies: integer min/max reductions vectorize (float ones need fast-math flags); the values
+    # are integers < 2**47, so the conversion is exact
+    mn = np.int64(acc[ex])
+    mx = mn
+    for y in range(hc):
+        row = acc[y * we + ex: y * we + ex + wc]
+        for x in range(wc):
+            a = np.int64(row[x])
+            mn = a if a < mn else mn
+            mx = a if a > mx else mx
+    d = mx - mn
+    if d == 0:
+        for p in range(h * w):
+            o[p] = 0
+        return
+    inv = 1.0 / np.float64(d)
+    if d * 255 < (1 << 52):
+        # floor((a - mn) * 255 / d) in float64, exactly: num = (a - mn) * 255 is an integer < 2**52; the estimate
+        # num * inv is within 1e-13 of the quotient (<= 255), so after truncation one correction each way gives the
+        # floor; q * d < 2**53 and the remainder num - q * d are exact integers, so the compares are exact
+        fmn = np.float64(mn)
+        fd = np.float64(d)
+        for y in range(h):
+            row = acc[(y + pad) * we + ex + pad: (y + pad) * we + ex + pad + w]
+            orow = o[y * w: y * w + w]
+            for x in range(w):
+                num = (row[x] - fmn) * 255.0
+                q = np.float64(np.int32(num * inv))
+                r = num - q * fd
+                q = q - 1.0 if r < 0.0 else q
+                q = q + 1.0 if r >= fd else q
+                orow[x] = np.uint8(np.int32(q))
+    else:
+        for y in range(h):
+            b = (y + pad) * we + ex + pad
+            for x in range(w):
+                o[y * w + x] = _normalize_value_cpu(np.int64(acc[b + x]), mn, d, inv)
+
+
+@njit(cache=True)
+def _render_one_cpu(params, state, pad, trig, gauss, kb, ext, rows, vals, rblk, btaps, acc, seed_x, seed_v,
+                    row_start, ev_base, ev_v, ev_start, ph_base, ph_v, ph_start, qbuf, out_patch):
+    """One patch's rain layer into ``out_patch`` (uint8 [h, w], C-contiguous). Returns the event buffers (grown
+    when a dense spec needed more room)."""
     h, w = out_patch.shape
     hc = h + 2 * pad
     wc = w + 2 * pad
@@ -560,8 +708,11 @@ def _render_one_cpu(params, state, out_patch, pad, trig, gauss, kb, ext, rows, v
     n_rows, dy_min, dy_max, dx_min, dx_max = _build_kernel_cpu(length, angle, width, trig, gauss, kb, ext,
                                                                rows, vals)
     if n_rows == 0:
-        out_patch[:, :] = 0
-        return
+        o = out_patch.reshape(h * w)
+        for p in range(h * w):
+            o[p] = 0
+        return ev_base, ev_v, ph_base, ph_v
+    _tap_blocks_cpu(rows, vals, n_rows, rblk, btaps)
     # seeds of every canvas row (CSR: row_start, seed_x, seed_v)
     log1m = math.log(1.0 - np.float64(aq) * (1.0 / 16777216.0))
     n_seeds = 0
@@ -577,70 +728,71 @@ def _render_one_cpu(params, state, out_patch, pad, trig, gauss, kb, ext, rows, v
             seed_v[n_seeds] = v
             n_seeds += 1
     row_start[hc] = n_seeds
-    # events = the reflect-101 extension's seeds whose kernel reaches the canvas, sorted by row qy; columns are
-    # extended by ex on both sides so that no column needs clipping
-    ex = dx_max - dx_min
-    we = wc + 2 * ex
+    # events = the reflect-101 extension's seeds whose kernel reaches the canvas, sorted by row qy. acc columns:
+    # the canvas starts at column ex; blocks reach up to _BLOCK - 1 columns past a tap row on either side (aligned
+    # blocks start up to _BLOCK - 1 before it, padded ones end up to _BLOCK - 1 after it), so ex and the row
+    # length we (a multiple of _BLOCK, for the alignment) leave room for every block without clipping
+    ex = dx_max - dx_min + _BLOCK - 1
+    we = (wc + 2 * ex + _BLOCK - 1) // _BLOCK * _BLOCK
     qy_lo = -dy_max
     qy_hi = hc - 1 - dy_min
     qx_lo = -dx_max
     qx_hi = wc - 1 - dx_min
+    nq = qy_hi - qy_lo + 1
+    # room for every event up front (no allocation inside the loops below): a coordinate has at most
+    # 2 (span // period + 2) images in a span, the period being 2 (n - 1)
+    bound = n_seeds * (2 * (nq // (2 * (hc - 1)) + 2)) * (2 * ((qx_hi - qx_lo + 1) // (2 * (wc - 1)) + 2))
+    if bound > ev_base.size:                             # rare (dense rain on a small canvas): grow
+        ev_base = np.empty(bound, dtype=np.int64)
+        ev_v = np.empty(bound, dtype=np.float64)
+        ph_base = np.empty(bound, dtype=np.int64)
+        ph_v = np.empty(bound, dtype=np.float64)
     n_ev = 0
     for qy in range(qy_lo, qy_hi + 1):
         ev_start[qy - qy_lo] = n_ev
         ys = _refl_cpu(qy, hc)
+        rb = qy * we + ex
         for s in range(row_start[ys], row_start[ys + 1]):
-            nq = _x_images(seed_x[s], wc, qx_lo, qx_hi, qbuf, 0)
-            if n_ev + nq > ev_base.size:                 # rare (dense rain on a small canvas): grow
-                grown = max(2 * ev_base.size, n_ev + nq)
-                nb = np.empty(grown, dtype=np.int64)
-                nv = np.empty(grown, dtype=np.int64)
-                nb[:n_ev] = ev_base[:n_ev]
-                nv[:n_ev] = ev_v[:n_ev]
-                ev_base = nb
-                ev_v = nv
-            for k in range(nq):
-                ev_base[n_ev] = qy * we + qbuf[k] + ex
-                ev_v[n_ev] = seed_v[s]
+            nx = _x_images(seed_x[s], wc, qx_lo, qx_hi, qbuf, 0)
+            fv = np.float64(seed_v[s])
+            for k in range(nx):
+                ev_base[n_ev] = rb + qbuf[k]
+                ev_v[n_ev] = fv
                 n_ev += 1
-    ev_start[qy_hi - qy_lo + 1] = n_ev
-    acc[:hc * we] = 0
-    _splat_cpu(acc, ev_base, ev_v, ev_start, qy_lo, qy_hi, hc, rows, vals, n_rows, we)
-    mn = acc[ex]
-    mx = acc[ex]
-    for y in range(hc):
-        b = y * we + ex
-        for x in range(wc):
-            a = acc[b + x]
-            mn = min(mn, a)
-            mx = max(mx, a)
-    d = mx - mn
-    if d == 0:
-        out_patch[:, :] = 0
-        return
-    inv = 1.0 / np.float64(d)
-    if d * 255 < (1 << 52):
-        # the float estimate is within 1 of the quotient (numerator < 2**52): one branch-free correction each way,
-        # a loop LLVM can vectorize
-        for y in range(h):
-            b = (y + pad) * we + ex + pad
-            for x in range(w):
-                num = (acc[b + x] - mn) * 255
-                q = np.int64(np.float64(num) * inv)
-                q -= np.int64(q * d > num)
-                q += np.int64((q + 1) * d <= num)
-                out_patch[y, x] = q
-    else:
-        for y in range(h):
-            b = (y + pad) * we + ex + pad
-            for x in range(w):
-                out_patch[y, x] = _normalize_value_cpu(acc[b + x], mn, d, inv)
+    ev_start[nq] = n_ev
+    # group the events by alignment phase: counting sort; filled back to front from the group ends, so each group
+    # keeps the events' order (rows stay sorted within a phase) and ph_start ends up holding the group starts
+    ng = _BLOCK * nq
+    for g in range(ng + 1):
+        ph_start[g] = 0
+    for k in range(nq):
+        for e in range(ev_start[k], ev_start[k + 1]):
+            ph_start[(ev_base[e] & (_BLOCK - 1)) * nq + k] += 1
+    total = 0
+    for g in range(ng):
+        total += ph_start[g]
+        ph_start[g] = total
+    ph_start[ng] = total
+    for k in range(nq - 1, -1, -1):
+        for e in range(ev_start[k + 1] - 1, ev_start[k] - 1, -1):
+            g = (ev_base[e] & (_BLOCK - 1)) * nq + k
+            d = ph_start[g] - 1
+            ph_start[g] = d
+            ph_base[d] = ev_base[e]
+            ph_v[d] = ev_v[e]
+    for p in range(hc * we):
+        acc[p] = 0.0
+    _splat_blocks_cpu(acc, ph_base, ph_v, ph_start, nq, qy_lo, qy_hi, hc, rows, n_rows, rblk, btaps, we)
+    _normalize_cpu(acc, hc, wc, we, ex, pad, out_patch)
+    return ev_base, ev_v, ph_base, ph_v
 
 
 @njit(cache=True)
-def _render_chunk_cpu(params, states, active, out, trig, gauss, c, n_chunks):
+def _render_chunk_cpu(params, states, active, out, trig, gauss, c, n_chunks, composite, backgrounds, beta_q,
+                      threshold, rainy, mask):
     """Render patches c, c + n_chunks, ... with one set of scratch buffers (allocation stays off the per-patch
-    path)."""
+    path); with ``composite``, also write each patch's rainy image and mask right after its rain layer (while it is
+    in L1)."""
     n, h, w = out.shape
     pad = np.int64(params[P.CANVAS_PAD])
     hc = h + 2 * pad
@@ -650,26 +802,46 @@ def _render_chunk_cpu(params, states, active, out, trig, gauss, c, n_chunks):
     ext = np.empty((7, ks), dtype=np.int64)
     rows = np.empty((4, ks), dtype=np.int64)
     vals = np.empty(ks * ks, dtype=np.int64)
-    acc = np.empty(hc * (wc + 2 * ks), dtype=np.int64)
+    rblk = np.empty((ks, _BLOCK), dtype=np.int64)
+    # blocks: a row of n taps has ceil((s + n) / _BLOCK) < n / _BLOCK + 2 per phase s, < n + 2 * _BLOCK in all
+    btaps = np.empty((ks * ks + 2 * _BLOCK * ks) * _BLOCK, dtype=np.float64)
+    # the accumulator starts on a 64-byte boundary (see _splat_blocks_cpu): over-allocate, then skip to it
+    we_max = (wc + 2 * (ks + _BLOCK) + _BLOCK - 1) // _BLOCK * _BLOCK
+    acc_raw = np.empty(hc * we_max + _BLOCK, dtype=np.float64)
+    shift = ((-acc_raw.ctypes.data) & 63) // 8
+    acc = acc_raw[shift:shift + hc * we_max]
     seed_x = np.empty(hc * wc, dtype=np.int64)
     seed_v = np.empty(hc * wc, dtype=np.int64)
     row_start = np.empty(hc + 1, dtype=np.int64)
     ev_base = np.empty(4096, dtype=np.int64)
-    ev_v = np.empty(4096, dtype=np.int64)
+    ev_v = np.empty(4096, dtype=np.float64)
+    ph_base = np.empty(4096, dtype=np.int64)
+    ph_v = np.empty(4096, dtype=np.float64)
     ev_start = np.empty(hc + 2 * ks + 2, dtype=np.int64)
+    ph_start = np.empty(_BLOCK * (hc + 2 * ks + 2) + 1, dtype=np.int64)
     qbuf = np.empty(2 * ((wc + 2 * ks) // max(1, 2 * (wc - 1)) + 2), dtype=np.int64)
+    hw = h * w
+    tt = np.empty(hw if composite else 0, dtype=np.uint8)
     for i in range(c, n, n_chunks):
         if active[i] == 0:
-            out[i] = 0
+            o = out[i].reshape(hw)
+            for p in range(hw):
+                o[p] = 0
         else:
-            _render_one_cpu(params, states[i], out[i], pad, trig, gauss, kb, ext, rows, vals, acc, seed_x,
-                            seed_v, row_start, ev_base, ev_v, ev_start, qbuf)
+            ev_base, ev_v, ph_base, ph_v = _render_one_cpu(params, states[i], pad, trig, gauss, kb, ext, rows, vals,
+                                                           rblk, btaps, acc, seed_x, seed_v, row_start, ev_base,
+                                                           ev_v, ev_start, ph_base, ph_v, ph_start, qbuf, out[i])
+        if composite:
+            composite_patch_cpu(backgrounds[i].reshape(hw * 3), out[i].reshape(hw), np.int32(beta_q[i]),
+                                threshold, rainy[i].reshape(hw * 3), mask[i].reshape(hw), tt)
 
 
 @njit(parallel=True, cache=True)
-def _render_cpu_kernel(params, states, active, out, trig, gauss, n_chunks):
+def _render_cpu_kernel(params, states, active, out, trig, gauss, n_chunks, composite, backgrounds, beta_q,
+                       threshold, rainy, mask):
     for c in prange(n_chunks):
-        _render_chunk_cpu(params, states, active, out, trig, gauss, c, n_chunks)
+        _render_chunk_cpu(params, states, active, out, trig, gauss, c, n_chunks, composite, backgrounds, beta_q,
+                          threshold, rainy, mask)
 
 
 def check_render_args(params, states, active, out) -> None:
@@ -701,6 +873,9 @@ def _check_canvas(params_host: np.ndarray, h: int, w: int) -> None:
                          f"height <= {MAX_CANVAS_HEIGHT}, canvas = patch + 2 * canvas_pad)")
     if int(params_host[P.FAMILY]) != P.FAMILY_IDS["streak"]:
         raise ValueError("params: not a streak spec (family id != 0)")
+    if int(params_host[P.LENGTH_HI]) > MAX_LENGTH:
+        raise ValueError(f"params: streak length up to {int(params_host[P.LENGTH_HI])}, expected at most {MAX_LENGTH} "
+                         f"(the CPU accumulator's exactness bound)")
 
 
 def render_cpu(params: np.ndarray, states: np.ndarray, active: np.ndarray, out: np.ndarray) -> None:
@@ -714,14 +889,52 @@ def render_cpu(params: np.ndarray, states: np.ndarray, active: np.ndarray, out: 
     if n == 0:
         return
     _check_canvas(params, h, w)
+    if not out.flags.c_contiguous:
+        tmp = np.empty(out.shape, dtype=np.uint8)
+        _launch_cpu(params, states, active, tmp, False, _NO_BG, _NO_BETA, 0, _NO_BG, _NO_MASK)
+        out[...] = tmp
+        return
+    _launch_cpu(params, states, active, out, False, _NO_BG, _NO_BETA, 0, _NO_BG, _NO_MASK)
+
+
+def render_composite_cpu(params: np.ndarray, states: np.ndarray, active: np.ndarray, backgrounds: np.ndarray,
+                         beta_q: np.ndarray, threshold: int, rain: np.ndarray, rainy: np.ndarray,
+                         mask: np.ndarray) -> None:
+    """``render_cpu`` into ``rain`` and ``kernels.composite.composite_cpu`` into ``rainy`` and ``mask`` in one pass
+    over the batch: each patch is composited right after its rain layer is made, while that is still in L1.
+
+    ``backgrounds`` uint8 NHWC [N, H, W, 3] (0..255), ``beta_q`` int64 [N] (beta in 1/1024), ``threshold`` on the
+    0..255 scale; ``rain`` uint8 NHW, ``rainy`` uint8 NHWC and ``mask`` bool NHW are written (C-contiguous).
+    Same bytes as the two calls.
+    """
+    check_render_args(params, states, active, rain)
+    check_composite_args(backgrounds, rain, beta_q, rainy, mask)
+    if not (rain.flags.c_contiguous and rainy.flags.c_contiguous and mask.flags.c_contiguous):
+        raise ValueError("rain, rainy, mask: expected C-contiguous output arrays")
+    n, h, w = rain.shape
+    if n == 0:
+        return
+    _check_canvas(params, h, w)
+    _launch_cpu(params, states, active, rain, True, np.ascontiguousarray(backgrounds), beta_q, threshold, rainy,
+                mask)
+
+
+_NO_BG = np.empty((0, 1, 1, 3), dtype=np.uint8)
+_NO_BETA = np.empty(0, dtype=np.int64)
+_NO_MASK = np.empty((0, 1, 1), dtype=np.bool_)
+
+
+def _launch_cpu(params, states, active, out, composite, backgrounds, beta_q, threshold, rainy, mask) -> None:
     import numba
 
+    n = out.shape[0]
     threads = numba.get_num_threads()
+    args = (composite, backgrounds, beta_q, np.int32(threshold), rainy, mask)
     if threads == 1 or n <= 2:
         # no parallel region: waking the thread pool costs more than small batches take
-        _render_chunk_cpu(params, states, active, out, TRIG, GAUSS, 0, 1)
+        _render_chunk_cpu(params, states, active, out, TRIG, GAUSS, 0, 1, *args)
     else:
-        _render_cpu_kernel(params, states, active, out, TRIG, GAUSS, min(n, threads * 4))
+        _render_cpu_kernel(params, states, active, out, TRIG, GAUSS, min(n, threads * 4), *args)
 
 
 # ---- GPU: one block per patch ---------------------------------------------------------------------------------------

@@ -190,3 +190,82 @@ def test_cuda_inactive_patch_zero():
     cpu = np.zeros_like(gpu)
     rs.render_cpu(p, _states(1, 2), np.array([0, 1], np.uint8), cpu)
     assert np.array_equal(gpu, cpu) and not gpu[0].any()
+
+
+# ---- the CPU fast path: fused compositing, aligned tap blocks, argument handling -----------------------------------
+
+@pytest.mark.parametrize("spec,h,w", [
+    (RainSpec.preset("large", rain_prob=0.6, threshold=40, beta=(0.5, 4.0)), 32, 48),   # beta > 1 saturates
+    (RainSpec.preset("medium", canvas_pad=9), 21, 30),
+    (RainSpec.parse("amount=0.2:0.4,width=1|3,length=1:6,angle=-90:90"), 5, 3),
+])
+def test_render_composite_cpu_equals_references(spec, h, w):
+    """The fused CPU pass gives the numpy reference's rain layer and the reference compositing's rainy image and
+    mask (inactive patches included: rain 0, rainy = background)."""
+    gen = np.random.default_rng(3)
+    n = 5
+    p = spec.to_vector()
+    st = _states(8, n)
+    act = (np.arange(n) % 4 != 1).astype(np.uint8)
+    bg = gen.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+    bq = gen.integers(0, 4097, n).astype(np.int64)
+    rain = np.full((n, h, w), 7, np.uint8)          # not zeros: every byte must be written
+    rainy = np.full((n, h, w, 3), 9, np.uint8)
+    mask = np.ones((n, h, w), bool)
+    rs.render_composite_cpu(p, st, act, bg, bq, spec.threshold, rain, rainy, mask)
+    exp_rain = np.empty_like(rain)
+    ref.render_reference(p, st, act, exp_rain)
+    exp_rainy, exp_mask = ref.composite_reference(bg, exp_rain, bq, spec.threshold)
+    assert np.array_equal(rain, exp_rain)
+    assert np.array_equal(rainy, exp_rainy) and np.array_equal(mask, exp_mask)
+    assert np.array_equal(rainy[1], bg[1]) and not rain[1].any()
+
+
+def test_render_cpu_non_contiguous_out():
+    p = RainSpec.preset("small").to_vector()
+    st = _states(2, 3)
+    act = np.ones(3, np.uint8)
+    full = np.zeros((3, 20, 40), np.uint8)
+    view = full[:, :, ::2]
+    rs.render_cpu(p, st, act, view)
+    exp = np.empty((3, 20, 20), np.uint8)
+    ref.render_reference(p, st, act, exp)
+    assert np.array_equal(view, exp) and not full[:, :, 1::2].any()
+
+
+def test_cpu_tap_blocks_hold_every_row_at_every_phase():
+    """Each kernel row, shifted right by s zeros and cut into blocks, is stored exactly once per phase s."""
+    from numba import njit
+
+    @njit
+    def blocks(length, angle, width, trig, gauss, ks):
+        kb = np.zeros((4, ks, ks), dtype=np.int64)
+        ext = np.zeros((7, ks), dtype=np.int64)
+        rows = np.zeros((4, ks), dtype=np.int64)
+        vals = np.zeros(ks * ks, dtype=np.int64)
+        n_rows = rs._build_kernel_cpu(length, angle, width, trig, gauss, kb, ext, rows, vals)[0]
+        rblk = np.zeros((ks, rs._BLOCK), dtype=np.int64)
+        btaps = np.full((ks * ks + 2 * rs._BLOCK * ks) * rs._BLOCK, np.nan)
+        nb = rs._tap_blocks_cpu(rows, vals, n_rows, rblk, btaps)
+        return rows, vals, n_rows, rblk, btaps, nb
+
+    bsz = rs._BLOCK
+    for length, angle, width in [(1, 0, 1), (9, 45, 3), (45, -60, 9), (128, 30, 31)]:
+        rows, vals, n_rows, rblk, btaps, nb = blocks(length, angle, width, rs.TRIG, rs.GAUSS, length + 2)
+        assert n_rows > 0 and not np.isnan(btaps[:nb * bsz]).any()
+        for r in range(n_rows):
+            n, off = rows[2, r], rows[3, r]
+            for s in range(bsz):
+                cnt = -(-(s + n) // bsz)
+                blk = btaps[rblk[r, s] * bsz:(rblk[r, s] + cnt) * bsz]
+                assert np.array_equal(blk[s:s + n], vals[off:off + n].astype(np.float64)), (length, angle, r, s)
+                assert not blk[:s].any() and not blk[s + n:].any()
+
+
+def test_cpu_rejects_overlong_streaks():
+    from kernels import params as P
+
+    p = RainSpec.preset("small").to_vector()
+    p[P.LENGTH_HI] = rs.MAX_LENGTH + 1
+    with pytest.raises(ValueError, match="length"):
+        rs.render_cpu(p, _states(0, 1), np.ones(1, np.uint8), np.zeros((1, 8, 8), np.uint8))

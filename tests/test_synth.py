@@ -218,3 +218,13 @@ def test_empty_batch():
     assert r.beta.shape == (0,)
     r = synthesize(torch.zeros((0, 16, 20, 3), dtype=torch.uint8), "medium")
     assert tuple(r.rain.shape) == (0, 16, 20)
+
+
+@pytest.mark.parametrize("spec", [RainSpec.preset("medium"), RainSpec.preset("small", rain_prob=0.3, beta=(0.0, 4.0))])
+def test_common_draws_equal_numpy_formulation(spec):
+    keys = np.random.default_rng(1).integers(-2 ** 62, 2 ** 62, 500)
+    for seed in (0, 7, -5, 2 ** 62):
+        got = synth.common_draws(spec, seed, keys)
+        want = synth.common_draws_np(spec, seed, keys)
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and np.array_equal(a, b)
