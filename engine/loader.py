@@ -18,9 +18,15 @@ left-over full batches are dropped too); without it shards may differ by one bat
 Rain: the rain of the patch with store index ``i`` in epoch ``e`` uses ``engine.synth.synthesize`` with
 ``key = e << 40 | i`` (``e < 2**23``, ``i < 2**40``) and the loader's ``seed``, on the batch's device.
 
-Units and layouts of a ``Batch`` (see the class): images float32 NCHW in 0..1 (uint8 value / 255), rain layer
-float32 N1HW in 0..1, mask bool N1HW (``rain > threshold`` on the 0..255 scale, before beta); ``index`` int64 store
-indices on the CPU.
+Units and layouts of a ``Batch`` (see the class), for the default ``dtype="float32"``: images float32 NCHW in 0..1
+(uint8 value / 255), rain layer float32 N1HW in 0..1, mask bool N1HW (``rain > threshold`` on the 0..255 scale,
+before beta); ``index`` int64 store indices on the CPU. ``dtype`` picks the image / rain-layer type (``DTYPES``):
+"bfloat16" and "float16" hold the float32 values rounded to nearest (ties to even), i.e. exactly
+``float32_batch.to(dtype)``, at half the bytes; "uint8" holds the raw 0..255 values in the same NCHW / N1HW layouts
+(a quarter of the bytes: no float conversion on the host at all), which ``to_unit`` turns into exactly the float32
+batch on any device (so a trainer can convert on its GPU). Why: the host conversion is bound by memory writes: a
+float32 batch writes 458,752 bytes per 128 x 128 patch (background, rainy, rain), 6.9 GB/s at 15,000 patches/s,
+about what one core of the 2-core machine fills (7.6 GB/s measured with numpy).
 
 Modes: ``resident`` reads the subset once into device memory as uint8 NHWC (GPU memory for a CUDA device, host RAM
 for the CPU; 30,000 patches of 128 x 128 take 1.47 GB) and gathers each batch by index on the device.
@@ -49,6 +55,14 @@ import numpy as np
 
 from kernels.rng import bits_np, counter_np, patch_state_np
 
+# The CPU path runs numba parallel regions (rain synthesis, conversion) back to back; numba's OpenMP threads spin
+# while idle, and on a shared or oversubscribed machine a spinning thread takes the core its partner needs:
+# measured on the shared 2-core machine (load ~2-3), rain synthesis of 64-patch batches cost ~95-115 CPU-us per
+# patch with passive waiting vs ~120-140 without (interleaved runs, noisy). It takes effect for the OpenMP runtimes
+# started after this line (numba's starts at its first parallel launch; torch's at ``import torch``, so the CPU path
+# below leaves all its work to numba and numpy, none to torch's thread pool).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 #: Resident mode is chosen by ``mode="auto"`` when the subset's uint8 patches take at most this many bytes on the
 #: device (override with ``memory_budget=``). 2 GiB holds the paper's largest sweep point (30,000 patches of
 #: 128 x 128 x 3 = 1.47 GB) on a GPU and is harmless in host RAM.
@@ -61,6 +75,9 @@ MAX_INDEX = (1 << 40) - 1
 MAX_SHUFFLE_INDEX = (1 << 32) - 1
 
 MODES = ("auto", "resident", "dali")
+
+#: Output types of the images and rain layer of a ``Batch`` (see ``Loader``'s ``dtype``).
+DTYPES = ("float32", "bfloat16", "float16", "uint8")
 
 log = logging.getLogger("rainsweep.loader")
 
@@ -75,10 +92,13 @@ class Batch:
 
     Attributes:
         index: int64 [N] store indices of the patches (torch, on the CPU so logging never syncs the GPU).
-        background: float32 [N, 3, P, P] NCHW, 0..1 (store uint8 / 255), on the loader's device.
-        rainy: float32 [N, 3, P, P] NCHW, 0..1: ``clip(B + beta * R, 0, 255) / 255``; equals ``background``
-            when the loader has no rain or a patch drew no rain.
-        rain: float32 [N, 1, P, P] N1HW, 0..1: the rain layer ``R / 255`` before beta (zeros without rain).
+        background: [N, 3, P, P] NCHW (contiguous), on the loader's device: float32 0..1 (store uint8 / 255) by
+            default; bfloat16 / float16 0..1 (that float32 value rounded to nearest even) or uint8 0..255 (the
+            store value itself) with the loader's ``dtype``.
+        rainy: [N, 3, P, P] NCHW, same dtype and scale as ``background``: ``clip(B + beta * R, 0, 255)`` (/ 255
+            for float types); equals ``background`` when the loader has no rain or a patch drew no rain.
+        rain: [N, 1, P, P] N1HW, same dtype and scale: the rain layer ``R`` (/ 255 for float types) before beta
+            (zeros without rain).
         mask: bool [N, 1, P, P]: ``R > threshold`` on the 0..255 scale (all False without rain).
         epoch: the epoch the batch belongs to.
         step: the batch's number within this shard's epoch (0, 1, ...).
@@ -224,8 +244,9 @@ _UNIT_LUT = np.arange(256, dtype=np.float32) / np.float32(255.0)
 
 
 def _cpu_kernels():
-    """numba kernels for the CPU path: uint8 NHWC -> float32 NCHW / 255 in one pass over all threads, fused for the
-    background, rainy image and rain layer (a table look-up is faster than a division and identical to it)."""
+    """numba kernels for the CPU path, each one pass over all threads fused for the background, rainy image and rain
+    layer: uint8 NHWC -> NCHW through a 256-entry table (float32 v / 255, or the 16-bit float bit patterns; a table
+    look-up is faster than a division and identical to it), and a plain uint8 NHWC -> NCHW copy."""
     global _CPU_KERNELS
     if _CPU_KERNELS is None:
         from numba import njit, prange
@@ -247,7 +268,25 @@ def _cpu_kernels():
                         for xx in range(w):
                             out_rain[i, 0, y, xx] = lut[rain[i, y, xx]]
 
-        _CPU_KERNELS = finish_cpu
+        @njit(parallel=True, cache=True)
+        def finish_cpu_uint8(bg, rainy, rain, out_bg, out_rainy, out_rain):  # pragma: no cover - compiled
+            # uint8 output: a plain NHWC -> NCHW copy. One channel plane at a time along x (not all three channels
+            # per pixel, nor through the table): measured ~35 vs ~55-85 us per 128 x 128 patch on this machine.
+            n, h, w, c = bg.shape
+            for i in prange(n):
+                for y in range(h):
+                    for k in range(c):
+                        for xx in range(w):
+                            out_bg[i, k, y, xx] = bg[i, y, xx, k]
+                    if rainy.shape[0]:
+                        for k in range(c):
+                            for xx in range(w):
+                                out_rainy[i, k, y, xx] = rainy[i, y, xx, k]
+                    if rain.shape[0]:
+                        for xx in range(w):
+                            out_rain[i, 0, y, xx] = rain[i, y, xx]
+
+        _CPU_KERNELS = (finish_cpu, finish_cpu_uint8)
     return _CPU_KERNELS
 
 
@@ -273,13 +312,63 @@ def unit_by_lut(x, lut):
 _DEVICE_LUTS: dict[str, Any] = {}
 
 
-def _device_lut(device) -> Any:
+def _device_lut(device, dtype: str = "float32") -> Any:
+    """The conversion table uint8 -> ``dtype`` (a float type of ``DTYPES``) as a torch tensor on ``device``."""
     import torch
 
-    key = str(device)
+    key = f"{device}/{dtype}"
     if key not in _DEVICE_LUTS:
-        _DEVICE_LUTS[key] = torch.from_numpy(_UNIT_LUT).to(device)
+        _DEVICE_LUTS[key] = torch.from_numpy(_UNIT_LUT).to(device).to(torch_dtype(dtype))
     return _DEVICE_LUTS[key]
+
+
+def resolve_dtype(dtype: Any) -> str:
+    """The name in ``DTYPES`` of ``dtype`` (a name or a torch dtype)."""
+    name = str(dtype).removeprefix("torch.") if dtype is not None else ""
+    if name not in DTYPES:
+        raise LoaderError(f"dtype: expected one of {', '.join(DTYPES)} (or the torch dtype), got {dtype!r}")
+    return name
+
+
+def torch_dtype(dtype: str):
+    import torch
+
+    return getattr(torch, resolve_dtype(dtype))
+
+
+#: numpy type the CPU kernel writes for each output dtype (16-bit floats as their bit patterns, viewed by torch).
+_STORAGE = {"float32": np.float32, "bfloat16": np.uint16, "float16": np.uint16, "uint8": np.uint8}
+_HOST_LUTS: dict[str, np.ndarray] = {}
+
+
+def _host_lut(dtype: str) -> np.ndarray:
+    """uint8 value -> output value of ``dtype`` (as ``_STORAGE[dtype]``) for the CPU kernel: the float32 quotient
+    v / 255 rounded to nearest even by torch / numpy (bit for bit ``float32_batch.to(dtype)``), or v for uint8."""
+    if dtype not in _HOST_LUTS:
+        import torch
+
+        if dtype == "float32":
+            lut = _UNIT_LUT
+        elif dtype == "uint8":
+            lut = np.arange(256, dtype=np.uint8)
+        else:
+            lut = torch.from_numpy(_UNIT_LUT).to(torch_dtype(dtype)).view(torch.int16).numpy().view(np.uint16)
+        _HOST_LUTS[dtype] = np.ascontiguousarray(lut)
+    return _HOST_LUTS[dtype]
+
+
+def to_unit(x, dtype: Any = "float32"):
+    """A loader ``dtype="uint8"`` tensor (0..255, any layout, any device) as the float batch the loader would have
+    given with ``dtype`` (float32 by default: exactly ``v / 255``), contiguous, on ``x``'s device.
+
+    For a trainer that takes uint8 batches (a quarter of the host-to-GPU bytes) and converts on its GPU:
+    ``rainy = to_unit(batch.rainy.to("cuda", non_blocking=True))``. Prefer it over ``x.float() / 255``, which on
+    CUDA multiplies by 1/255 and is off in the last bit for about half of the values.
+    """
+    name = resolve_dtype(dtype)
+    if name == "uint8":
+        return x.contiguous()
+    return unit_by_lut(x, _device_lut(x.device, name))
 
 
 class _HostPool:
@@ -349,46 +438,74 @@ class _Scratch:
 
 
 def finish_batch(background_u8, index: np.ndarray, rain, seed: int, epoch: int, step: int,
-                 scratch: _Scratch | None = None) -> Batch:
-    """Synthesize rain for a uint8 NHWC batch (torch, on its device) and convert everything to a ``Batch``.
+                 scratch: _Scratch | None = None, dtype: str = "float32") -> Batch:
+    """Synthesize rain for a uint8 NHWC batch (torch, on its device) and convert everything to a ``Batch`` of
+    ``dtype`` (see ``DTYPES``).
 
-    Keys are ``epoch << 40 | index``; conversion to float happens on the batch's device.
+    Keys are ``epoch << 40 | index``; conversion happens on the batch's device.
     """
     import torch
 
     index = np.ascontiguousarray(index, dtype=np.int64)
     n, h, w, c = (int(v) for v in background_u8.shape)
     dev = background_u8.device
-    res = None
+    tdt = torch_dtype(dtype)
+    res = out = None
     if rain is not None:
         from engine.synth import synthesize
 
         out = scratch.out(n, h, w) if (scratch is not None and dev.type == "cpu") else None
+        if out is not None and dtype == "uint8":
+            # uint8: the synthesized rain layer (NHW) is the output itself, viewed as N1HW: no copy. It goes into a
+            # pooled output buffer instead of the scratch one, which the next batch overwrites.
+            out = dataclasses.replace(out, rain=scratch.pool.empty((n, h, w), np.uint8))
         res = synthesize(background_u8, rain, seed=seed, keys=rain_keys(epoch, index), out=out)
     if dev.type == "cpu":
-        empty = scratch.pool.empty if scratch is not None else _host_empty
-        bg, rainy, rain_f = (empty((n, c, h, w), np.float32), empty((n, c, h, w), np.float32),
-                             empty((n, 1, h, w), np.float32))
+        pool_empty = scratch.pool.empty if scratch is not None else _host_empty
+        storage = _STORAGE[dtype]
+
+        def empty(shape: tuple):
+            t = pool_empty(shape, storage)
+            return t if t.dtype == tdt else t.view(tdt)  # 16-bit floats: written as bits, viewed as floats
+
+        in_place_rain = res is not None and out is not None and dtype == "uint8"
+        bg, rainy = empty((n, c, h, w)), empty((n, c, h, w))
+        rain_f = res.rain.unsqueeze(1) if in_place_rain else empty((n, 1, h, w))
         if res is None:
-            rain_f.zero_()
+            rain_f.view(torch.uint8).numpy().fill(0)  # numpy, not torch: no torch thread pool in the CPU path
         if n:
             empty3, empty2 = np.zeros((0, 1, 1, 1), np.uint8), np.zeros((0, 1, 1), np.uint8)
-            _cpu_kernels()(np.ascontiguousarray(background_u8.numpy()),
-                           res.rainy.numpy() if res is not None else empty3,
-                           res.rain.numpy() if res is not None else empty2,
-                           _UNIT_LUT, bg.numpy(), rainy.numpy(), rain_f.numpy())
+            raw = (lambda t: t.view(torch.int16).numpy().view(np.uint16)) if storage is np.uint16 else \
+                (lambda t: t.numpy())
+            args = (np.ascontiguousarray(background_u8.numpy()), res.rainy.numpy() if res is not None else empty3,
+                    res.rain.numpy() if (res is not None and not in_place_rain) else empty2)
+            by_table, copy_uint8 = _cpu_kernels()
+            if dtype == "uint8":
+                copy_uint8(*args, raw(bg), raw(rainy), raw(rain_f) if not in_place_rain else empty3)
+            else:
+                by_table(*args, _host_lut(dtype), raw(bg), raw(rainy), raw(rain_f))
         if res is None:
-            rainy.copy_(bg)  # no rain: rainy equals background (separate tensors, so in-place edits stay apart)
+            # no rain: rainy equals background (separate tensors, so in-place edits stay apart); numpy, see above
+            np.copyto(rainy.view(torch.uint8).numpy(), bg.view(torch.uint8).numpy())
     else:
-        lut = _device_lut(dev)
-        bg = unit_by_lut(background_u8.permute(0, 3, 1, 2), lut)
+        if dtype == "uint8":
+            conv = lambda t: t.contiguous()  # noqa: E731 - raw values, only the layout changes
+        else:
+            lut = _device_lut(dev, dtype)
+            conv = lambda t: unit_by_lut(t, lut)  # noqa: E731
+        bg = conv(background_u8.permute(0, 3, 1, 2))
         if res is None:
             rainy = bg.clone()
-            rain_f = torch.zeros((n, 1, h, w), dtype=torch.float32, device=dev)
+            rain_f = torch.zeros((n, 1, h, w), dtype=tdt, device=dev)
         else:
-            rainy = unit_by_lut(res.rainy.permute(0, 3, 1, 2), lut)
-            rain_f = unit_by_lut(res.rain.unsqueeze(1), lut)
-    mask = res.mask.unsqueeze(1) if res is not None else torch.zeros((n, 1, h, w), dtype=torch.bool, device=dev)
+            rainy = conv(res.rainy.permute(0, 3, 1, 2))
+            rain_f = conv(res.rain.unsqueeze(1))
+    if res is not None:
+        mask = res.mask.unsqueeze(1)
+    elif dev.type == "cpu":
+        mask = torch.from_numpy(np.zeros((n, 1, h, w), dtype=np.bool_))
+    else:
+        mask = torch.zeros((n, 1, h, w), dtype=torch.bool, device=dev)
     return Batch(index=torch.from_numpy(index.copy()), background=bg, rainy=rainy, rain=rain_f, mask=mask,
                  epoch=epoch, step=step)
 
@@ -459,7 +576,7 @@ class Loader:
     def __init__(self, store: Any, subset: Any = None, batch_size: int = 16, rain: Any = "medium", seed: int = 0,
                  device: Any = "cpu", mode: str = "auto", drop_last: bool = False, shard_id: int = 0,
                  num_shards: int = 1, memory_budget: int = DEFAULT_MEMORY_BUDGET, workers: int | None = None,
-                 threads: int = 2) -> None:
+                 threads: int = 2, dtype: Any = "float32") -> None:
         if mode not in MODES:
             raise LoaderError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
         self.batch_size = _check_int("batch_size", batch_size, 1)
@@ -472,6 +589,7 @@ class Loader:
             workers = _check_int("workers", workers, 0)
         self.workers = workers
         self.drop_last = bool(drop_last)
+        self.dtype = resolve_dtype(dtype)
         self.device = resolve_device(device)
         self.rain = resolve_rain(rain)
         self.store = resolve_store(store)
@@ -555,7 +673,8 @@ class Loader:
         for step, idx in enumerate(plan):
             rows = rows_all[start:start + idx.size]
             start += idx.size
-            yield finish_batch(data.gather(rows), idx, self.rain, self.seed, epoch, step, self._scratch)
+            yield finish_batch(data.gather(rows), idx, self.rain, self.seed, epoch, step, self._scratch,
+                               self.dtype)
 
     def _dali_epoch(self, plan: list[np.ndarray], epoch: int) -> Iterator[Batch]:
         from engine.loader_dali import DaliReader
@@ -565,7 +684,7 @@ class Loader:
                 self._dali = DaliReader(self.store, self.batch_size, self.device, threads=self.threads,
                                         workers=self.workers, capacity=int(self.indices.size))
         for step, (u8, idx) in enumerate(self._dali.epoch(plan)):
-            yield finish_batch(u8, idx, self.rain, self.seed, epoch, step, self._scratch)
+            yield finish_batch(u8, idx, self.rain, self.seed, epoch, step, self._scratch, self.dtype)
 
     def __enter__(self) -> "Loader":
         return self
@@ -614,7 +733,7 @@ def _cache_key(store: Any, subset: Any, kwargs: dict) -> tuple | None:
 def batches(store: Any, subset: Any = None, batch_size: int = 16, rain: Any = "medium", seed: int = 0,
             epoch: int = 0, device: Any = "cpu", mode: str = "auto", drop_last: bool = False, shard_id: int = 0,
             num_shards: int = 1, memory_budget: int = DEFAULT_MEMORY_BUDGET, workers: int | None = None,
-            threads: int = 2) -> Iterator[Batch]:
+            threads: int = 2, dtype: Any = "float32") -> Iterator[Batch]:
     """Yield the training batches of one epoch (``Batch``: index, background, rainy, rain, mask).
 
     Args:
@@ -636,13 +755,17 @@ def batches(store: Any, subset: Any = None, batch_size: int = 16, rain: Any = "m
         workers: DALI parallel reader processes (None: 0 for a CPU device, where reading is cheap next to rain
             synthesis, else min(8, cores / 2); 0: read in the main process inside ``pipe.run()``).
         threads: DALI CPU threads (torch and numba threads are the caller's to set).
+        dtype: type of ``background``, ``rainy`` and ``rain`` (a name in ``DTYPES`` or the torch dtype):
+            "float32" (default, 0..1 = uint8 / 255), "bfloat16" / "float16" (0..1, that float32 value rounded to
+            nearest even: half the bytes), "uint8" (raw 0..255, same NCHW / N1HW layouts, a quarter of the bytes;
+            ``to_unit(t)`` gives the float32 values exactly, on any device). ``mask`` is always bool.
 
     Loaders are cached per argument set (the last two), so resident data is loaded and DALI pipelines are built
     once across epochs; use ``Loader`` directly to control their lifetime.
     """
     kwargs = dict(batch_size=batch_size, rain=rain, seed=seed, device=device, mode=mode, drop_last=drop_last,
                   shard_id=shard_id, num_shards=num_shards, memory_budget=memory_budget, workers=workers,
-                  threads=threads)
+                  threads=threads, dtype=resolve_dtype(dtype))
     key = _cache_key(store, subset, kwargs)
     loader = _CACHE.get(key) if key is not None else None
     if loader is None:
@@ -664,4 +787,4 @@ atexit.register(clear_cache)  # stop DALI workers and free shared memory before 
 
 
 __all__: Sequence[str] = ("Batch", "Loader", "LoaderError", "batches", "clear_cache", "epoch_order", "shard_batches",
-                          "rain_keys", "DEFAULT_MEMORY_BUDGET")
+                          "rain_keys", "DEFAULT_MEMORY_BUDGET", "DTYPES", "to_unit")

@@ -3,7 +3,11 @@
 ``run_loader_bench`` is what ``rainsweep bench --loader`` and ``bench/test_bench_loader.py`` call. A measurement
 builds one ``Loader``, runs a warm-up (JIT compiles, DALI start, resident load, page cache), then iterates epochs
 for ``seconds`` and counts delivered patches; with a GPU it synchronizes before reading the clock. Every batch
-is complete when counted: float32 NCHW background and rainy, N1HW rain and mask on the device.
+is complete when counted: background and rainy NCHW, rain and mask N1HW on the device, in the row's ``dtype``
+(float32 0..1, or uint8 0..255 which a trainer converts on its GPU with ``engine.loader.to_unit``).
+
+Default batch 256: per-patch costs fall up to ~256 (per-batch Python and parallel-region overhead spread over
+more patches) and are flat beyond; 512 doubles the pooled host memory (a float32 batch of 256 is 117 MB).
 """
 from __future__ import annotations
 
@@ -48,7 +52,7 @@ def synthetic_store(patches: int = 4096, patch_size: int = 128, seed: int = 0) -
 
 def measure(store: Any, mode: str, batch_size: int = 256, seconds: float = 2.0, threads: int = 2,
             device: str = "cpu", rain: Any = "medium", workers: int | None = None, subset: Any = None,
-            seed: int = 0) -> dict:
+            seed: int = 0, dtype: str = "float32") -> dict:
     """One measurement row: patches/s of ``Loader(...).epoch(e)`` iterated for about ``seconds``."""
     import torch
 
@@ -57,7 +61,7 @@ def measure(store: Any, mode: str, batch_size: int = 256, seconds: float = 2.0, 
     with cpu_threads(threads):
         t0 = time.perf_counter()
         loader = Loader(store, subset=subset, batch_size=batch_size, rain=rain, seed=seed, device=device,
-                        mode=mode, workers=workers, threads=threads)
+                        mode=mode, workers=workers, threads=threads, dtype=dtype)
         try:
             it = loader.epoch(0)
             first = next(it)  # compile kernels, start DALI, load resident data
@@ -84,7 +88,7 @@ def measure(store: Any, mode: str, batch_size: int = 256, seconds: float = 2.0, 
             cpu = time.process_time() - cpu0
             row = dict(case="loader", mode=loader.mode, device=str(loader.device), threads=threads,
                        workers=getattr(loader._dali, "workers", "-") if loader.mode == "dali" else "-",
-                       batch_size=batch_size, rain=loader.rain.name if loader.rain is not None else "none",
+                       batch_size=batch_size, dtype=loader.dtype, rain=loader.rain.name if loader.rain is not None else "none",
                        subset=int(loader.indices.size), patches=n, seconds=round(elapsed, 3),
                        patches_per_s=n / elapsed if elapsed > 0 else float("nan"),
                        # CPU seconds of this process (all its threads; not DALI worker processes): on a shared
@@ -98,7 +102,8 @@ def measure(store: Any, mode: str, batch_size: int = 256, seconds: float = 2.0, 
 def run_loader_bench(store: Any = None, modes: Sequence[str] = ("resident", "dali"), batch_size: int = 256,
                      seconds: float = 2.0, threads: int | Sequence[int] = 2, device: str | None = None,
                      patches: int = 2048, gpu: bool | None = None, rain: Any = "medium",
-                     workers: Sequence[int | None] = (None,)) -> list[dict]:
+                     workers: Sequence[int | None] = (None,),
+                     dtypes: Sequence[str] = ("float32", "uint8")) -> list[dict]:
     """Loader patches/s in each mode (and DALI worker count), with on-the-fly ``rain`` (default medium).
 
     Args:
@@ -108,6 +113,8 @@ def run_loader_bench(store: Any = None, modes: Sequence[str] = ("resident", "dal
             measures each).
         device: "cpu" or "cuda"; None: CPU rows, plus CUDA rows when ``gpu`` is true or (None) a GPU is usable.
         workers: DALI reader processes per dali row (None: the loader's default; 0: in the main process).
+        dtypes: batch dtypes measured (``engine.loader.DTYPES``): float32 is the default batch, uint8 the raw
+            batch a GPU trainer converts itself (no host float conversion).
 
     Returns one dict per measurement (``patches_per_s`` is the figure, ``patches_per_cpu_s`` the rate per CPU-second
     of this process; rows that cannot run carry ``skipped``).
@@ -127,11 +134,12 @@ def run_loader_bench(store: Any = None, modes: Sequence[str] = ("resident", "dal
             for t in thread_list:
                 for mode in modes:
                     for w in (workers if mode == "dali" else (None,)):
-                        try:
-                            rows.append(measure(path, mode, batch_size=batch_size, seconds=seconds, threads=t,
-                                                device=dev, rain=rain, workers=w))
-                        except Exception as err:  # one case failing (no DALI, no GPU) must not sink the table
-                            rows.append(dict(case="loader", mode=mode, device=dev, threads=t, workers=w,
-                                             batch_size=batch_size, patches_per_s=None,
-                                             skipped=f"{type(err).__name__}: {err}"))
+                        for dt in dtypes:
+                            try:
+                                rows.append(measure(path, mode, batch_size=batch_size, seconds=seconds, threads=t,
+                                                    device=dev, rain=rain, workers=w, dtype=dt))
+                            except Exception as err:  # one case failing (no DALI, no GPU) must not sink the table
+                                rows.append(dict(case="loader", mode=mode, device=dev, threads=t, workers=w,
+                                                 batch_size=batch_size, dtype=dt, patches_per_s=None,
+                                                 skipped=f"{type(err).__name__}: {err}"))
     return rows

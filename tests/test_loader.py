@@ -295,6 +295,79 @@ def test_auto_mode_follows_the_memory_budget(store_path, monkeypatch):
         Loader(store_path, rain=None, mode="dali")
 
 
+# ---- output dtypes -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "uint8"])
+def test_output_dtypes_are_the_float32_batch_cast(store_path, store_patches, dtype):
+    """Every mode gives the same batches for each dtype; the 16-bit floats equal the float32 batch rounded by torch
+    (nearest even); uint8 holds the store patches and the direct synthesis output themselves (independent of the
+    float path), and ``to_unit`` turns them back into the float32 batch exactly."""
+    from engine.synth import synthesize
+
+    kw = dict(subset=np.arange(2, 41), batch_size=8, rain="medium", seed=5, epoch=3)
+    f32 = _epoch(store_path, mode="resident", **kw)
+    res = _epoch(store_path, mode="resident", dtype=dtype, **kw)
+    _assert_same_batches(res, _epoch(store_path, mode="dali", workers=0, dtype=dtype, **kw))
+    want_dtype = getattr(torch, dtype)
+    for a, b in zip(f32, res):
+        assert torch.equal(a.index, b.index) and torch.equal(a.mask, b.mask)
+        for f in ("background", "rainy", "rain"):
+            x, y = getattr(a, f), getattr(b, f)
+            assert y.dtype == want_dtype and y.shape == x.shape and y.is_contiguous(), f
+            if dtype == "uint8":
+                assert torch.equal(L.to_unit(y), x), f
+                assert torch.equal(L.to_unit(y, "float16"), x.to(torch.float16)), f
+            else:
+                assert torch.equal(y, x.to(want_dtype)), f
+        if dtype == "uint8":
+            idx = b.index.numpy()
+            bg = store_patches[idx]
+            ref = synthesize(bg.copy(), "medium", seed=5, keys=np.array([3 * 2**40 + int(i) for i in idx]))
+            np.testing.assert_array_equal(b.background.numpy(), bg.transpose(0, 3, 1, 2))
+            np.testing.assert_array_equal(b.rainy.numpy(), np.asarray(ref.rainy).transpose(0, 3, 1, 2))
+            np.testing.assert_array_equal(b.rain.numpy(), np.asarray(ref.rain)[:, None])
+    assert any(b.mask.any() for b in res)
+
+
+def test_uint8_rain_layers_are_not_overwritten_by_later_batches(store_path):
+    """With uint8 output the rain layer is synthesized straight into the batch's buffer: batches the caller keeps
+    must still hold their own rain (compared with a float32 run, whose rain is a separate copy)."""
+    kw = dict(batch_size=6, rain="large", seed=2, epoch=1, mode="resident")
+    held = _epoch(store_path, dtype="uint8", **kw)
+    ptrs = [t.data_ptr() for b in held for t in (b.background, b.rainy, b.rain, b.mask)]
+    assert len(set(ptrs)) == len(ptrs)
+    for a, b in zip(_epoch(store_path, **kw), held):
+        assert torch.equal(L.to_unit(b.rain), a.rain) and b.rain.is_contiguous()
+    assert any(b.rain.any() for b in held)
+
+
+def test_16_bit_tables_round_to_nearest_even():
+    """The host tables against an independent rounding: bfloat16 = the top 16 bits of the float32 pattern rounded to
+    nearest, ties to even (hand-written bit arithmetic); float16 against numpy's cast."""
+    f32 = np.arange(256, dtype=np.float32) / np.float32(255)
+    u = f32.view(np.uint32).astype(np.uint64)
+    bf = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    np.testing.assert_array_equal(L._host_lut("bfloat16"), bf)
+    np.testing.assert_array_equal(L._host_lut("float16"), f32.astype(np.float16).view(np.uint16))
+    np.testing.assert_array_equal(L._host_lut("uint8"), np.arange(256))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "uint8"])
+def test_no_rain_in_every_dtype(store_path, store_patches, dtype):
+    for b in _epoch(store_path, batch_size=20, rain=None, mode="resident", dtype=dtype):
+        assert b.background.dtype == getattr(torch, dtype)
+        assert torch.equal(b.rainy, b.background) and not b.mask.any() and not b.rain.any()
+        scale = 1 if dtype == "uint8" else 255
+        np.testing.assert_array_equal(np.rint(b.background.float().numpy() * scale),
+                                      store_patches[b.index.numpy()].transpose(0, 3, 1, 2))
+
+
+def test_batches_function_passes_dtype(store_path):
+    got = list(L.batches(store_path, batch_size=16, rain=None, mode="resident", dtype=torch.bfloat16))
+    assert all(b.background.dtype == torch.bfloat16 for b in got)
+    L.clear_cache()
+
+
 # ---- bad input ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -313,6 +386,8 @@ def test_auto_mode_follows_the_memory_budget(store_path, monkeypatch):
     (dict(subset=np.array([], dtype=np.int64)), "subset: is empty"),
     (dict(subset=np.array([0.5])), "subset: expected integer"),
     (dict(subset=np.zeros((2, 2), dtype=np.int64)), "subset: expected a 1-d"),
+    (dict(dtype="float64"), "dtype: expected one of float32, bfloat16, float16, uint8"),
+    (dict(dtype=torch.int32), "dtype: expected one of"),
 ])
 def test_bad_arguments_raise_clear_errors(store_path, kwargs, match):
     kwargs.setdefault("rain", None)
@@ -346,3 +421,6 @@ def test_gpu_modes_match_cpu(store_path):
         gpu = _epoch(store_path, mode=mode, device="cuda", **kw)
         assert all(b.background.is_cuda and b.rainy.is_cuda and b.rain.is_cuda and b.mask.is_cuda for b in gpu)
         _assert_same_batches(cpu, gpu)
+    for dtype in ("bfloat16", "float16", "uint8"):  # the device conversion gives the host kernel's values
+        cpu = _epoch(store_path, mode="resident", device="cpu", dtype=dtype, **kw)
+        _assert_same_batches(cpu, _epoch(store_path, mode="dali", device="cuda", dtype=dtype, **kw))
