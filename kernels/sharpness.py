@@ -162,6 +162,22 @@ def _gray_d(x, p, y, xx):
     return WI_R * np.int32(x[p, y, xx, 0]) + WI_G * np.int32(x[p, y, xx, 1]) + WI_B * np.int32(x[p, y, xx, 2])
 
 
+@cuda.jit(device=True, inline=True)
+def _block_reduce_store(acc1, acc2, tid, nt, out, p):
+    """Tree-reduce the block's two shared int64 partial sums (``nt`` a power of two) and store them in ``out[p]``."""
+    cuda.syncthreads()
+    s = nt // 2
+    while s > 0:
+        if tid < s:
+            acc1[tid] += acc1[tid + s]
+            acc2[tid] += acc2[tid + s]
+        cuda.syncthreads()
+        s //= 2
+    if tid == 0:
+        out[p, 0] = acc1[0]
+        out[p, 1] = acc2[0]
+
+
 @cuda.jit
 def _sums_kernel(x, out):
     """Block b sums patch b; each thread strides over pixels (consecutive threads read consecutive pixels, so a
@@ -186,17 +202,7 @@ def _sums_kernel(x, out):
         a2 += np.int64(lap) * np.int64(lap)
     acc1[tid] = a1
     acc2[tid] = a2
-    cuda.syncthreads()
-    s = nt // 2
-    while s > 0:
-        if tid < s:
-            acc1[tid] += acc1[tid + s]
-            acc2[tid] += acc2[tid + s]
-        cuda.syncthreads()
-        s //= 2
-    if tid == 0:
-        out[p, 0] = acc1[0]
-        out[p, 1] = acc2[0]
+    _block_reduce_store(acc1, acc2, tid, nt, out, p)
 
 
 @cuda.jit
@@ -239,17 +245,7 @@ def _sums_columns_kernel(x, out):
             g_next = _gray_d(x, p, _reflect_d(y + 2, h), tid)
     acc1[tid] = a1
     acc2[tid] = np.int64(a2)
-    cuda.syncthreads()
-    s = nt // 2
-    while s > 0:
-        if tid < s:
-            acc1[tid] += acc1[tid + s]
-            acc2[tid] += acc2[tid + s]
-        cuda.syncthreads()
-        s //= 2
-    if tid == 0:
-        out[p, 0] = acc1[0]
-        out[p, 1] = acc2[0]
+    _block_reduce_store(acc1, acc2, tid, nt, out, p)
 
 
 #: Longest column the columns kernel sums exactly in float64.
