@@ -151,6 +151,14 @@ def _scale(lvl, h, w):
     return 1.0 / (2.0 * (2 * ph) * (2 * pw) * s * s)
 
 
+@cuda.jit(device=True, inline=True)
+def _block_term(q0, q1, q2, q3):
+    """Block sum ``t`` of four int64 children and the block's exact contribution ``16 sum(q^2) - 4 t^2``
+    (scaled by the level's factor at the call site)."""
+    t = q0 + q1 + q2 + q3
+    return t, 16 * (q0 * q0 + q1 * q1 + q2 * q2 + q3 * q3) - 4 * t * t
+
+
 @cuda.jit
 def _complexity_kernel(x, scratch, out):
     """Block b handles patch b. Phase 1: thread t coarsens 8 x 8 pixel tiles (levels 0 -> 3) on its own, reading the
@@ -197,8 +205,8 @@ def _complexity_kernel(x, scratch, out):
                                 q1 = np.int64(x[p, 2 * py, 2 * px + 1, c])
                                 q2 = np.int64(x[p, 2 * py + 1, 2 * px, c])
                                 q3 = np.int64(x[p, 2 * py + 1, 2 * px + 1, c])
-                                t = q0 + q1 + q2 + q3
-                                total += (16 * (q0 * q0 + q1 * q1 + q2 * q2 + q3 * q3) - 4 * t * t) * sc0
+                                t, d = _block_term(q0, q1, q2, q3)
+                                total += d * sc0
                                 c1[cy, cx, c] = t
                 # level 1 -> 2 (its children exist whenever the parent does)
                 py = 2 * ty + qy
@@ -209,8 +217,8 @@ def _complexity_kernel(x, scratch, out):
                         q1 = np.int64(c1[0, 1, c])
                         q2 = np.int64(c1[1, 0, c])
                         q3 = np.int64(c1[1, 1, c])
-                        t = q0 + q1 + q2 + q3
-                        total += (16 * (q0 * q0 + q1 * q1 + q2 * q2 + q3 * q3) - 4 * t * t) * sc1
+                        t, d = _block_term(q0, q1, q2, q3)
+                        total += d * sc1
                         l2[qy, qx, c] = t
         # level 2 -> 3, into scratch region A laid out [h3, w3, 3]
         if ty < ph2 and tx < pw2:
@@ -219,8 +227,8 @@ def _complexity_kernel(x, scratch, out):
                 q1 = np.int64(l2[0, 1, c])
                 q2 = np.int64(l2[1, 0, c])
                 q3 = np.int64(l2[1, 1, c])
-                t = q0 + q1 + q2 + q3
-                total += (16 * (q0 * q0 + q1 * q1 + q2 * q2 + q3 * q3) - 4 * t * t) * sc2
+                t, d = _block_term(q0, q1, q2, q3)
+                total += d * sc2
                 scratch[p, (ty * w3 + tx) * 3 + c] = t
     cuda.syncthreads()
     # levels >= 3: region A at offset 0 (h3 * w3 * 3), region B after it
@@ -245,8 +253,8 @@ def _complexity_kernel(x, scratch, out):
             q1 = scratch[p, i0 + 3]
             q2 = scratch[p, i1]
             q3 = scratch[p, i1 + 3]
-            t = q0 + q1 + q2 + q3
-            total += (16 * (q0 * q0 + q1 * q1 + q2 * q2 + q3 * q3) - 4 * t * t) * sc
+            t, d = _block_term(q0, q1, q2, q3)
+            total += d * sc
             scratch[p, dst + k] = t
         cuda.syncthreads()
         src, dst = dst, src

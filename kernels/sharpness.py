@@ -81,8 +81,7 @@ def check_size(h: int, w: int) -> None:
 
 # ---- CPU kernel (numba, parallel over patches) -------------------------------------------------------------------
 
-@njit(cache=True, inline="always")
-def _reflect(i, n):
+def _reflect_py(i, n):
     """reflect-101 index for i in [-1, n] (OpenCV's borderInterpolate; a length-1 axis maps to 0)."""
     if n == 1:
         return 0
@@ -91,6 +90,9 @@ def _reflect(i, n):
     if i >= n:
         return 2 * n - i - 2
     return i
+
+
+_reflect = njit(cache=True, inline="always")(_reflect_py)
 
 
 @njit(cache=True, parallel=True, fastmath={"reassoc"})
@@ -146,15 +148,7 @@ def sharpness_cpu(x: np.ndarray) -> np.ndarray:
 MAX_THREADS = 256
 
 
-@cuda.jit(device=True, inline=True)
-def _reflect_d(i, n):
-    if n == 1:
-        return 0
-    if i < 0:
-        return -i
-    if i >= n:
-        return 2 * n - i - 2
-    return i
+_reflect_d = cuda.jit(device=True, inline=True)(_reflect_py)
 
 
 @cuda.jit(device=True, inline=True)
