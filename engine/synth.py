@@ -199,3 +199,48 @@ def synthesize(backgrounds, spec: RainSpec | str, seed: int = 0, keys=None, back
         return out
     return SynthResult(rainy=arrays.from_backend(rainy, kind), rain=arrays.from_backend(rain, kind),
                        beta=arrays.from_backend(beta_out, kind), mask=arrays.from_backend(mask, kind))
+
+
+def synthesize_planes_cpu(backgrounds: np.ndarray, spec: RainSpec | None, seed: int, keys: np.ndarray,
+                          lut: np.ndarray, rain: np.ndarray, out_bg: np.ndarray, out_rainy: np.ndarray,
+                          out_rain: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``synthesize`` on the host, written straight into a training batch's planes (``kernels.finish``).
+
+    The values are those of ``synthesize(backgrounds, spec, seed, keys)`` converted by ``lut``: ``out_bg`` =
+    ``lut[background]``, ``out_rainy`` = ``lut[rainy]`` (NCHW), ``out_rain`` = ``lut[rain]`` (N1HW; an array with
+    ``shape[0] == 0`` skips it), ``mask`` bool NHW, and ``rain`` (uint8 NHW) holds the rain layer. With
+    ``spec=None`` there is no rain: rainy equals the background, the rain layer is zeros and the mask all False.
+    For a streak spec each patch is rendered and finished in one pass while it is in cache
+    (``render_finish_cpu``); other families render the batch first, then finish it.
+
+    Args:
+        backgrounds: uint8 NHWC [N, H, W, 3] numpy (0..255). keys: int64 [N]. lut: [256] float32 / uint16 / uint8
+            table of the output type (``kernels.finish``). rain, out_bg, out_rainy, out_rain, mask: numpy outputs,
+            C-contiguous.
+
+    Returns:
+        float64 [N]: each patch's beta (zeros without rain).
+    """
+    from kernels.finish import finish_cpu
+
+    backgrounds = np.ascontiguousarray(backgrounds)
+    n = backgrounds.shape[0]
+    if spec is None:
+        rain.fill(0)
+        finish_cpu(backgrounds, rain, np.zeros(n, dtype=np.int64), 0, lut, out_bg, out_rainy, out_rain, mask)
+        return np.zeros(n, dtype=np.float64)
+    if isinstance(spec, str):
+        spec = _parse(spec)
+    keys = arrays.check_keys(keys, n)
+    states, active, beta_q = common_draws(spec, seed, keys)
+    if n:
+        params = _vector(spec)
+        module = _family_module(spec.family)
+        fused = getattr(module, "render_finish_cpu", None)
+        if fused is not None:
+            fused(params, states, active, backgrounds, beta_q, spec.threshold, lut, rain, out_bg, out_rainy,
+                  out_rain, mask)
+        else:
+            module.render_cpu(params, states, active, rain)
+            finish_cpu(backgrounds, rain, beta_q, spec.threshold, lut, out_bg, out_rainy, out_rain, mask)
+    return beta_q / float(rng.BETA_SCALE)

@@ -30,7 +30,7 @@ How it is computed here (the numpy reference ``kernels/reference_rain.py`` does 
   then the centre crop when ``canvas_pad > 0``.
 
 CPU (``render_cpu``, numba, parallel over patches; ``render_composite_cpu`` also composites each patch while its
-rain layer is in cache): seeds are collected per row and expanded into the events of the reflect-101 extension,
+rain layer is in cache, ``render_finish_cpu`` writes its loader batch planes instead, ``kernels.finish``): seeds are collected per row and expanded into the events of the reflect-101 extension,
 grouped by alignment phase and sorted by row; each kernel row is cut into 64-byte-aligned blocks of 8 taps, and
 every event adds them to a column-extended accumulator with one 8-lane vector multiply-add per block (no
 clipping; see ``_splat_blocks_cpu``); then one min/max pass and one normalization pass. GPU (``render_gpu``, numba.cuda, one block per patch): the threads build the kernel
@@ -54,6 +54,7 @@ from numba.core.extending import intrinsic
 
 from kernels import params as P
 from kernels.composite import check_composite_args, composite_patch_cpu
+from kernels.finish import check_finish_args, finish_patch_cpu
 from kernels import rng
 from kernels.jit import cpu_jit, cuda_device_jit
 
@@ -72,6 +73,9 @@ TAP_BITS = 20
 #: Canvas limits: one 12-bit sub-stream index per row (``j < 4096`` draws per row) and >= 2 pixels for reflect-101.
 MAX_CANVAS_WIDTH = 4094
 MAX_CANVAS_HEIGHT = 1 << 20
+#: What ``_render_chunk_cpu`` writes after each patch's rain layer: nothing more, the uint8 rainy image and mask
+#: (``render_composite_cpu``), or the batch planes and mask (``render_finish_cpu``).
+STAGE_RENDER, STAGE_COMPOSITE, STAGE_FINISH = 0, 1, 2
 #: Longest streak: the CPU's float64 accumulator stays exact while 4095 * (length + 2)**2 * 2**TAP_BITS < 2**53.
 MAX_LENGTH = 1024
 
@@ -788,11 +792,12 @@ def _render_one_cpu(params, state, pad, trig, gauss, kb, ext, rows, vals, rblk, 
 
 
 @njit(cache=True)
-def _render_chunk_cpu(params, states, active, out, trig, gauss, c, n_chunks, composite, backgrounds, beta_q,
-                      threshold, rainy, mask):
+def _render_chunk_cpu(params, states, active, out, trig, gauss, c, n_chunks, stage, backgrounds, beta_q,
+                      threshold, rainy, mask, lut, out_bg, out_rainy, out_rain):
     """Render patches c, c + n_chunks, ... with one set of scratch buffers (allocation stays off the per-patch
-    path); with ``composite``, also write each patch's rainy image and mask right after its rain layer (while it is
-    in L1)."""
+    path). Right after each patch's rain layer (while it is in L1), ``stage`` 1 (``STAGE_COMPOSITE``) also writes
+    its uint8 rainy image and mask, ``stage`` 2 (``STAGE_FINISH``) its batch planes and mask
+    (``kernels.finish.finish_patch_cpu``); the arguments of the stage not run may be empty arrays."""
     n, h, w = out.shape
     pad = np.int64(params[P.CANVAS_PAD])
     hc = h + 2 * pad
@@ -821,7 +826,7 @@ def _render_chunk_cpu(params, states, active, out, trig, gauss, c, n_chunks, com
     ph_start = np.empty(_BLOCK * (hc + 2 * ks + 2) + 1, dtype=np.int64)
     qbuf = np.empty(2 * ((wc + 2 * ks) // max(1, 2 * (wc - 1)) + 2), dtype=np.int64)
     hw = h * w
-    tt = np.empty(hw if composite else 0, dtype=np.uint8)
+    tt = np.empty(hw if stage == STAGE_COMPOSITE else 0, dtype=np.uint8)
     for i in range(c, n, n_chunks):
         if active[i] == 0:
             o = out[i].reshape(hw)
@@ -831,17 +836,21 @@ def _render_chunk_cpu(params, states, active, out, trig, gauss, c, n_chunks, com
             ev_base, ev_v, ph_base, ph_v = _render_one_cpu(params, states[i], pad, trig, gauss, kb, ext, rows, vals,
                                                            rblk, btaps, acc, seed_x, seed_v, row_start, ev_base,
                                                            ev_v, ev_start, ph_base, ph_v, ph_start, qbuf, out[i])
-        if composite:
+        if stage == STAGE_COMPOSITE:
             composite_patch_cpu(backgrounds[i].reshape(hw * 3), out[i].reshape(hw), np.int32(beta_q[i]),
                                 threshold, rainy[i].reshape(hw * 3), mask[i].reshape(hw), tt)
+        elif stage == STAGE_FINISH:
+            finish_patch_cpu(backgrounds[i].reshape(hw * 3), out[i].reshape(hw), np.int32(beta_q[i]), threshold,
+                             lut, out_bg[i].reshape((3, hw)), out_rainy[i].reshape((3, hw)),
+                             out_rain[i].reshape(hw) if out_rain.shape[0] else out_rain.reshape(0), mask[i].reshape(hw))
 
 
 @njit(parallel=True, cache=True)
-def _render_cpu_kernel(params, states, active, out, trig, gauss, n_chunks, composite, backgrounds, beta_q,
-                       threshold, rainy, mask):
+def _render_cpu_kernel(params, states, active, out, trig, gauss, n_chunks, stage, backgrounds, beta_q,
+                       threshold, rainy, mask, lut, out_bg, out_rainy, out_rain):
     for c in prange(n_chunks):
-        _render_chunk_cpu(params, states, active, out, trig, gauss, c, n_chunks, composite, backgrounds, beta_q,
-                          threshold, rainy, mask)
+        _render_chunk_cpu(params, states, active, out, trig, gauss, c, n_chunks, stage, backgrounds, beta_q,
+                          threshold, rainy, mask, lut, out_bg, out_rainy, out_rain)
 
 
 def check_render_args(params, states, active, out) -> None:
@@ -891,10 +900,10 @@ def render_cpu(params: np.ndarray, states: np.ndarray, active: np.ndarray, out: 
     _check_canvas(params, h, w)
     if not out.flags.c_contiguous:
         tmp = np.empty(out.shape, dtype=np.uint8)
-        _launch_cpu(params, states, active, tmp, False, _NO_BG, _NO_BETA, 0, _NO_BG, _NO_MASK)
+        _launch_cpu(params, states, active, tmp, STAGE_RENDER)
         out[...] = tmp
         return
-    _launch_cpu(params, states, active, out, False, _NO_BG, _NO_BETA, 0, _NO_BG, _NO_MASK)
+    _launch_cpu(params, states, active, out, STAGE_RENDER)
 
 
 def render_composite_cpu(params: np.ndarray, states: np.ndarray, active: np.ndarray, backgrounds: np.ndarray,
@@ -915,21 +924,48 @@ def render_composite_cpu(params: np.ndarray, states: np.ndarray, active: np.ndar
     if n == 0:
         return
     _check_canvas(params, h, w)
-    _launch_cpu(params, states, active, rain, True, np.ascontiguousarray(backgrounds), beta_q, threshold, rainy,
-                mask)
+    _launch_cpu(params, states, active, rain, STAGE_COMPOSITE, backgrounds=np.ascontiguousarray(backgrounds),
+                beta_q=beta_q, threshold=threshold, rainy=rainy, mask=mask)
+
+
+def render_finish_cpu(params: np.ndarray, states: np.ndarray, active: np.ndarray, backgrounds: np.ndarray,
+                      beta_q: np.ndarray, threshold: int, lut: np.ndarray, rain: np.ndarray, out_bg: np.ndarray,
+                      out_rainy: np.ndarray, out_rain: np.ndarray, mask: np.ndarray) -> None:
+    """``render_cpu`` into ``rain`` and ``kernels.finish.finish_cpu`` into the batch planes in one pass over the
+    batch: each patch's planes are written right after its rain layer is made, while that is still in L1.
+
+    ``backgrounds`` uint8 NHWC [N, H, W, 3] (0..255), ``beta_q`` int64 [N] (beta in 1/1024), ``threshold`` on the
+    0..255 scale, ``lut`` the output type's table (float32, uint16 or uint8, see ``kernels.finish``); written:
+    ``rain`` uint8 NHW, ``out_bg`` / ``out_rainy`` [N, 3, H, W] and ``out_rain`` [N, 1, H, W] of ``lut``'s dtype
+    (``out_rain`` with ``shape[0] == 0`` is skipped), ``mask`` bool NHW. Same values as the two calls.
+    """
+    check_render_args(params, states, active, rain)
+    check_finish_args(backgrounds, rain, beta_q, lut, out_bg, out_rainy, out_rain, mask)
+    if not rain.flags.c_contiguous:
+        raise ValueError("rain: expected a C-contiguous output array")
+    n, h, w = rain.shape
+    if n == 0:
+        return
+    _check_canvas(params, h, w)
+    _launch_cpu(params, states, active, rain, STAGE_FINISH, backgrounds=np.ascontiguousarray(backgrounds),
+                beta_q=beta_q, threshold=threshold, mask=mask, lut=lut, out_bg=out_bg, out_rainy=out_rainy,
+                out_rain=out_rain)
 
 
 _NO_BG = np.empty((0, 1, 1, 3), dtype=np.uint8)
 _NO_BETA = np.empty(0, dtype=np.int64)
 _NO_MASK = np.empty((0, 1, 1), dtype=np.bool_)
+_NO_LUT = np.empty(0, dtype=np.float32)
+_NO_PLANES = np.empty((0, 1, 1, 1), dtype=np.float32)
 
 
-def _launch_cpu(params, states, active, out, composite, backgrounds, beta_q, threshold, rainy, mask) -> None:
+def _launch_cpu(params, states, active, out, stage, backgrounds=_NO_BG, beta_q=_NO_BETA, threshold=0, rainy=_NO_BG,
+                mask=_NO_MASK, lut=_NO_LUT, out_bg=_NO_PLANES, out_rainy=_NO_PLANES, out_rain=_NO_PLANES) -> None:
     import numba
 
     n = out.shape[0]
     threads = numba.get_num_threads()
-    args = (composite, backgrounds, beta_q, np.int32(threshold), rainy, mask)
+    args = (stage, backgrounds, beta_q, np.int32(threshold), rainy, mask, lut, out_bg, out_rainy, out_rain)
     if threads == 1 or n <= 2:
         # no parallel region: waking the thread pool costs more than small batches take
         _render_chunk_cpu(params, states, active, out, TRIG, GAUSS, 0, 1, *args)
