@@ -11,8 +11,9 @@ import numpy as np
 from numba import cuda, njit, prange
 
 
-def check_composite_args(backgrounds, rain, beta_q, rainy, mask) -> None:
-    """Shapes and dtypes (numpy or CuPy arrays); raises ValueError naming the argument and the expected layout."""
+def check_composite_inputs(backgrounds, rain, beta_q) -> None:
+    """Shapes and dtypes of the inputs (numpy or CuPy arrays); raises ValueError naming the argument and the
+    expected layout."""
     if backgrounds.ndim != 4 or backgrounds.shape[3] != 3 or backgrounds.dtype != np.uint8:
         raise ValueError(f"backgrounds: expected uint8 NHWC [N, H, W, 3], got {backgrounds.dtype}"
                          f"{tuple(backgrounds.shape)}")
@@ -21,6 +22,12 @@ def check_composite_args(backgrounds, rain, beta_q, rainy, mask) -> None:
         raise ValueError(f"rain: expected uint8 NHW [{n}, {h}, {w}], got {rain.dtype}{tuple(rain.shape)}")
     if tuple(beta_q.shape) != (n,) or beta_q.dtype != np.int64:
         raise ValueError(f"beta_q: expected int64[{n}] (beta in 1/1024), got {beta_q.dtype}{tuple(beta_q.shape)}")
+
+
+def check_composite_args(backgrounds, rain, beta_q, rainy, mask) -> None:
+    """Shapes and dtypes of inputs and outputs (numpy or CuPy arrays); raises ValueError naming the argument."""
+    check_composite_inputs(backgrounds, rain, beta_q)
+    n, h, w, _ = backgrounds.shape
     if tuple(rainy.shape) != (n, h, w, 3) or rainy.dtype != np.uint8:
         raise ValueError(f"rainy: expected uint8 NHWC [{n}, {h}, {w}, 3], got {rainy.dtype}{tuple(rainy.shape)}")
     if tuple(mask.shape) != (n, h, w) or mask.dtype != np.bool_:

@@ -10,7 +10,7 @@ Values (exactly those of ``kernels.composite`` followed by the conversion):
     ``rainy = min(255, B + ((beta_q * R) >> 10))`` per channel (the same integer as ``(1024 B + beta_q R) >> 10``),
     ``mask = R > threshold``, and every plane value is ``table[v]`` for its uint8 value ``v``.
 
-The conversion is chosen at compile time from the table's dtype (``_planes`` is overloaded on it):
+The conversion is chosen at compile time from the table's dtype (``_convert`` is overloaded on it):
   - float32: ``float32(v) / 255`` computed, not looked up. It is the table's value bit for bit (IEEE division of
     the same operands) and vectorizes (16 lanes with AVX-512), where the 256-entry look-up stays scalar: measured
     58 against 118 us per 128 x 128 patch on the 2-core machine (the look-up version plus a separate uint8
@@ -25,70 +25,23 @@ from numba import njit, prange
 from numba.core import types
 from numba.extending import overload
 
+from kernels.composite import check_composite_inputs
 
-def _planes(b, r, q, lut, ob, oy):
-    """Background and rainy planes of one patch (numba only; see ``_planes_impl``)."""
+
+def _convert(v, lut):
+    """uint8 value ``v`` (an int32 0..255) as the output type of ``lut`` (numba only; see ``_convert_impl``)."""
     raise NotImplementedError("numba-only helper")
 
 
-@overload(_planes, inline="always")
-def _planes_impl(b, r, q, lut, ob, oy):
-    """``ob[k, p] = conv(b[3 p + k])`` and ``oy[k, p] = conv(min(255, b[3 p + k] + t_p))`` with
-    ``t_p = min(255, (q r[p]) >> 10)``, for ``b`` uint8 [3 HW] (HWC), ``r`` uint8 [HW], ``ob``/``oy`` [3, HW]."""
+@overload(_convert, inline="always")
+def _convert_impl(v, lut):
+    """Chosen at compile time from the table's dtype (module docstring): computed for float32 and uint8, looked up
+    for the 16-bit float bit patterns."""
     if lut.dtype == types.float32:
-        def impl(b, r, q, lut, ob, oy):  # pragma: no cover - compiled
-            d = np.float32(255.0)
-            for p in range(r.size):
-                t = (q * np.int32(r[p])) >> 10
-                t = t if t < 255 else 255
-                for k in range(3):
-                    s = np.int32(b[3 * p + k])
-                    v = s + t
-                    ob[k, p] = np.float32(s) / d
-                    oy[k, p] = np.float32(v if v < 255 else 255) / d
-        return impl
+        return lambda v, lut: np.float32(v) / np.float32(255.0)
     if lut.dtype == types.uint8:
-        def impl(b, r, q, lut, ob, oy):  # pragma: no cover - compiled
-            for p in range(r.size):
-                t = (q * np.int32(r[p])) >> 10
-                t = t if t < 255 else 255
-                for k in range(3):
-                    s = np.int32(b[3 * p + k])
-                    v = s + t
-                    ob[k, p] = np.uint8(s)
-                    oy[k, p] = np.uint8(v if v < 255 else 255)
-        return impl
-
-    def impl(b, r, q, lut, ob, oy):  # pragma: no cover - compiled
-        for p in range(r.size):
-            t = (q * np.int32(r[p])) >> 10
-            t = t if t < 255 else 255
-            for k in range(3):
-                s = np.int32(b[3 * p + k])
-                v = s + t
-                ob[k, p] = lut[s]
-                oy[k, p] = lut[v if v < 255 else 255]
-    return impl
-
-
-def _rain_plane(r, lut, orain):
-    """The rain-layer plane of one patch (numba only)."""
-    raise NotImplementedError("numba-only helper")
-
-
-@overload(_rain_plane, inline="always")
-def _rain_plane_impl(r, lut, orain):
-    if lut.dtype == types.float32:
-        def impl(r, lut, orain):  # pragma: no cover - compiled
-            d = np.float32(255.0)
-            for p in range(orain.size):
-                orain[p] = np.float32(r[p]) / d
-        return impl
-
-    def impl(r, lut, orain):  # pragma: no cover - compiled
-        for p in range(orain.size):
-            orain[p] = lut[r[p]]
-    return impl
+        return lambda v, lut: np.uint8(v)
+    return lambda v, lut: lut[v]
 
 
 @njit(cache=True)
@@ -97,8 +50,16 @@ def finish_patch_cpu(b, r, q, threshold, lut, ob, oy, orain, m):
     0..255 before beta), ``q`` int32 beta in 1/1024, ``threshold`` int32 on the 0..255 scale, ``lut`` [256] of the
     output type (module docstring); written: ``ob`` and ``oy`` [3, HW] (background and rainy planes, CHW),
     ``orain`` [HW] (rain plane; size 0 to skip it) and ``m`` bool [HW] (mask)."""
-    _planes(b, r, q, lut, ob, oy)
-    _rain_plane(r, lut, orain)
+    for p in range(r.size):
+        t = (q * np.int32(r[p])) >> 10      # the rain's contribution, saturated below
+        t = t if t < 255 else 255
+        for k in range(3):
+            s = np.int32(b[3 * p + k])
+            v = s + t
+            ob[k, p] = _convert(s, lut)
+            oy[k, p] = _convert(v if v < 255 else 255, lut)
+    for p in range(orain.size):
+        orain[p] = _convert(np.int32(r[p]), lut)
     for p in range(r.size):
         m[p] = np.int32(r[p]) > threshold
 
@@ -123,14 +84,8 @@ def _finish_cpu_kernel(backgrounds, rain, beta_q, threshold, lut, out_bg, out_ra
 
 def check_finish_args(backgrounds, rain, beta_q, lut, out_bg, out_rainy, out_rain, mask) -> None:
     """Shapes, dtypes and contiguity; raises ValueError naming the argument and the expected layout."""
-    if backgrounds.ndim != 4 or backgrounds.shape[3] != 3 or backgrounds.dtype != np.uint8:
-        raise ValueError(f"backgrounds: expected uint8 NHWC [N, H, W, 3], got {backgrounds.dtype}"
-                         f"{tuple(backgrounds.shape)}")
+    check_composite_inputs(backgrounds, rain, beta_q)
     n, h, w, _ = backgrounds.shape
-    if tuple(rain.shape) != (n, h, w) or rain.dtype != np.uint8:
-        raise ValueError(f"rain: expected uint8 NHW [{n}, {h}, {w}], got {rain.dtype}{tuple(rain.shape)}")
-    if tuple(beta_q.shape) != (n,) or beta_q.dtype != np.int64:
-        raise ValueError(f"beta_q: expected int64[{n}] (beta in 1/1024), got {beta_q.dtype}{tuple(beta_q.shape)}")
     if lut.shape != (256,) or lut.dtype not in (np.float32, np.uint16, np.uint8):
         raise ValueError(f"lut: expected a float32, uint16 or uint8 table of 256 values, got {lut.dtype}{lut.shape}")
     for name, a, shape in (("out_bg", out_bg, (n, 3, h, w)), ("out_rainy", out_rainy, (n, 3, h, w)),

@@ -906,6 +906,17 @@ def render_cpu(params: np.ndarray, states: np.ndarray, active: np.ndarray, out: 
     _launch_cpu(params, states, active, out, STAGE_RENDER)
 
 
+def _fused_batch_ready(params, states, active, rain) -> bool:
+    """Checks shared by the fused renderers (raising ValueError); False for an empty batch (nothing to do)."""
+    check_render_args(params, states, active, rain)
+    if not rain.flags.c_contiguous:
+        raise ValueError("rain: expected a C-contiguous output array")
+    n, h, w = rain.shape
+    if n:
+        _check_canvas(params, h, w)
+    return n > 0
+
+
 def render_composite_cpu(params: np.ndarray, states: np.ndarray, active: np.ndarray, backgrounds: np.ndarray,
                          beta_q: np.ndarray, threshold: int, rain: np.ndarray, rainy: np.ndarray,
                          mask: np.ndarray) -> None:
@@ -916,14 +927,11 @@ def render_composite_cpu(params: np.ndarray, states: np.ndarray, active: np.ndar
     0..255 scale; ``rain`` uint8 NHW, ``rainy`` uint8 NHWC and ``mask`` bool NHW are written (C-contiguous).
     Same bytes as the two calls.
     """
-    check_render_args(params, states, active, rain)
     check_composite_args(backgrounds, rain, beta_q, rainy, mask)
-    if not (rain.flags.c_contiguous and rainy.flags.c_contiguous and mask.flags.c_contiguous):
-        raise ValueError("rain, rainy, mask: expected C-contiguous output arrays")
-    n, h, w = rain.shape
-    if n == 0:
+    if not (rainy.flags.c_contiguous and mask.flags.c_contiguous):
+        raise ValueError("rainy, mask: expected C-contiguous output arrays")
+    if not _fused_batch_ready(params, states, active, rain):
         return
-    _check_canvas(params, h, w)
     _launch_cpu(params, states, active, rain, STAGE_COMPOSITE, backgrounds=np.ascontiguousarray(backgrounds),
                 beta_q=beta_q, threshold=threshold, rainy=rainy, mask=mask)
 
@@ -939,14 +947,9 @@ def render_finish_cpu(params: np.ndarray, states: np.ndarray, active: np.ndarray
     ``rain`` uint8 NHW, ``out_bg`` / ``out_rainy`` [N, 3, H, W] and ``out_rain`` [N, 1, H, W] of ``lut``'s dtype
     (``out_rain`` with ``shape[0] == 0`` is skipped), ``mask`` bool NHW. Same values as the two calls.
     """
-    check_render_args(params, states, active, rain)
     check_finish_args(backgrounds, rain, beta_q, lut, out_bg, out_rainy, out_rain, mask)
-    if not rain.flags.c_contiguous:
-        raise ValueError("rain: expected a C-contiguous output array")
-    n, h, w = rain.shape
-    if n == 0:
+    if not _fused_batch_ready(params, states, active, rain):
         return
-    _check_canvas(params, h, w)
     _launch_cpu(params, states, active, rain, STAGE_FINISH, backgrounds=np.ascontiguousarray(backgrounds),
                 beta_q=beta_q, threshold=threshold, mask=mask, lut=lut, out_bg=out_bg, out_rainy=out_rainy,
                 out_rain=out_rain)
