@@ -30,13 +30,18 @@ How it is computed here (the numpy reference ``kernels/reference_rain.py`` does 
   then the centre crop when ``canvas_pad > 0``.
 
 CPU (``render_cpu``, numba, parallel over patches; ``render_composite_cpu`` also composites each patch while its
-rain layer is in cache, ``render_finish_cpu`` writes its loader batch planes instead, ``kernels.finish``): seeds are collected per row and expanded into the events of the reflect-101 extension,
-grouped by alignment phase and sorted by row; each kernel row is cut into 64-byte-aligned blocks of 8 taps, and
-every event adds them to a column-extended accumulator with one 8-lane vector multiply-add per block (no
-clipping; see ``_splat_blocks_cpu``); then one min/max pass and one normalization pass. GPU (``render_gpu``, numba.cuda, one block per patch): the threads build the kernel
-pass by pass (rows spread over threads), draw the seeds of one canvas row each and splat them and their mirror
-images with int64 atomics into a global scratch accumulator (a 128 x 128 int64 canvas is 128 KB, beyond numba's
-48 KB static shared memory), then reduce min/max in shared memory and write the normalized crop.
+rain layer is in cache, ``render_finish_cpu`` writes its loader batch planes instead, ``kernels.finish``): the
+streak kernels come from a per-process bank (``kernels/streak_bank.py``: each
+(length, angle, width) is built once, as zero-padded float64 tap rows) or, for specs with too many combinations, are
+built per patch into the same layout; seeds are collected per row and expanded into the events of the reflect-101
+extension, grouped by alignment phase and sorted by row; for each kernel row and phase the row is staged as
+64-byte-aligned blocks of 8 taps, and every event adds them to a column-extended accumulator with one 8-lane vector
+multiply-add per block (no clipping; see ``_splat_rows_cpu``); then one min/max pass and one normalization pass,
+both explicit 8-lane vector code (``_normalize_cpu``). GPU (``render_gpu``, numba.cuda, one block per patch): the
+threads build the kernel pass by pass (rows spread over threads), draw the seeds of one canvas row each and splat
+them and their mirror images with int64 atomics into a global scratch accumulator (a 128 x 128 int64 canvas is
+128 KB, beyond numba's 48 KB static shared memory), then reduce min/max in shared memory and write the normalized
+crop.
 
 Residual float risk (CPU vs GPU vs reference): the gap uses ``log`` (libm on the CPU, libdevice on the GPU, both
 within 1 ulp) and one IEEE division; a 1-ulp difference changes ``floor`` only when the quotient lies within ~1e-16
@@ -50,6 +55,7 @@ import math
 import numpy as np
 from llvmlite import ir
 from numba import cuda, njit, prange, types
+from numba.core import cgutils
 from numba.core.extending import intrinsic
 
 from kernels import params as P
@@ -592,47 +598,86 @@ def _axpy_block(typingctx, acc, b, v, taps, toff):
     return sig, codegen
 
 
+@intrinsic
+def _copy_block(typingctx, dst, d, src, soff):
+    """``dst[d : d + _BLOCK] = src[soff : soff + _BLOCK]``: one (unaligned) vector load and one store, float64. The
+    caller guarantees both ranges lie in the arrays."""
+    f64 = types.float64
+    if not (isinstance(dst, types.Array) and dst.dtype == f64 and isinstance(src, types.Array) and src.dtype == f64
+            and isinstance(d, types.Integer) and isinstance(soff, types.Integer)):
+        return None
+    sig = types.void(dst, d, src, soff)
+
+    def codegen(context, builder, signature, args):
+        dst_arr = context.make_array(signature.args[0])(context, builder, args[0])
+        src_arr = context.make_array(signature.args[2])(context, builder, args[2])
+        dbl = ir.DoubleType()
+        x = builder.load(_vec_ptr(builder, src_arr, args[3], dbl, _BLOCK), align=8)
+        builder.store(x, _vec_ptr(builder, dst_arr, args[1], dbl, _BLOCK), align=8)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _vec_ptr(builder, arr, index, etype, lanes):
+    """Pointer to ``lanes`` elements of ``etype`` from ``arr.data[index]`` (no alignment assumed)."""
+    return builder.bitcast(builder.gep(arr.data, [index], inbounds=True, source_etype=etype),
+                           ir.VectorType(etype, lanes).as_pointer())
+
+
 @njit(cache=True)
-def _tap_blocks_cpu(rows, vals, n_rows, rblk, btaps):
-    """Aligned tap blocks: for tap row ``r`` and phase ``s`` (0 <= s < _BLOCK), the row's taps shifted right by
-    ``s`` (s zero taps in front) cut into ``ceil((s + n) / _BLOCK)`` blocks of ``_BLOCK`` (zero-padded), stored from
-    block ``rblk[r, s]`` of ``btaps`` (flat, ``_BLOCK`` floats per block). An event whose first tap of row ``r``
-    falls ``s`` columns past a ``_BLOCK``-aligned address uses phase ``s``: every block it adds is then one aligned
-    vector (one cache line for _BLOCK = 8). Returns the number of blocks."""
-    nb = 0
+def _pad_rows_cpu(rows, vals, n_rows, rinfo, r0, taps, t0):
+    """Store a built kernel (``rows`` int64 [4, KS], ``vals`` int64, from ``_build_kernel_cpu``) as zero-padded
+    float64 tap rows: ``rinfo[r0 + r] = (dy, dx0, n, first)`` (int64 [R, 4]) and ``taps[first : first + n]`` the
+    row's taps (float64, exact integers <= 2**TAP_BITS), with ``_BLOCK`` zeros before the first row and after
+    every row (shared between neighbours). Writes from ``taps[t0]``; returns the index past the last zero.
+
+    ``_splat_rows_cpu`` reads a row at phase ``s`` (0 <= s < _BLOCK) as blocks ``taps[first - s + _BLOCK jb :
+    ... + _BLOCK]``: the padding makes those the row shifted right by ``s`` and zero-filled. One copy per row
+    instead of 8 pre-shifted ones (the layout before, rebuilt per patch): an eighth of the size, small enough to
+    keep per kernel in ``kernels.streak_bank``. Needs ``n_vals + _BLOCK (n_rows + 1)`` floats of ``taps`` and
+    ``n_rows`` rows of ``rinfo``."""
+    t = t0
+    for k in range(_BLOCK):
+        taps[t + k] = 0.0
+    t += _BLOCK
     for r_ in range(n_rows):
         n = rows[2, r_]
         off = rows[3, r_]
-        for s in range(_BLOCK):
-            rblk[r_, s] = nb
-            cnt = (s + n + _BLOCK - 1) // _BLOCK
-            blk = btaps[nb * _BLOCK: (nb + cnt) * _BLOCK]
-            for k in range(cnt * _BLOCK):
-                blk[k] = 0.0
-            dst = blk[s: s + n]
-            src = vals[off: off + n]
-            for j in range(n):
-                dst[j] = np.float64(src[j])
-            nb += cnt
-    return nb
+        rinfo[r0 + r_, 0] = rows[0, r_]
+        rinfo[r0 + r_, 1] = rows[1, r_]
+        rinfo[r0 + r_, 2] = n
+        rinfo[r0 + r_, 3] = t
+        for j in range(n):
+            taps[t + j] = np.float64(vals[off + j])
+        t += n
+        for k in range(_BLOCK):
+            taps[t + k] = 0.0
+        t += _BLOCK
+    return t
 
 
 @njit(cache=True)
-def _splat_blocks_cpu(acc, ev_base, ev_v, ph_start, nq, qy_lo, qy_hi, hc, rows, n_rows, rblk, btaps, we):
+def _splat_rows_cpu(acc, ev_base, ev_v, ph_start, nq, qy_lo, qy_hi, hc, rinfo, r0, n_rows, taps, we, tbuf):
     """Add every event's kernel into ``acc`` (canvas rows x extended columns) with aligned vector blocks.
 
     ``acc`` starts on a 64-byte boundary and ``we`` is a multiple of ``_BLOCK``, so an event's alignment phase is
     ``ev_base % _BLOCK``; events are grouped by phase, then sorted by row (group ``pe * nq + k`` = phase ``pe``, row
-    ``qy_lo + k``, from ``ph_start``). For a tap row, the events of one phase that land on the canvas are one
-    contiguous range and all use the same aligned blocks (``_tap_blocks_cpu``), one vector multiply-add each
+    ``qy_lo + k``, from ``ph_start``). For a tap row (``rinfo[r0 .. r0 + n_rows)``, see ``_pad_rows_cpu``), the
+    events of one phase ``s`` that land on the canvas are one contiguous range and all add the same blocks: the
+    row shifted right by ``s``, copied once from the padded taps (``taps[first - s ...]``) into ``tbuf`` (64-byte
+    aligned, >= max row length + 2 _BLOCK floats), then one vector multiply-add per block and event
     (``_axpy_block``). Aligned blocks touch one cache line instead of two and never split a load or store across
-    lines. Columns never need clipping (``acc`` is extended on both sides). Tried and slower on the 2-core dev
-    machine: canvas row bands (per-group overhead outweighs the L1 reuse), skipping blocks beside the canvas with a
-    narrower ``acc`` (per-event trip counts mispredict), unaligned 4-, 8- and 16-tap blocks."""
-    for r_ in range(n_rows):
-        dy = rows[0, r_]
-        dx0 = rows[1, r_]
-        n = rows[2, r_]
+    lines: reading the padded taps unaligned in the event loop itself measured ~15 % slower here (split loads), the
+    staging copy costs a few blocks per row and phase. Columns never need clipping (``acc`` is extended on both
+    sides). Tried and slower on the 2-core dev machine: canvas row bands (per-group overhead outweighs the L1
+    reuse), skipping blocks beside the canvas with a narrower ``acc`` (per-event trip counts mispredict), unaligned
+    4-, 8- and 16-tap blocks."""
+    for r_ in range(r0, r0 + n_rows):
+        dy = rinfo[r_, 0]
+        dx0 = rinfo[r_, 1]
+        n = rinfo[r_, 2]
+        first = rinfo[r_, 3]
         k0 = max(qy_lo, -dy) - qy_lo
         k1 = min(qy_hi, hc - 1 - dy) - qy_lo
         if k1 < k0:
@@ -643,34 +688,230 @@ def _splat_blocks_cpu(acc, ev_base, ev_v, ph_start, nq, qy_lo, qy_hi, hc, rows, 
             if e1 == e0:
                 continue
             s = (pe + dx0) & (_BLOCK - 1)          # two's complement: also right for negative dx0
-            first = rblk[r_, s]
             base = dy * we + dx0 - s               # + ev_base: aligned
             cnt = (s + n + _BLOCK - 1) // _BLOCK
-            toff = first * _BLOCK
+            for jb in range(cnt):
+                _copy_block(tbuf, jb * _BLOCK, taps, first - s + jb * _BLOCK)
             for e in range(e0, e1):
                 # all blocks of the row for one event: its position and strength are loaded once
                 b = ev_base[e] + base
                 v = ev_v[e]
                 for jb in range(cnt):
-                    _axpy_block(acc, b + jb * _BLOCK, v, btaps, toff + jb * _BLOCK)
+                    _axpy_block(acc, b + jb * _BLOCK, v, tbuf, jb * _BLOCK)
+
+
+# The two passes of the min-max normalization written as explicit 8-lane vector code, like ``_axpy_block``: LLVM's
+# loop vectorizer does handle them, but only 4 lanes wide (the host's preferred vector width is 256 bits) and with
+# a float -> int32 -> float round trip per pixel; explicit <8 x double> code gets full AVX-512 registers. Plain IEEE
+# operations only (no fast-math, no fusing): the results are those of the scalar code on every target.
+
+_MM_LANES = 4     # independent min/max accumulators per pass: the loop is latency bound with one
+
+
+def _vmin(builder, a, b):
+    return builder.select(builder.fcmp_ordered("<", a, b), a, b)
+
+
+def _vmax(builder, a, b):
+    return builder.select(builder.fcmp_ordered(">", a, b), a, b)
+
+
+@intrinsic
+def _minmax_blocks(typingctx, acc, start, nb):
+    """``(min, max)`` of ``acc[start : start + _BLOCK * nb]`` (float64, nb >= 1), _BLOCK lanes at a time with
+    ``_MM_LANES`` accumulator pairs. The values are exact integers (never NaN), so the compare-select min/max is the
+    exact one. The caller guarantees the range lies in the array."""
+    f64 = types.float64
+    if not (isinstance(acc, types.Array) and acc.dtype == f64 and isinstance(start, types.Integer)
+            and isinstance(nb, types.Integer)):
+        return None
+    sig = types.UniTuple(f64, 2)(acc, start, nb)
+
+    def codegen(context, builder, signature, args):
+        arr = context.make_array(signature.args[0])(context, builder, args[0])
+        i64 = ir.IntType(64)
+        start_v = context.cast(builder, args[1], signature.args[1], types.int64)
+        nb_v = context.cast(builder, args[2], signature.args[2], types.int64)
+        dbl = ir.DoubleType()
+        vec = ir.VectorType(dbl, _BLOCK)
+        first = builder.load(_vec_ptr(builder, arr, start_v, dbl, _BLOCK), align=8)
+        n_groups = builder.sdiv(nb_v, ir.Constant(i64, _MM_LANES))
+        entry = builder.block
+        g_loop = builder.append_basic_block("mm.groups")
+        g_comb = builder.append_basic_block("mm.groups_combine")
+        g_done = builder.append_basic_block("mm.groups_done")
+        r_loop = builder.append_basic_block("mm.rest")
+        done = builder.append_basic_block("mm.done")
+        # groups of _MM_LANES blocks, one accumulator pair per block of a group
+        builder.cbranch(builder.icmp_signed(">", n_groups, ir.Constant(i64, 0)), g_loop, g_done)
+        builder.position_at_end(g_loop)
+        g = builder.phi(i64)
+        g.add_incoming(ir.Constant(i64, 0), entry)
+        mns = []
+        mxs = []
+        new_mns = []
+        new_mxs = []
+        for k in range(_MM_LANES):
+            mn = builder.phi(vec)
+            mx = builder.phi(vec)
+            mn.add_incoming(first, entry)
+            mx.add_incoming(first, entry)
+            mns.append(mn)
+            mxs.append(mx)
+        for k in range(_MM_LANES):
+            off = builder.add(start_v, builder.mul(builder.add(builder.mul(g, ir.Constant(i64, _MM_LANES)),
+                                                              ir.Constant(i64, k)), ir.Constant(i64, _BLOCK)))
+            x = builder.load(_vec_ptr(builder, arr, off, dbl, _BLOCK), align=8)
+            new_mns.append(_vmin(builder, x, mns[k]))
+            new_mxs.append(_vmax(builder, x, mxs[k]))
+        g1 = builder.add(g, ir.Constant(i64, 1))
+        g_end = builder.block
+        g.add_incoming(g1, g_end)
+        for k in range(_MM_LANES):
+            mns[k].add_incoming(new_mns[k], g_end)
+            mxs[k].add_incoming(new_mxs[k], g_end)
+        builder.cbranch(builder.icmp_signed("<", g1, n_groups), g_loop, g_comb)
+        # combine the pairs (only after the group loop ran), then the blocks left over one at a time
+        builder.position_at_end(g_comb)
+        mn_c = new_mns[0]
+        mx_c = new_mxs[0]
+        for k in range(1, _MM_LANES):
+            mn_c = _vmin(builder, mn_c, new_mns[k])
+            mx_c = _vmax(builder, mx_c, new_mxs[k])
+        builder.branch(g_done)
+        builder.position_at_end(g_done)
+        mn_a = builder.phi(vec)
+        mx_a = builder.phi(vec)
+        mn_a.add_incoming(first, entry)
+        mx_a.add_incoming(first, entry)
+        mn_a.add_incoming(mn_c, g_comb)
+        mx_a.add_incoming(mx_c, g_comb)
+        b0 = builder.mul(n_groups, ir.Constant(i64, _MM_LANES))
+        gd_end = builder.block
+        builder.cbranch(builder.icmp_signed("<", b0, nb_v), r_loop, done)
+        builder.position_at_end(r_loop)
+        b = builder.phi(i64)
+        mn_r = builder.phi(vec)
+        mx_r = builder.phi(vec)
+        b.add_incoming(b0, gd_end)
+        mn_r.add_incoming(mn_a, gd_end)
+        mx_r.add_incoming(mx_a, gd_end)
+        x = builder.load(_vec_ptr(builder, arr, builder.add(start_v, builder.mul(b, ir.Constant(i64, _BLOCK))),
+                                  dbl, _BLOCK), align=8)
+        mn_r1 = _vmin(builder, x, mn_r)
+        mx_r1 = _vmax(builder, x, mx_r)
+        b1 = builder.add(b, ir.Constant(i64, 1))
+        b.add_incoming(b1, r_loop)
+        mn_r.add_incoming(mn_r1, r_loop)
+        mx_r.add_incoming(mx_r1, r_loop)
+        builder.cbranch(builder.icmp_signed("<", b1, nb_v), r_loop, done)
+        builder.position_at_end(done)
+        mn_f = builder.phi(vec)
+        mx_f = builder.phi(vec)
+        mn_f.add_incoming(mn_a, gd_end)
+        mx_f.add_incoming(mx_a, gd_end)
+        mn_f.add_incoming(mn_r1, r_loop)
+        mx_f.add_incoming(mx_r1, r_loop)
+        # horizontal: halve the vector until one lane is left
+        i32 = ir.IntType(32)
+        half = _BLOCK // 2
+        while half >= 1:
+            mask = ir.Constant(ir.VectorType(i32, _BLOCK), [(j + half) % _BLOCK for j in range(_BLOCK)])
+            mn_f = _vmin(builder, mn_f, builder.shuffle_vector(mn_f, mn_f, mask))
+            mx_f = _vmax(builder, mx_f, builder.shuffle_vector(mx_f, mx_f, mask))
+            half //= 2
+        zero = ir.Constant(i32, 0)
+        return context.make_tuple(builder, signature.return_type,
+                                  [builder.extract_element(mn_f, zero), builder.extract_element(mx_f, zero)])
+
+    return sig, codegen
+
+
+@intrinsic
+def _normalize_blocks(typingctx, acc, start, out, ostart, nb, fmn, inv, fd):
+    """``out[ostart + j] = floor((acc[start + j] - fmn) * 255 / fd)`` for ``j < _BLOCK * nb``, _BLOCK at a time,
+    with the arithmetic of ``_normalize_cpu``'s float path (estimate ``floor(num * inv)``, one correction each way;
+    ``floor`` equals its int32 truncation there, num >= 0). ``acc`` float64, ``out`` uint8; the caller guarantees
+    the ranges lie in the arrays and the float path's preconditions."""
+    f64 = types.float64
+    if not (isinstance(acc, types.Array) and acc.dtype == f64 and isinstance(out, types.Array)
+            and out.dtype == types.uint8 and all(isinstance(t, types.Integer) for t in (start, ostart, nb))
+            and fmn == f64 and inv == f64 and fd == f64):
+        return None
+    sig = types.void(acc, start, out, ostart, nb, fmn, inv, fd)
+
+    def codegen(context, builder, signature, args):
+        acc_arr = context.make_array(signature.args[0])(context, builder, args[0])
+        out_arr = context.make_array(signature.args[2])(context, builder, args[2])
+        i64 = ir.IntType(64)
+        start_v = context.cast(builder, args[1], signature.args[1], types.int64)
+        ostart_v = context.cast(builder, args[3], signature.args[3], types.int64)
+        nb_v = context.cast(builder, args[4], signature.args[4], types.int64)
+        dbl = ir.DoubleType()
+        vec = ir.VectorType(dbl, _BLOCK)
+        i32 = ir.IntType(32)
+        undef = ir.Constant(vec, ir.Undefined)
+        splat_mask = ir.Constant(ir.VectorType(i32, _BLOCK), [0] * _BLOCK)
+
+        def bcast(x):
+            return builder.shuffle_vector(builder.insert_element(undef, x, ir.Constant(i32, 0)), undef, splat_mask)
+
+        v_mn = bcast(args[5])
+        v_inv = bcast(args[6])
+        v_fd = bcast(args[7])
+        v_255 = ir.Constant(vec, [255.0] * _BLOCK)
+        v_one = ir.Constant(vec, [1.0] * _BLOCK)
+        v_zero = ir.Constant(vec, [0.0] * _BLOCK)
+        floor = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec]), f"llvm.floor.v{_BLOCK}f64")
+        entry = builder.block
+        loop = builder.append_basic_block("nz.loop")
+        done = builder.append_basic_block("nz.done")
+        builder.cbranch(builder.icmp_signed(">", nb_v, ir.Constant(i64, 0)), loop, done)
+        builder.position_at_end(loop)
+        b = builder.phi(i64)
+        b.add_incoming(ir.Constant(i64, 0), entry)
+        off = builder.mul(b, ir.Constant(i64, _BLOCK))
+        x = builder.load(_vec_ptr(builder, acc_arr, builder.add(start_v, off), dbl, _BLOCK), align=8)
+        num = builder.fmul(builder.fsub(x, v_mn), v_255)
+        q = builder.call(floor, [builder.fmul(num, v_inv)])
+        r = builder.fsub(num, builder.fmul(q, v_fd))
+        q = builder.select(builder.fcmp_ordered("<", r, v_zero), builder.fsub(q, v_one), q)
+        q = builder.select(builder.fcmp_ordered(">=", r, v_fd), builder.fadd(q, v_one), q)
+        qb = builder.fptoui(q, ir.VectorType(ir.IntType(8), _BLOCK))
+        builder.store(qb, _vec_ptr(builder, out_arr, builder.add(ostart_v, off), ir.IntType(8), _BLOCK), align=1)
+        b1 = builder.add(b, ir.Constant(i64, 1))
+        b.add_incoming(b1, builder.block)
+        builder.cbranch(builder.icmp_signed("<", b1, nb_v), loop, done)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @njit(cache=True)
 def _normalize_cpu(acc, hc, wc, we, ex, pad, out_patch):
     """Min-max normalize the canvas part of ``acc`` (rows of ``we`` columns, canvas from column ``ex``; exact
-    integers in float64) into the uint8 crop ``out_patch`` (C-contiguous [h, w])."""
+    integers in float64) into the uint8 crop ``out_patch`` (C-contiguous [h, w]): ``floor((a - min) * 255 /
+    (max - min))``, all zeros when max == min. Whole 8-pixel blocks of a row go through the vector intrinsics
+    (``_minmax_blocks``, ``_normalize_blocks``), the rest through the same arithmetic in scalar code."""
     h, w = out_patch.shape
     o = out_patch.reshape(h * w)
-    # min/max on int64 copies: integer min/max reductions vectorize (float ones need fast-math flags); the values
-    # are integers < 2**47, so the conversion is exact
-    mn = np.int64(acc[ex])
-    mx = mn
+    fmn = acc[ex]
+    fmx = fmn
+    nbc = wc // _BLOCK
     for y in range(hc):
-        row = acc[y * we + ex: y * we + ex + wc]
-        for x in range(wc):
-            a = np.int64(row[x])
-            mn = a if a < mn else mn
-            mx = a if a > mx else mx
+        b = y * we + ex
+        if nbc > 0:
+            lo, hi = _minmax_blocks(acc, b, nbc)
+            fmn = lo if lo < fmn else fmn
+            fmx = hi if hi > fmx else fmx
+        for x in range(nbc * _BLOCK, wc):
+            a = acc[b + x]
+            fmn = a if a < fmn else fmn
+            fmx = a if a > fmx else fmx
+    # exact: the values are integers < 2**47
+    mn = np.int64(fmn)
+    mx = np.int64(fmx)
     d = mx - mn
     if d == 0:
         for p in range(h * w):
@@ -681,18 +922,19 @@ def _normalize_cpu(acc, hc, wc, we, ex, pad, out_patch):
         # floor((a - mn) * 255 / d) in float64, exactly: num = (a - mn) * 255 is an integer < 2**52; the estimate
         # num * inv is within 1e-13 of the quotient (<= 255), so after truncation one correction each way gives the
         # floor; q * d < 2**53 and the remainder num - q * d are exact integers, so the compares are exact
-        fmn = np.float64(mn)
         fd = np.float64(d)
+        nbw = w // _BLOCK
         for y in range(h):
-            row = acc[(y + pad) * we + ex + pad: (y + pad) * we + ex + pad + w]
-            orow = o[y * w: y * w + w]
-            for x in range(w):
-                num = (row[x] - fmn) * 255.0
-                q = np.float64(np.int32(num * inv))
+            b = (y + pad) * we + ex + pad
+            if nbw > 0:
+                _normalize_blocks(acc, b, o, y * w, nbw, fmn, inv, fd)
+            for x in range(nbw * _BLOCK, w):
+                num = (acc[b + x] - fmn) * 255.0
+                q = np.floor(num * inv)
                 r = num - q * fd
                 q = q - 1.0 if r < 0.0 else q
                 q = q + 1.0 if r >= fd else q
-                orow[x] = np.uint8(np.int32(q))
+                o[y * w + x] = np.uint8(q)
     else:
         for y in range(h):
             b = (y + pad) * we + ex + pad
@@ -700,23 +942,38 @@ def _normalize_cpu(acc, hc, wc, we, ex, pad, out_patch):
                 o[y * w + x] = _normalize_value_cpu(np.int64(acc[b + x]), mn, d, inv)
 
 
+@cpu_jit
+def _patch_kernel_cpu(bank, i, length, angle, width, trig, gauss, kb, ext, rows, vals, rinfo_s, taps_s):
+    """Patch ``i``'s streak kernel as padded tap rows: (rinfo, taps, r0, n_rows, dy_min, dy_max, dx_min, dx_max),
+    rows ``rinfo[r0 : r0 + n_rows]`` (layout of ``_pad_rows_cpu``). From the bank when it holds the patch's
+    combination (``bank`` = (combos, meta, rinfo, taps) of ``kernels.streak_bank``, read only), else built into
+    the scratch ``rinfo_s`` / ``taps_s`` (the same layout, so one splat serves both)."""
+    combos, meta, b_rinfo, b_taps = bank
+    ci = combos[i] if i < combos.shape[0] else -1
+    if ci >= 0 and meta[ci, 0] != 0:
+        return b_rinfo, b_taps, meta[ci, 6], meta[ci, 1], meta[ci, 2], meta[ci, 3], meta[ci, 4], meta[ci, 5]
+    n_rows, dy_min, dy_max, dx_min, dx_max = _build_kernel_cpu(length, angle, width, trig, gauss, kb, ext, rows,
+                                                               vals)
+    _pad_rows_cpu(rows, vals, n_rows, rinfo_s, 0, taps_s, 0)
+    return rinfo_s, taps_s, np.int64(0), n_rows, dy_min, dy_max, dx_min, dx_max
+
+
 @njit(cache=True)
-def _render_one_cpu(params, state, pad, trig, gauss, kb, ext, rows, vals, rblk, btaps, acc, seed_x, seed_v,
-                    row_start, ev_base, ev_v, ev_start, ph_base, ph_v, ph_start, qbuf, out_patch):
-    """One patch's rain layer into ``out_patch`` (uint8 [h, w], C-contiguous). Returns the event buffers (grown
+def _render_one_cpu(params, state, bank, i, pad, trig, gauss, kb, ext, rows, vals, rinfo_s, taps_s, tbuf, acc,
+                    seed_x, seed_v, row_start, ev_base, ev_v, ev_start, ph_base, ph_v, ph_start, qbuf, out_patch):
+    """Patch ``i``'s rain layer into ``out_patch`` (uint8 [h, w], C-contiguous). Returns the event buffers (grown
     when a dense spec needed more room)."""
     h, w = out_patch.shape
     hc = h + 2 * pad
     wc = w + 2 * pad
     aq, length, angle, width = _draw_params_cpu(params, state)
-    n_rows, dy_min, dy_max, dx_min, dx_max = _build_kernel_cpu(length, angle, width, trig, gauss, kb, ext,
-                                                               rows, vals)
+    rinfo, taps, r0, n_rows, dy_min, dy_max, dx_min, dx_max = _patch_kernel_cpu(
+        bank, i, length, angle, width, trig, gauss, kb, ext, rows, vals, rinfo_s, taps_s)
     if n_rows == 0:
         o = out_patch.reshape(h * w)
         for p in range(h * w):
             o[p] = 0
         return ev_base, ev_v, ph_base, ph_v
-    _tap_blocks_cpu(rows, vals, n_rows, rblk, btaps)
     # seeds of every canvas row (CSR: row_start, seed_x, seed_v)
     log1m = math.log(1.0 - np.float64(aq) * (1.0 / 16777216.0))
     n_seeds = 0
@@ -786,18 +1043,19 @@ def _render_one_cpu(params, state, pad, trig, gauss, kb, ext, rows, vals, rblk, 
             ph_v[d] = ev_v[e]
     for p in range(hc * we):
         acc[p] = 0.0
-    _splat_blocks_cpu(acc, ph_base, ph_v, ph_start, nq, qy_lo, qy_hi, hc, rows, n_rows, rblk, btaps, we)
+    _splat_rows_cpu(acc, ph_base, ph_v, ph_start, nq, qy_lo, qy_hi, hc, rinfo, r0, n_rows, taps, we, tbuf)
     _normalize_cpu(acc, hc, wc, we, ex, pad, out_patch)
     return ev_base, ev_v, ph_base, ph_v
 
 
 @njit(cache=True)
 def _render_chunk_cpu(params, states, active, out, trig, gauss, c, n_chunks, stage, backgrounds, beta_q,
-                      threshold, rainy, mask, lut, out_bg, out_rainy, out_rain):
+                      threshold, rainy, mask, lut, out_bg, out_rainy, out_rain, bank):
     """Render patches c, c + n_chunks, ... with one set of scratch buffers (allocation stays off the per-patch
     path). Right after each patch's rain layer (while it is in L1), ``stage`` 1 (``STAGE_COMPOSITE``) also writes
     its uint8 rainy image and mask, ``stage`` 2 (``STAGE_FINISH``) its batch planes and mask
-    (``kernels.finish.finish_patch_cpu``); the arguments of the stage not run may be empty arrays."""
+    (``kernels.finish.finish_patch_cpu``); the arguments of the stage not run may be empty arrays. ``bank``:
+    prebuilt streak kernels, read only (``kernels.streak_bank.prepare``)."""
     n, h, w = out.shape
     pad = np.int64(params[P.CANVAS_PAD])
     hc = h + 2 * pad
@@ -807,10 +1065,13 @@ def _render_chunk_cpu(params, states, active, out, trig, gauss, c, n_chunks, sta
     ext = np.empty((7, ks), dtype=np.int64)
     rows = np.empty((4, ks), dtype=np.int64)
     vals = np.empty(ks * ks, dtype=np.int64)
-    rblk = np.empty((ks, _BLOCK), dtype=np.int64)
-    # blocks: a row of n taps has ceil((s + n) / _BLOCK) < n / _BLOCK + 2 per phase s, < n + 2 * _BLOCK in all
-    btaps = np.empty((ks * ks + 2 * _BLOCK * ks) * _BLOCK, dtype=np.float64)
-    # the accumulator starts on a 64-byte boundary (see _splat_blocks_cpu): over-allocate, then skip to it
+    # padded tap rows of a kernel built per patch (see _pad_rows_cpu): <= ks rows, ks * ks taps
+    rinfo_s = np.empty((ks, 4), dtype=np.int64)
+    taps_s = np.empty(ks * ks + _BLOCK * (ks + 1), dtype=np.float64)
+    # one tap row at one phase, 64-byte aligned (see _splat_rows_cpu)
+    tbuf_raw = np.empty(ks + 3 * _BLOCK, dtype=np.float64)
+    tbuf = tbuf_raw[((-tbuf_raw.ctypes.data) & 63) // 8:]
+    # the accumulator starts on a 64-byte boundary (see _splat_rows_cpu): over-allocate, then skip to it
     we_max = (wc + 2 * (ks + _BLOCK) + _BLOCK - 1) // _BLOCK * _BLOCK
     acc_raw = np.empty(hc * we_max + _BLOCK, dtype=np.float64)
     shift = ((-acc_raw.ctypes.data) & 63) // 8
@@ -833,9 +1094,10 @@ def _render_chunk_cpu(params, states, active, out, trig, gauss, c, n_chunks, sta
             for p in range(hw):
                 o[p] = 0
         else:
-            ev_base, ev_v, ph_base, ph_v = _render_one_cpu(params, states[i], pad, trig, gauss, kb, ext, rows, vals,
-                                                           rblk, btaps, acc, seed_x, seed_v, row_start, ev_base,
-                                                           ev_v, ev_start, ph_base, ph_v, ph_start, qbuf, out[i])
+            ev_base, ev_v, ph_base, ph_v = _render_one_cpu(params, states[i], bank, i, pad, trig, gauss, kb, ext,
+                                                           rows, vals, rinfo_s, taps_s, tbuf, acc, seed_x, seed_v,
+                                                           row_start, ev_base, ev_v, ev_start, ph_base, ph_v,
+                                                           ph_start, qbuf, out[i])
         if stage == STAGE_COMPOSITE:
             composite_patch_cpu(backgrounds[i].reshape(hw * 3), out[i].reshape(hw), np.int32(beta_q[i]),
                                 threshold, rainy[i].reshape(hw * 3), mask[i].reshape(hw), tt)
@@ -847,10 +1109,10 @@ def _render_chunk_cpu(params, states, active, out, trig, gauss, c, n_chunks, sta
 
 @njit(parallel=True, cache=True)
 def _render_cpu_kernel(params, states, active, out, trig, gauss, n_chunks, stage, backgrounds, beta_q,
-                       threshold, rainy, mask, lut, out_bg, out_rainy, out_rain):
+                       threshold, rainy, mask, lut, out_bg, out_rainy, out_rain, bank):
     for c in prange(n_chunks):
         _render_chunk_cpu(params, states, active, out, trig, gauss, c, n_chunks, stage, backgrounds, beta_q,
-                          threshold, rainy, mask, lut, out_bg, out_rainy, out_rain)
+                          threshold, rainy, mask, lut, out_bg, out_rainy, out_rain, bank)
 
 
 def check_render_args(params, states, active, out) -> None:
@@ -966,9 +1228,13 @@ def _launch_cpu(params, states, active, out, stage, backgrounds=_NO_BG, beta_q=_
                 mask=_NO_MASK, lut=_NO_LUT, out_bg=_NO_PLANES, out_rainy=_NO_PLANES, out_rain=_NO_PLANES) -> None:
     import numba
 
+    from kernels import streak_bank
+
     n = out.shape[0]
     threads = numba.get_num_threads()
-    args = (stage, backgrounds, beta_q, np.int32(threshold), rainy, mask, lut, out_bg, out_rainy, out_rain)
+    # the batch's streak kernels, built here (serially, outside any parallel region) when not yet banked
+    bank = streak_bank.prepare(params, states, active)
+    args = (stage, backgrounds, beta_q, np.int32(threshold), rainy, mask, lut, out_bg, out_rainy, out_rain, bank)
     if threads == 1 or n <= 2:
         # no parallel region: waking the thread pool costs more than small batches take
         _render_chunk_cpu(params, states, active, out, TRIG, GAUSS, 0, 1, *args)

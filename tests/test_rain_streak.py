@@ -233,33 +233,66 @@ def test_render_cpu_non_contiguous_out():
     assert np.array_equal(view, exp) and not full[:, :, 1::2].any()
 
 
-def test_cpu_tap_blocks_hold_every_row_at_every_phase():
-    """Each kernel row, shifted right by s zeros and cut into blocks, is stored exactly once per phase s."""
+def test_cpu_padded_tap_rows_read_as_every_phase():
+    """Each kernel row, read by the splat at phase s (blocks from ``first - s``), is the row shifted right by s
+    zeros and zero-filled to whole blocks; nothing is read outside the written part of ``taps``."""
     from numba import njit
 
     @njit
-    def blocks(length, angle, width, trig, gauss, ks):
+    def padded(length, angle, width, trig, gauss, ks):
         kb = np.zeros((4, ks, ks), dtype=np.int64)
         ext = np.zeros((7, ks), dtype=np.int64)
         rows = np.zeros((4, ks), dtype=np.int64)
         vals = np.zeros(ks * ks, dtype=np.int64)
         n_rows = rs._build_kernel_cpu(length, angle, width, trig, gauss, kb, ext, rows, vals)[0]
-        rblk = np.zeros((ks, rs._BLOCK), dtype=np.int64)
-        btaps = np.full((ks * ks + 2 * rs._BLOCK * ks) * rs._BLOCK, np.nan)
-        nb = rs._tap_blocks_cpu(rows, vals, n_rows, rblk, btaps)
-        return rows, vals, n_rows, rblk, btaps, nb
+        rinfo = np.full((ks + 3, 4), -1, dtype=np.int64)
+        taps = np.full(ks * ks + rs._BLOCK * (ks + 1) + 40, np.nan)
+        t_end = rs._pad_rows_cpu(rows, vals, n_rows, rinfo, 3, taps, 5)   # at an offset, as in the bank
+        return rows, vals, n_rows, rinfo, taps, t_end
 
     bsz = rs._BLOCK
     for length, angle, width in [(1, 0, 1), (9, 45, 3), (45, -60, 9), (128, 30, 31)]:
-        rows, vals, n_rows, rblk, btaps, nb = blocks(length, angle, width, rs.TRIG, rs.GAUSS, length + 2)
-        assert n_rows > 0 and not np.isnan(btaps[:nb * bsz]).any()
+        rows, vals, n_rows, rinfo, taps, t_end = padded(length, angle, width, rs.TRIG, rs.GAUSS, length + 2)
+        assert n_rows > 0 and not np.isnan(taps[5:t_end]).any() and np.isnan(taps[t_end:]).all()
+        assert (rinfo[:3] == -1).all() and (rinfo[3 + n_rows:] == -1).all()
         for r in range(n_rows):
-            n, off = rows[2, r], rows[3, r]
+            dy, dx0, n, first = rinfo[3 + r]
+            assert (dy, dx0, n) == tuple(rows[:3, r])
+            row = vals[rows[3, r]:rows[3, r] + n].astype(np.float64)
             for s in range(bsz):
                 cnt = -(-(s + n) // bsz)
-                blk = btaps[rblk[r, s] * bsz:(rblk[r, s] + cnt) * bsz]
-                assert np.array_equal(blk[s:s + n], vals[off:off + n].astype(np.float64)), (length, angle, r, s)
+                assert first - s >= 5 and first - s + cnt * bsz <= t_end
+                blk = taps[first - s:first - s + cnt * bsz]
+                assert np.array_equal(blk[s:s + n], row), (length, angle, r, s)
                 assert not blk[:s].any() and not blk[s + n:].any()
+
+
+@pytest.mark.parametrize("hc,wc,pad,step", [(9, 21, 3, 1), (16, 16, 0, 3), (5, 40, 1, 7), (4, 8, 0, 1 << 36),
+                                             (7, 13, 2, 0)])
+def test_cpu_normalize_is_the_exact_floor(hc, wc, pad, step):
+    """``_normalize_cpu`` (vector blocks and scalar tails) equals floor((a - min) * 255 / (max - min)) in Python
+    integers, on canvases whose widths are and are not multiples of 8. Values ``min + k * step`` (k = 0..255) make
+    every quotient an integer k; for step 3 or 7 the float estimate falls just below some of them (the upward
+    correction matters), the random values in between exercise the rest."""
+    gen = np.random.default_rng(hc * wc + step)
+    ex, we = 11, (wc + 2 * 11 + 7) // 8 * 8
+    acc = np.full(hc * we, -1.0)                             # outside the canvas: never read
+    base = 1 << 30
+    vals = base + step * gen.integers(0, 256, (hc, wc))
+    if step:
+        vals.flat[0], vals.flat[-1] = base, base + 255 * step
+        some = gen.random((hc, wc)) < 0.3
+        vals[some] = base + gen.integers(0, 255 * step + 1, int(some.sum()))
+    for y in range(hc):
+        acc[y * we + ex:y * we + ex + wc] = vals[y]
+    h, w = hc - 2 * pad, wc - 2 * pad
+    out = np.full((h, w), 7, np.uint8)
+    rs._normalize_cpu(acc, hc, wc, we, ex, pad, out)
+    mn, mx = int(vals.min()), int(vals.max())
+    crop = vals[pad:pad + h, pad:pad + w]
+    exp = np.zeros((h, w), np.uint8) if mx == mn else np.array(
+        [[(int(a) - mn) * 255 // (mx - mn) for a in row] for row in crop], np.uint8)
+    assert np.array_equal(out, exp)
 
 
 def test_cpu_rejects_overlong_streaks():
