@@ -57,13 +57,6 @@ import numpy as np
 
 from kernels.rng import bits_np, counter_np, patch_state_np
 
-# The CPU path runs numba parallel regions (rain synthesis, conversion) back to back; numba's OpenMP threads spin
-# while idle, and on a shared or oversubscribed machine a spinning thread takes the core its partner needs:
-# measured on the shared 2-core machine (load ~2-3), rain synthesis of 64-patch batches cost ~95-115 CPU-us per
-# patch with passive waiting vs ~120-140 without (interleaved runs, noisy). It takes effect for the OpenMP runtimes
-# started after this line (numba's starts at its first parallel launch; torch's at ``import torch``, so the CPU path
-# below leaves all its work to numba and numpy, none to torch's thread pool).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 #: Resident mode is chosen by ``mode="auto"`` when the subset's uint8 patches take at most this many bytes on the
 #: device (override with ``memory_budget=``). 2 GiB holds the paper's largest sweep point (30,000 patches of
@@ -357,12 +350,11 @@ class _HostPool:
 
 
 class _Scratch:
-    """Per-loader reusable host memory: the uint8 rain layer and the gathered resident backgrounds of one batch size
-    (intermediate steps before the output planes) and the pool of output buffers."""
+    """Per-loader reusable host memory: the uint8 rain layer of one batch size (an intermediate step before the
+    output planes) and the pool of output buffers."""
 
     def __init__(self) -> None:
         self._rain: np.ndarray | None = None
-        self._gathered: np.ndarray | None = None
         self.pool = _HostPool()
 
     def rain(self, n: int, h: int, w: int) -> np.ndarray:
@@ -371,35 +363,34 @@ class _Scratch:
             self._rain = np.empty((n, h, w), dtype=np.uint8)
         return self._rain
 
-    def gathered(self, shape: tuple) -> np.ndarray:
-        """uint8 ``shape`` (NHWC) for a resident batch's backgrounds."""
-        if self._gathered is None or self._gathered.shape != shape:
-            self._gathered = np.empty(shape, dtype=np.uint8)
-        return self._gathered
 
 
 def finish_batch(background_u8, index: np.ndarray, rain, seed: int, epoch: int, step: int,
-                 scratch: _Scratch | None = None, dtype: str = "float32") -> Batch:
+                 scratch: _Scratch | None = None, dtype: str = "float32", rows: np.ndarray | None = None) -> Batch:
     """Synthesize rain for a uint8 NHWC batch (torch, on its device) and convert everything to a ``Batch`` of
     ``dtype`` (see ``DTYPES``).
 
-    Keys are ``epoch << 40 | index``; conversion happens on the batch's device.
+    Keys are ``epoch << 40 | index``; conversion happens on the batch's device. ``rows`` (CPU only): int64 rows of
+    ``background_u8`` holding the batch's patches, in order (``background_u8`` is then e.g. the resident subset).
     """
     index = np.ascontiguousarray(index, dtype=np.int64)
     if background_u8.device.type == "cpu":
-        return _finish_batch_cpu(background_u8, index, rain, seed, epoch, step, scratch or _Scratch(), dtype)
+        return _finish_batch_cpu(background_u8, index, rain, seed, epoch, step, scratch or _Scratch(), dtype, rows)
+    if rows is not None:
+        raise LoaderError("rows: only for CPU batches; gather GPU batches first")
     return _finish_batch_gpu(background_u8, index, rain, seed, epoch, step, dtype)
 
 
 def _finish_batch_cpu(background_u8, index: np.ndarray, rain, seed: int, epoch: int, step: int, scratch: _Scratch,
-                      dtype: str) -> Batch:
+                      dtype: str, rows: np.ndarray | None) -> Batch:
     """The host path: one numba pass renders each patch's rain and writes its planes (``synthesize_planes_cpu``)
     into pooled buffers. No torch operation runs here (numpy and numba only), so torch's thread pool stays idle."""
     import torch
 
     from engine.synth import synthesize_planes_cpu
 
-    n, h, w, c = (int(v) for v in background_u8.shape)
+    _, h, w, c = (int(v) for v in background_u8.shape)
+    n = int(index.size)
     storage = _STORAGE[dtype]
     tdt = torch_dtype(dtype)
     pool = scratch.pool
@@ -420,7 +411,7 @@ def _finish_batch_cpu(background_u8, index: np.ndarray, rain, seed: int, epoch: 
         rain_t, rain_np = planes((n, 1, h, w))
         layer, skip = scratch.rain(n, h, w), None
     synthesize_planes_cpu(background_u8.numpy(), rain, seed, rain_keys(epoch, index), _host_lut(dtype), layer,
-                          bg_np, rainy_np, rain_np if skip is None else skip, mask.numpy().reshape(n, h, w))
+                          bg_np, rainy_np, rain_np if skip is None else skip, mask.numpy().reshape(n, h, w), rows)
     return Batch(index=torch.from_numpy(index.copy()), background=bg, rainy=rainy, rain=rain_t, mask=mask,
                  epoch=epoch, step=step)
 
@@ -489,19 +480,13 @@ class ResidentData:
         """Rows of the resident array holding the given store indices."""
         return np.searchsorted(self.sorted, index)
 
-    def gather(self, rows: Any, scratch: "_Scratch | None" = None) -> Any:
-        """uint8 NHWC torch batch of ``rows`` (host numpy int64 on the CPU, a device int64 tensor on a GPU).
-
-        On the CPU with ``scratch`` the batch is gathered into the scratch's reused buffer (valid until the next
-        gather; a fresh 12.5 MB batch of 256 would be page-faulted in on every step)."""
+    def gather(self, rows: Any) -> Any:
+        """uint8 NHWC torch batch of ``rows`` (host numpy int64 on the CPU, a device int64 tensor on a GPU). The
+        CPU loader does not gather: its kernels read the resident rows in place (``finish_batch``'s ``rows``)."""
         import torch
 
         if isinstance(self.data, np.ndarray):
-            if scratch is None:
-                return torch.from_numpy(np.take(self.data, rows, axis=0))
-            out = scratch.gathered((len(rows),) + self.data.shape[1:])
-            np.take(self.data, rows, axis=0, out=out)
-            return torch.from_numpy(out)
+            return torch.from_numpy(np.take(self.data, rows, axis=0))
         return self.data.index_select(0, rows)
 
 
@@ -626,8 +611,13 @@ class Loader:
         for step, idx in enumerate(plan):
             rows = rows_all[start:start + idx.size]
             start += idx.size
-            yield finish_batch(data.gather(rows, self._scratch), idx, self.rain, self.seed, epoch, step, self._scratch,
-                               self.dtype)
+            if isinstance(data.data, np.ndarray):
+                # CPU: the kernels read the resident rows in place (a gathered copy cost ~23 us per patch, serial)
+                yield finish_batch(torch.from_numpy(data.data), idx, self.rain, self.seed, epoch, step, self._scratch,
+                                   self.dtype, rows=rows)
+            else:
+                yield finish_batch(data.gather(rows), idx, self.rain, self.seed, epoch, step, self._scratch,
+                                   self.dtype)
 
     def _dali_epoch(self, plan: list[np.ndarray], epoch: int) -> Iterator[Batch]:
         from engine.loader_dali import DaliReader

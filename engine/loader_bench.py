@@ -19,6 +19,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+import kernels  # noqa: F401 - sets OMP_WAIT_POLICY before cpu_threads starts numba's thread pool
+
 
 @contextlib.contextmanager
 def cpu_threads(n: int) -> Iterator[None]:

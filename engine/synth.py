@@ -203,7 +203,7 @@ def synthesize(backgrounds, spec: RainSpec | str, seed: int = 0, keys=None, back
 
 def synthesize_planes_cpu(backgrounds: np.ndarray, spec: RainSpec | None, seed: int, keys: np.ndarray,
                           lut: np.ndarray, rain: np.ndarray, out_bg: np.ndarray, out_rainy: np.ndarray,
-                          out_rain: np.ndarray, mask: np.ndarray) -> np.ndarray:
+                          out_rain: np.ndarray, mask: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
     """``synthesize`` on the host, written straight into a training batch's planes (``kernels.finish``).
 
     The values are those of ``synthesize(backgrounds, spec, seed, keys)`` converted by ``lut``: ``out_bg`` =
@@ -214,20 +214,24 @@ def synthesize_planes_cpu(backgrounds: np.ndarray, spec: RainSpec | None, seed: 
     (``render_finish_cpu``); other families render the batch first, then finish it.
 
     Args:
-        backgrounds: uint8 NHWC [N, H, W, 3] numpy (0..255). keys: int64 [N]. lut: [256] float32 / uint16 / uint8
-            table of the output type (``kernels.finish``). rain, out_bg, out_rainy, out_rain, mask: numpy outputs,
-            C-contiguous.
+        backgrounds: uint8 NHWC [M, H, W, 3] numpy (0..255): the batch's backgrounds, or with ``rows`` (int64
+            [N]) an array they are picked from: patch i's background is ``backgrounds[rows[i]]`` (no gathered copy).
+        keys: int64 [N]. lut: [256] float32 / uint16 / uint8 table of the output type (``kernels.finish``).
+        rain, out_bg, out_rainy, out_rain, mask: numpy outputs, C-contiguous.
 
     Returns:
         float64 [N]: each patch's beta (zeros without rain).
     """
     from kernels.finish import finish_cpu
 
+    from kernels.finish import background_rows
+
     backgrounds = np.ascontiguousarray(backgrounds)
-    n = backgrounds.shape[0]
+    rows = background_rows(backgrounds, rows)
+    n = rows.size
     if spec is None:
         rain.fill(0)
-        finish_cpu(backgrounds, rain, np.zeros(n, dtype=np.int64), 0, lut, out_bg, out_rainy, out_rain, mask)
+        finish_cpu(backgrounds, rain, np.zeros(n, dtype=np.int64), 0, lut, out_bg, out_rainy, out_rain, mask, rows)
         return np.zeros(n, dtype=np.float64)
     if isinstance(spec, str):
         spec = _parse(spec)
@@ -239,8 +243,8 @@ def synthesize_planes_cpu(backgrounds: np.ndarray, spec: RainSpec | None, seed: 
         fused = getattr(module, "render_finish_cpu", None)
         if fused is not None:
             fused(params, states, active, backgrounds, beta_q, spec.threshold, lut, rain, out_bg, out_rainy,
-                  out_rain, mask)
+                  out_rain, mask, rows)
         else:
             module.render_cpu(params, states, active, rain)
-            finish_cpu(backgrounds, rain, beta_q, spec.threshold, lut, out_bg, out_rainy, out_rain, mask)
+            finish_cpu(backgrounds, rain, beta_q, spec.threshold, lut, out_bg, out_rainy, out_rain, mask, rows)
     return beta_q / float(rng.BETA_SCALE)

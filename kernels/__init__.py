@@ -20,6 +20,14 @@ def _source_digest() -> str:
     return h.hexdigest()[:16]
 
 
+# numba's OpenMP threads spin while idle between parallel regions, and the loader runs them back to back with DALI's
+# threads beside them: on the shared 2-core machine a spinning thread takes the core its partner needs (perf of the
+# resident loader: ~13 % of its CPU time spinning in libgomp; rain synthesis of 64-patch batches ~95-115 CPU-us per
+# patch with passive waiting vs ~120-140 without). The setting takes effect only for OpenMP runtimes started after
+# it (numba's at its first parallel launch or ``numba.set_num_threads``, torch's at ``import torch``), which is why it
+# is made when the kernels package is imported; a value the user set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 if not os.environ.get("NUMBA_CACHE_DIR"):
     from numba.core import config as _numba_config
 

@@ -11,13 +11,15 @@ import numpy as np
 from numba import cuda, njit, prange
 
 
-def check_composite_inputs(backgrounds, rain, beta_q) -> None:
+def check_composite_inputs(backgrounds, rain, beta_q, n: int | None = None) -> None:
     """Shapes and dtypes of the inputs (numpy or CuPy arrays); raises ValueError naming the argument and the
-    expected layout."""
+    expected layout. ``n``: patches in the batch when it is not ``backgrounds.shape[0]`` (backgrounds picked by
+    row, see ``kernels.finish``)."""
     if backgrounds.ndim != 4 or backgrounds.shape[3] != 3 or backgrounds.dtype != np.uint8:
         raise ValueError(f"backgrounds: expected uint8 NHWC [N, H, W, 3], got {backgrounds.dtype}"
                          f"{tuple(backgrounds.shape)}")
-    n, h, w, _ = backgrounds.shape
+    _, h, w, _ = backgrounds.shape
+    n = backgrounds.shape[0] if n is None else n
     if tuple(rain.shape) != (n, h, w) or rain.dtype != np.uint8:
         raise ValueError(f"rain: expected uint8 NHW [{n}, {h}, {w}], got {rain.dtype}{tuple(rain.shape)}")
     if tuple(beta_q.shape) != (n,) or beta_q.dtype != np.int64:

@@ -65,27 +65,46 @@ def finish_patch_cpu(b, r, q, threshold, lut, ob, oy, orain, m):
 
 
 @njit(cache=True)
-def _finish_chunk(backgrounds, rain, beta_q, threshold, lut, out_bg, out_rainy, out_rain, mask, c, n_chunks):
-    n, h, w, _ = backgrounds.shape
+def _finish_chunk(backgrounds, rows, rain, beta_q, threshold, lut, out_bg, out_rainy, out_rain, mask, c, n_chunks):
+    n = rows.shape[0]
+    _, h, w, _ = backgrounds.shape
     hw = h * w
     with_rain = out_rain.shape[0] > 0
     no_rain = np.empty((0,), dtype=out_bg.dtype)
     for i in range(c, n, n_chunks):
         orain = out_rain[i].reshape(hw) if with_rain else no_rain
-        finish_patch_cpu(backgrounds[i].reshape(hw * 3), rain[i].reshape(hw), np.int32(beta_q[i]), threshold, lut,
-                         out_bg[i].reshape((3, hw)), out_rainy[i].reshape((3, hw)), orain, mask[i].reshape(hw))
+        finish_patch_cpu(backgrounds[rows[i]].reshape(hw * 3), rain[i].reshape(hw), np.int32(beta_q[i]), threshold,
+                         lut, out_bg[i].reshape((3, hw)), out_rainy[i].reshape((3, hw)), orain, mask[i].reshape(hw))
 
 
 @njit(parallel=True, cache=True)
-def _finish_cpu_kernel(backgrounds, rain, beta_q, threshold, lut, out_bg, out_rainy, out_rain, mask, n_chunks):
+def _finish_cpu_kernel(backgrounds, rows, rain, beta_q, threshold, lut, out_bg, out_rainy, out_rain, mask, n_chunks):
     for c in prange(n_chunks):
-        _finish_chunk(backgrounds, rain, beta_q, threshold, lut, out_bg, out_rainy, out_rain, mask, c, n_chunks)
+        _finish_chunk(backgrounds, rows, rain, beta_q, threshold, lut, out_bg, out_rainy, out_rain, mask, c,
+                      n_chunks)
 
 
-def check_finish_args(backgrounds, rain, beta_q, lut, out_bg, out_rainy, out_rain, mask) -> None:
-    """Shapes, dtypes and contiguity; raises ValueError naming the argument and the expected layout."""
-    check_composite_inputs(backgrounds, rain, beta_q)
-    n, h, w, _ = backgrounds.shape
+def background_rows(backgrounds, rows) -> np.ndarray:
+    """int64 [N] rows of ``backgrounds`` that hold the batch's patches: ``arange(len(backgrounds))`` for None, else
+    ``rows`` checked (a 1-d integer array of valid row numbers; repeats allowed)."""
+    if rows is None:
+        return np.arange(backgrounds.shape[0], dtype=np.int64)
+    r = np.asarray(rows)
+    if r.ndim != 1 or (r.size and not np.issubdtype(r.dtype, np.integer)):
+        raise ValueError(f"rows: expected a 1-d integer array of background rows, got {r.dtype}{r.shape}")
+    r = np.ascontiguousarray(r, dtype=np.int64)
+    if r.size and (r.min() < 0 or r.max() >= backgrounds.shape[0]):
+        raise ValueError(f"rows: background rows must lie in 0..{backgrounds.shape[0] - 1}, got "
+                         f"{int(r.min())}..{int(r.max())}")
+    return r
+
+
+def check_finish_args(backgrounds, rain, beta_q, lut, out_bg, out_rainy, out_rain, mask, n: int | None = None) -> None:
+    """Shapes, dtypes and contiguity; raises ValueError naming the argument and the expected layout. ``n``: patches
+    in the batch when the backgrounds are picked by row."""
+    check_composite_inputs(backgrounds, rain, beta_q, n)
+    n = backgrounds.shape[0] if n is None else n
+    _, h, w, _ = backgrounds.shape
     if lut.shape != (256,) or lut.dtype not in (np.float32, np.uint16, np.uint8):
         raise ValueError(f"lut: expected a float32, uint16 or uint8 table of 256 values, got {lut.dtype}{lut.shape}")
     for name, a, shape in (("out_bg", out_bg, (n, 3, h, w)), ("out_rainy", out_rainy, (n, 3, h, w)),
@@ -100,24 +119,29 @@ def check_finish_args(backgrounds, rain, beta_q, lut, out_bg, out_rainy, out_rai
 
 
 def finish_cpu(backgrounds: np.ndarray, rain: np.ndarray, beta_q: np.ndarray, threshold: int, lut: np.ndarray,
-               out_bg: np.ndarray, out_rainy: np.ndarray, out_rain: np.ndarray, mask: np.ndarray) -> None:
+               out_bg: np.ndarray, out_rainy: np.ndarray, out_rain: np.ndarray, mask: np.ndarray,
+               rows: np.ndarray | None = None) -> None:
     """Write a batch's planes from uint8 inputs; numba, parallel over patches.
 
     Args:
-        backgrounds: uint8 NHWC [N, H, W, 3] (0..255). rain: uint8 NHW (0..255, before beta; zeros for no rain).
+        backgrounds: uint8 NHWC [M, H, W, 3] (0..255): the batch's backgrounds, or with ``rows`` an array they are
+            picked from (e.g. a loader's resident subset: no gathered copy is made).
+        rain: uint8 NHW [N, H, W] (0..255, before beta; zeros for no rain).
         beta_q: int64 [N], beta in 1/1024 (0 for no rain). threshold: mask threshold on the 0..255 scale.
         lut: [256] float32 (``v / 255``), uint16 (16-bit float bits of it) or uint8 (identity): the output type.
         out_bg, out_rainy: [N, 3, H, W] NCHW of ``lut``'s dtype, written. out_rain: [N, 1, H, W], written, or an
             array with ``shape[0] == 0`` to skip the rain plane. mask: bool NHW, written.
+        rows: int64 [N]: patch i's background is ``backgrounds[rows[i]]``; None: ``backgrounds[i]`` (N = M).
     """
-    check_finish_args(backgrounds, rain, beta_q, lut, out_bg, out_rainy, out_rain, mask)
-    n = backgrounds.shape[0]
+    rows = background_rows(backgrounds, rows)
+    check_finish_args(backgrounds, rain, beta_q, lut, out_bg, out_rainy, out_rain, mask, rows.size)
+    n = rows.size
     if n == 0:
         return
     import numba
 
-    args = (np.ascontiguousarray(backgrounds), np.ascontiguousarray(rain), beta_q, np.int32(threshold), lut, out_bg,
-            out_rainy, out_rain, mask)
+    args = (np.ascontiguousarray(backgrounds), rows, np.ascontiguousarray(rain), beta_q, np.int32(threshold), lut,
+            out_bg, out_rainy, out_rain, mask)
     threads = numba.get_num_threads()
     if threads == 1 or n <= 2:
         _finish_chunk(*args, 0, 1)  # no parallel region: waking the pool costs more than tiny batches take

@@ -60,7 +60,7 @@ from numba.core.extending import intrinsic
 
 from kernels import params as P
 from kernels.composite import check_composite_args, composite_patch_cpu
-from kernels.finish import check_finish_args, finish_patch_cpu
+from kernels.finish import background_rows, check_finish_args, finish_patch_cpu
 from kernels import rng
 from kernels.jit import cpu_jit, cuda_device_jit
 
@@ -1049,12 +1049,13 @@ def _render_one_cpu(params, state, bank, i, pad, trig, gauss, kb, ext, rows, val
 
 
 @njit(cache=True)
-def _render_chunk_cpu(params, states, active, out, trig, gauss, c, n_chunks, stage, backgrounds, beta_q,
+def _render_chunk_cpu(params, states, active, out, trig, gauss, c, n_chunks, stage, backgrounds, bg_rows, beta_q,
                       threshold, rainy, mask, lut, out_bg, out_rainy, out_rain, bank):
     """Render patches c, c + n_chunks, ... with one set of scratch buffers (allocation stays off the per-patch
     path). Right after each patch's rain layer (while it is in L1), ``stage`` 1 (``STAGE_COMPOSITE``) also writes
     its uint8 rainy image and mask, ``stage`` 2 (``STAGE_FINISH``) its batch planes and mask
-    (``kernels.finish.finish_patch_cpu``); the arguments of the stage not run may be empty arrays. ``bank``:
+    (``kernels.finish.finish_patch_cpu``); patch i's background is ``backgrounds[bg_rows[i]]``; the arguments of the
+    stage not run may be empty arrays. ``bank``:
     prebuilt streak kernels, read only (``kernels.streak_bank.prepare``)."""
     n, h, w = out.shape
     pad = np.int64(params[P.CANVAS_PAD])
@@ -1099,19 +1100,19 @@ def _render_chunk_cpu(params, states, active, out, trig, gauss, c, n_chunks, sta
                                                            row_start, ev_base, ev_v, ev_start, ph_base, ph_v,
                                                            ph_start, qbuf, out[i])
         if stage == STAGE_COMPOSITE:
-            composite_patch_cpu(backgrounds[i].reshape(hw * 3), out[i].reshape(hw), np.int32(beta_q[i]),
+            composite_patch_cpu(backgrounds[bg_rows[i]].reshape(hw * 3), out[i].reshape(hw), np.int32(beta_q[i]),
                                 threshold, rainy[i].reshape(hw * 3), mask[i].reshape(hw), tt)
         elif stage == STAGE_FINISH:
-            finish_patch_cpu(backgrounds[i].reshape(hw * 3), out[i].reshape(hw), np.int32(beta_q[i]), threshold,
+            finish_patch_cpu(backgrounds[bg_rows[i]].reshape(hw * 3), out[i].reshape(hw), np.int32(beta_q[i]), threshold,
                              lut, out_bg[i].reshape((3, hw)), out_rainy[i].reshape((3, hw)),
                              out_rain[i].reshape(hw) if out_rain.shape[0] else out_rain.reshape(0), mask[i].reshape(hw))
 
 
 @njit(parallel=True, cache=True)
-def _render_cpu_kernel(params, states, active, out, trig, gauss, n_chunks, stage, backgrounds, beta_q,
+def _render_cpu_kernel(params, states, active, out, trig, gauss, n_chunks, stage, backgrounds, bg_rows, beta_q,
                        threshold, rainy, mask, lut, out_bg, out_rainy, out_rain, bank):
     for c in prange(n_chunks):
-        _render_chunk_cpu(params, states, active, out, trig, gauss, c, n_chunks, stage, backgrounds, beta_q,
+        _render_chunk_cpu(params, states, active, out, trig, gauss, c, n_chunks, stage, backgrounds, bg_rows, beta_q,
                           threshold, rainy, mask, lut, out_bg, out_rainy, out_rain, bank)
 
 
@@ -1200,21 +1201,25 @@ def render_composite_cpu(params: np.ndarray, states: np.ndarray, active: np.ndar
 
 def render_finish_cpu(params: np.ndarray, states: np.ndarray, active: np.ndarray, backgrounds: np.ndarray,
                       beta_q: np.ndarray, threshold: int, lut: np.ndarray, rain: np.ndarray, out_bg: np.ndarray,
-                      out_rainy: np.ndarray, out_rain: np.ndarray, mask: np.ndarray) -> None:
+                      out_rainy: np.ndarray, out_rain: np.ndarray, mask: np.ndarray,
+                      rows: np.ndarray | None = None) -> None:
     """``render_cpu`` into ``rain`` and ``kernels.finish.finish_cpu`` into the batch planes in one pass over the
     batch: each patch's planes are written right after its rain layer is made, while that is still in L1.
 
-    ``backgrounds`` uint8 NHWC [N, H, W, 3] (0..255), ``beta_q`` int64 [N] (beta in 1/1024), ``threshold`` on the
-    0..255 scale, ``lut`` the output type's table (float32, uint16 or uint8, see ``kernels.finish``); written:
-    ``rain`` uint8 NHW, ``out_bg`` / ``out_rainy`` [N, 3, H, W] and ``out_rain`` [N, 1, H, W] of ``lut``'s dtype
-    (``out_rain`` with ``shape[0] == 0`` is skipped), ``mask`` bool NHW. Same values as the two calls.
+    ``backgrounds`` uint8 NHWC [M, H, W, 3] (0..255; with ``rows`` int64 [N], patch i's background is
+    ``backgrounds[rows[i]]``, so a resident subset needs no gathered copy), ``beta_q`` int64 [N] (beta in
+    1/1024), ``threshold`` on the 0..255 scale, ``lut`` the output type's table (float32, uint16 or uint8, see
+    ``kernels.finish``); written: ``rain`` uint8 NHW, ``out_bg`` / ``out_rainy`` [N, 3, H, W] and ``out_rain``
+    [N, 1, H, W] of ``lut``'s dtype (``out_rain`` with ``shape[0] == 0`` is skipped), ``mask`` bool NHW. Same values
+    as the two calls.
     """
-    check_finish_args(backgrounds, rain, beta_q, lut, out_bg, out_rainy, out_rain, mask)
+    rows = background_rows(backgrounds, rows)
+    check_finish_args(backgrounds, rain, beta_q, lut, out_bg, out_rainy, out_rain, mask, rows.size)
     if not _fused_batch_ready(params, states, active, rain):
         return
     _launch_cpu(params, states, active, rain, STAGE_FINISH, backgrounds=np.ascontiguousarray(backgrounds),
-                beta_q=beta_q, threshold=threshold, mask=mask, lut=lut, out_bg=out_bg, out_rainy=out_rainy,
-                out_rain=out_rain)
+                bg_rows=rows, beta_q=beta_q, threshold=threshold, mask=mask, lut=lut, out_bg=out_bg,
+                out_rainy=out_rainy, out_rain=out_rain)
 
 
 _NO_BG = np.empty((0, 1, 1, 3), dtype=np.uint8)
@@ -1224,8 +1229,9 @@ _NO_LUT = np.empty(0, dtype=np.float32)
 _NO_PLANES = np.empty((0, 1, 1, 1), dtype=np.float32)
 
 
-def _launch_cpu(params, states, active, out, stage, backgrounds=_NO_BG, beta_q=_NO_BETA, threshold=0, rainy=_NO_BG,
-                mask=_NO_MASK, lut=_NO_LUT, out_bg=_NO_PLANES, out_rainy=_NO_PLANES, out_rain=_NO_PLANES) -> None:
+def _launch_cpu(params, states, active, out, stage, backgrounds=_NO_BG, bg_rows=None, beta_q=_NO_BETA, threshold=0,
+                rainy=_NO_BG, mask=_NO_MASK, lut=_NO_LUT, out_bg=_NO_PLANES, out_rainy=_NO_PLANES,
+                out_rain=_NO_PLANES) -> None:
     import numba
 
     from kernels import streak_bank
@@ -1234,7 +1240,10 @@ def _launch_cpu(params, states, active, out, stage, backgrounds=_NO_BG, beta_q=_
     threads = numba.get_num_threads()
     # the batch's streak kernels, built here (serially, outside any parallel region) when not yet banked
     bank = streak_bank.prepare(params, states, active)
-    args = (stage, backgrounds, beta_q, np.int32(threshold), rainy, mask, lut, out_bg, out_rainy, out_rain, bank)
+    if bg_rows is None:
+        bg_rows = np.arange(backgrounds.shape[0], dtype=np.int64)
+    args = (stage, backgrounds, bg_rows, beta_q, np.int32(threshold), rainy, mask, lut, out_bg, out_rainy, out_rain,
+            bank)
     if threads == 1 or n <= 2:
         # no parallel region: waking the thread pool costs more than small batches take
         _render_chunk_cpu(params, states, active, out, TRIG, GAUSS, 0, 1, *args)

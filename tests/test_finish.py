@@ -162,3 +162,31 @@ def test_synthesize_planes_equals_synthesize(rng, spec):
     assert np.array_equal(orain, F32[want_rain][:, None])
     assert np.array_equal(mask, want_mask)
     assert np.array_equal(beta, np.broadcast_to(want_beta, (n,)))
+
+
+def test_rows_pick_backgrounds_without_a_copy(rng):
+    # rows (with repeats, any order) give exactly what the gathered batch gives, on both finish paths
+    src = rng.integers(0, 256, (9, 12, 20, 3), dtype=np.uint8)
+    rows = np.array([4, 0, 8, 4, 2], dtype=np.int64)
+    keys = np.arange(5, dtype=np.int64) + 100
+    for spec in ("medium", "heldout-sparse", None):
+        got = _outputs(F32, 5, 12, 20)
+        want = _outputs(F32, 5, 12, 20)
+        rain_a, rain_b = np.empty((5, 12, 20), np.uint8), np.empty((5, 12, 20), np.uint8)
+        synth.synthesize_planes_cpu(src, spec, 3, keys, F32, rain_a, *got, rows=rows)
+        synth.synthesize_planes_cpu(src[rows], spec, 3, keys, F32, rain_b, *want)
+        assert np.array_equal(rain_a, rain_b)
+        for a, b in zip(got, want):
+            assert np.array_equal(a, b)
+
+
+def test_bad_rows_are_named(rng):
+    src = rng.integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
+    outs = _outputs(F32, 2, 4, 4)
+    rain = np.zeros((2, 4, 4), np.uint8)
+    with pytest.raises(ValueError, match="rows: background rows must lie in 0..2"):
+        finish.finish_cpu(src, rain, np.zeros(2, np.int64), 0, F32, *outs, rows=np.array([0, 3]))
+    with pytest.raises(ValueError, match="rows: expected a 1-d integer array"):
+        finish.finish_cpu(src, rain, np.zeros(2, np.int64), 0, F32, *outs, rows=np.array([0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"rain: expected uint8 NHW \[3, 4, 4\]"):  # 3 rows: a batch of 3
+        finish.finish_cpu(src, rain, np.zeros(2, np.int64), 0, F32, *outs, rows=np.array([0, 1, 2]))

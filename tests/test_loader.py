@@ -424,3 +424,25 @@ def test_gpu_modes_match_cpu(store_path):
     for dtype in ("bfloat16", "float16", "uint8"):  # the device conversion gives the host kernel's values
         cpu = _epoch(store_path, mode="resident", device="cpu", dtype=dtype, **kw)
         _assert_same_batches(cpu, _epoch(store_path, mode="dali", device="cuda", dtype=dtype, **kw))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_dali_batches_read_by_several_threads(store_path, store_patches, threads):
+    # batches of 40 are split over the read threads (>= BatchSource.MIN_PER_THREAD patches each); the ring of 4
+    # buffers is reused across the epoch, so a stale or overlapping part would show against plain zarr reads
+    kw = dict(batch_size=40, seed=2, epoch=1, threads=threads)
+    for b in _epoch(store_path, mode="dali", rain=None, **kw):
+        expect = store_patches[b.index.numpy()].transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255)
+        np.testing.assert_array_equal(b.background.numpy(), expect)
+    _assert_same_batches(_epoch(store_path, mode="resident", rain="medium", **kw),
+                         _epoch(store_path, mode="dali", rain="medium", **kw))
+
+
+def test_resident_cpu_batches_read_rows_in_place(store_path, store_patches):
+    # the CPU resident path hands the whole resident array plus row numbers to the kernels (no gathered copy):
+    # backgrounds must still be the batch's own patches, for every batch of several epochs
+    with Loader(store_path, subset=np.arange(5, 45, 3), batch_size=6, rain="small", mode="resident") as ld:
+        for e in range(3):
+            for b in ld.epoch(e):
+                expect = store_patches[b.index.numpy()].transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255)
+                np.testing.assert_array_equal(b.background.numpy(), expect)
