@@ -3,13 +3,16 @@
 Why it should be fast (DESIGN 4: a naive batch source reading 64-patch zarr chunks reached 17-23k patches/s on
 the H100 host; random patches through zarr-python decode a whole 64-patch chunk each, ~1,200 patches/s per core):
 
-- Batch granularity: one source call per batch returns the whole uint8 NHWC batch as one dense array, not one
-  call per sample.
+- Batch granularity: one source call per batch returns the whole uint8 NHWC batch (a dense array, or the list of
+  its patches' views), not one call per sample.
 - Zero-copy reads: the source calls ``PatchStore.read``, which bypasses zarr for the store's raw 64-patch chunks
   (``os.preadv`` of each run of consecutive indices straight into the batch buffer): a random patch costs one
-  49 KB read from the page cache instead of decoding its whole chunk through zarr-python. The batch buffers are a
-  ring reused in turn and handed to DALI with ``no_copy`` (no allocation, page faults or copy on the way in;
-  ``PatchStore.read`` into a reused buffer: ~10 us per random patch on the 2-core machine).
+  49 KB read from the page cache instead of decoding its whole chunk through zarr-python. Better still, for a
+  complete store the source hands DALI ``PatchStore.views``: per-patch views into memory maps of the chunk files,
+  so the only copy is the one DALI makes of every sample anyway (A/B in one process on the 2-core machine, batch
+  256: DALI loader 9,351 -> 9,951 patches/s float32, 11,364 -> 12,779 uint8). Otherwise the batch buffers are a
+  ring reused in turn and handed to DALI with ``no_copy`` (no allocation or page faults; reading ahead, see
+  ``BatchSource``).
 - Parallel workers: with ``workers > 0`` the source runs in DALI's worker processes (``parallel=True``), so reading
   overlaps with the rain synthesis of the previous batch in the main process. Workers are forked before anything
   touches CUDA (``pipe.start_py_workers()`` before ``build()``); when CUDA is already initialized in this process
@@ -20,9 +23,9 @@ arrives in device memory, where the loader synthesizes rain and converts to floa
 store indices form which batch) is computed by ``engine.loader`` and handed to the source, through shared memory
 when workers read it.
 
-Measured on the 2-core CPU machine (busy, so noisy): reading alone through this pipeline 10-11k patches/s wall
-(PatchStore.read alone 48k/s); the loader's CPU figure is bound by rain synthesis and float conversion, not by
-reading. The GPU path (``.gpu()``, ``feed_ndarray`` into a CUDA tensor) has not been run on a GPU yet.
+The pipeline uses DALI's pipelined executor (``exec_dynamic=False``), whose output buffers are reused: the default
+dynamic executor allocated fresh ones every batch, and their page faults were a third of the reader's CPU time.
+The GPU path (``.gpu()``, ``feed_ndarray`` into a CUDA tensor) has not been run on a GPU yet.
 """
 from __future__ import annotations
 
@@ -99,41 +102,61 @@ class PlanBoard:
                 pass
 
 
+VIEWS = True
+
+
 class BatchSource:
     """DALI batch source: ``(BatchInfo) -> (uint8 [n, P, P, 3] patches, int64 [n] store indices)``.
 
     Picklable (for spawned workers) when the store is (``PatchStore`` pickles as its path and reopens); the plan
     board is reattached by name in the worker.
+
+    Reading ahead: DALI calls the source inside ``pipe.run()`` on the loader's thread, so a read done there is time
+    the rain kernels' threads wait (cProfile of the DALI loader: 18 % of its wall time; one 49 KB ``preadv`` per
+    random patch, ~13 us). So each call returns the batch read in the background during the previous one and starts
+    reading the next batch of the plan; the rain kernels release the GIL (``nogil``), so the read proceeds while
+    they run. A read is also split over ``read_threads`` threads (``os.preadv`` releases the GIL).
     """
 
     #: Fewest patches per read thread: below this one thread reads the whole batch (thread hand-off costs more).
     MIN_PER_THREAD = 16
 
     def __init__(self, store: Any, board_name: str, capacity: int, batch_size: int, ring: int,
-                 read_threads: int = 1) -> None:
+                 read_threads: int = 1, read_ahead: bool = True) -> None:
         """``ring``: batch buffers reused in turn (``RING`` of ``DaliReader``): a returned batch is left untouched
-        until ``ring - 1`` more batches have been returned. ``read_threads``: threads that read one batch, each a
-        contiguous part of it (``os.preadv`` releases the GIL, so they read at once)."""
+        until ``ring - 2`` more batches have been returned (one slot is being read ahead). ``read_ahead``: off
+        when several DALI workers share the iterations (the next one is another worker's)."""
         self.store = store
-        self.read_threads = max(1, int(read_threads))
-        self._pool = None
+        self.read_ahead = read_ahead
         self.board_name = board_name
         self.capacity = capacity
         self.batch_size = batch_size
         self.ring = ring
+        self.read_threads = max(1, int(read_threads))
+        self._reset()
+
+    def _reset(self) -> None:
+        """State of the process that reads (none of it is pickled: a worker builds its own)."""
         self._board: PlanBoard | None = None
         self._buffers: list[tuple[np.ndarray, np.ndarray]] = []
         self._turn = 0
         self._takes_out: bool | None = None
+        self._pool = None        # threads splitting one read
+        self._ahead = None       # the thread reading the next batch
+        self._pending: tuple | None = None   # ((dali epoch, iteration), patches, index, future)
+        self.use_views = VIEWS and hasattr(self.store, "views")
 
     def __getstate__(self) -> dict:
         return dict(store=self.store, board_name=self.board_name, capacity=self.capacity,
-                    batch_size=self.batch_size, ring=self.ring, read_threads=self.read_threads, _pool=None,
-                    _board=None, _buffers=[], _turn=0, _takes_out=None)
+                    batch_size=self.batch_size, ring=self.ring, read_threads=self.read_threads,
+                    read_ahead=self.read_ahead)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset()
 
     def _buffer(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Views of the next ring slot for ``n`` patches (slots are allocated on first use, in the process that
-        reads: a worker has its own)."""
+        """Views of the next ring slot for ``n`` patches (allocated on first use)."""
         if len(self._buffers) < self.ring:
             p = self.store.patch_size
             self._buffers.append((np.empty((self.batch_size, p, p, 3), dtype=np.uint8),
@@ -143,14 +166,21 @@ class BatchSource:
         return patches[:n], index[:n]
 
     def _read_into(self, idx: np.ndarray, out: np.ndarray) -> None:
-        """``store.read(idx, out=out)``, split over ``read_threads`` threads. The source runs inside
-        ``pipe.run()`` on the loader's thread, so the read is time the rain kernels' threads wait: one 49 KB
-        ``preadv`` per random patch, ~13 us (cProfile of the DALI loader: 18 % of its wall time)."""
+        """The patches ``idx`` into ``out`` (uint8 [n, P, P, 3]), split over ``read_threads`` threads."""
+        if self._takes_out is None:
+            from engine.loader import _accepts_out
+
+            self._takes_out = _accepts_out(self.store)
+        if not self._takes_out:
+            from engine.loader import _checked
+
+            np.copyto(out, _checked(self.store.read(idx), out.shape))
+            return
         k = min(self.read_threads, idx.size // self.MIN_PER_THREAD)
         if k <= 1:
             self.store.read(idx, out=out)
             return
-        if self._pool is None:  # created in the process that reads (a worker has its own)
+        if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="rainsweep-read")
@@ -159,25 +189,51 @@ class BatchSource:
         for part in parts:
             part.result()  # re-raises a read error here
 
+    def _start_reading(self, key: tuple[int, int], idx: np.ndarray) -> None:
+        if self._ahead is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._ahead = ThreadPoolExecutor(1, thread_name_prefix="rainsweep-read-ahead")
+        patches, index = self._buffer(idx.size)
+        index[:] = idx
+        self._pending = (key, patches, index, self._ahead.submit(self._read_into, idx, patches))
+
     def __call__(self, info: Any) -> tuple[np.ndarray, np.ndarray]:
         if self._board is None:
             self._board = PlanBoard(self.capacity, name=self.board_name)
-        idx = self._board.batch(info.epoch_idx, info.iteration)
-        if idx is None:
-            raise StopIteration
-        patches, index = self._buffer(idx.size)
-        index[:] = idx
-        if self._takes_out is None:
-            from engine.loader import _accepts_out
+        key = (info.epoch_idx, info.iteration)
+        batch = None
+        if self._pending is not None:
+            pkey, patches, index, future = self._pending
+            self._pending = None
+            future.result()  # finished before its slot can come round again; re-raises a read error
+            if pkey == key:
+                batch = (patches, index)
+            # else: read ahead for an epoch that was abandoned: dropped
+        if batch is None:
+            idx = self._board.batch(*key)
+            if idx is None:
+                raise StopIteration
+            if self.use_views:
+                views = self.store.views(idx)  # no read at all: DALI copies each sample from the page cache
+                if views is not None:
+                    return views, idx
+                self.use_views = False
+            patches, index = self._buffer(idx.size)
+            index[:] = idx
+            self._read_into(idx, patches)
+            batch = (patches, index)
+        nxt = self._board.batch(key[0], key[1] + 1) if (self.read_ahead and not self.use_views) else None
+        if nxt is not None:
+            self._start_reading((key[0], key[1] + 1), nxt)
+        return batch
 
-            self._takes_out = _accepts_out(self.store)
-        if self._takes_out:
-            self._read_into(idx, patches)  # straight into the slot
-        else:
-            from engine.loader import _checked
-
-            np.copyto(patches, _checked(self.store.read(idx), patches.shape))
-        return patches, index
+    def close(self) -> None:
+        """Stop the read threads of this process."""
+        for pool in (self._ahead, self._pool):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._ahead = self._pool = None
 
 
 def _picklable(obj: Any) -> bool:
@@ -216,10 +272,10 @@ class DaliReader:
         self.workers = workers
         start = "spawn" if (workers and torch.cuda.is_available() and torch.cuda.is_initialized()) else "fork"
         # The source hands DALI its ring buffers without a copy (no_copy; parallel workers imply it): DALI reads a
-        # fed batch until prefetch iterations later, and on the CPU the loader's batch is a view of it until the
-        # next batch is asked for, so RING = prefetch + 2 slots cover both.
-        source = self.source = BatchSource(store, self.board.name, self.capacity, batch_size, prefetch + 2,
-                                           read_threads=threads)
+        # fed batch until prefetch iterations later, on the CPU the loader's batch is a view of it until the next
+        # batch is asked for, and one more slot is being read ahead: RING = prefetch + 3 slots cover all three.
+        source = self.source = BatchSource(store, self.board.name, self.capacity, batch_size, prefetch + 3,
+                                           read_threads=threads, read_ahead=workers <= 1)
         device_id = device.index if device.type == "cuda" else None
         on_gpu = device.type == "cuda"
 
@@ -305,8 +361,8 @@ class DaliReader:
         if pipe is not None:
             del pipe  # DALI stops its workers when the pipeline is freed
         source = getattr(self, "source", None)
-        if source is not None and source._pool is not None:
-            source._pool.shutdown(wait=False)  # the in-process read threads
+        if source is not None:
+            source.close()  # the in-process read threads (a read ahead finishes first: it writes our buffers)
         if getattr(self, "board", None) is not None:
             self.board.close()
             self.board = None

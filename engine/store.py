@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import threading
@@ -79,6 +80,9 @@ META_ARRAYS: dict[str, tuple[str, tuple[int, ...]]] = {
 #: attribute fields that legitimately differ between two identical runs (excluded from the fingerprint)
 VOLATILE_ATTRS = ("run", "rainsweep_version")
 _FD_CACHE_SIZE = 64
+#: Chunk maps kept per process. Each map holds a duplicated descriptor (Python's mmap keeps one), so this stays well
+#: below the usual 1,024 open-file limit; 256 maps cover 16,384 patches of 64-patch chunks without remapping.
+_MAP_CACHE_SIZE = 256
 
 
 class _FdCache(OrderedDict):
@@ -203,6 +207,7 @@ class PatchStore:
         self._meta: dict[str, np.ndarray] = {}
         self._raw = self._raw_layout_ok()
         self._local = threading.local()
+        self._maps: dict = {}
 
     def _raw_layout_ok(self) -> bool:
         """True when chunk files are raw C-order bytes we can pread directly (the layout we write)."""
@@ -375,6 +380,53 @@ class PatchStore:
                     raise StoreError(f"store {str(self.path)!r}: damaged: chunk {i0 // C} is truncated "
                                      f"(read {got} of {want} bytes at offset {off})")
         return out
+
+    def views(self, indices: Any) -> list[np.ndarray] | None:
+        """Read-only uint8 [P, P, 3] views of the patches at ``indices`` straight into memory maps of the chunk
+        files (no copy: the page cache itself), in the order given; None when the store's layout does not allow it
+        (not the raw layout, or an incomplete store whose files still change). The maps live as long as any view
+        of them; the store keeps up to ``_MAP_CACHE_SIZE`` chunk maps per process.
+
+        Why: a loader that copies each patch anyway (DALI copies every sample of a batch into its own buffers) then
+        reads with one copy instead of two (``read`` copies from the page cache with ``preadv``).
+        """
+        if not (self._raw and self.complete):
+            return None
+        idx = self._check_indices(indices)
+        pb = self.patch_size * self.patch_size * 3
+        shape = (self.patch_size, self.patch_size, 3)
+        C = self.chunk_patches
+        out = []
+        for i in idx.tolist():
+            flat = self._map(i // C)
+            off = (i % C) * pb
+            if off + pb > flat.size:
+                raise StoreError(f"store {str(self.path)!r}: damaged: chunk {i // C} is truncated "
+                                 f"({flat.size} bytes, patch {i} ends at {off + pb})")
+            out.append(flat[off:off + pb].reshape(shape))
+        return out
+
+    def _map(self, chunk: int) -> np.ndarray:
+        """The chunk file as a read-only uint8 array over a memory map (per-process LRU, like ``_fd``)."""
+        maps = self._maps
+        if maps.get("pid") != os.getpid():
+            maps.clear()
+            maps["pid"] = os.getpid()
+            maps["lru"] = OrderedDict()
+        lru: OrderedDict = maps["lru"]
+        flat = lru.get(chunk)
+        if flat is not None:
+            lru.move_to_end(chunk)
+            return flat
+        fd = self._fd(chunk)
+        size = os.fstat(fd).st_size
+        if size == 0:
+            raise StoreError(f"store {str(self.path)!r}: damaged: chunk {chunk} is empty")
+        flat = np.frombuffer(mmap.mmap(fd, size, access=mmap.ACCESS_READ), dtype=np.uint8)
+        lru[chunk] = flat
+        if len(lru) > _MAP_CACHE_SIZE:
+            lru.popitem(last=False)  # views still in use keep their map alive
+        return flat
 
     def read_range(self, start: int, stop: int) -> np.ndarray:
         """Patches ``start..stop-1`` as uint8 [n, P, P, 3] (sequential read)."""

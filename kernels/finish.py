@@ -64,7 +64,7 @@ def finish_patch_cpu(b, r, q, threshold, lut, ob, oy, orain, m):
         m[p] = np.int32(r[p]) > threshold
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)  # nogil: reads of the next batch proceed meanwhile (engine.loader_dali)
 def _finish_chunk(backgrounds, rows, rain, beta_q, threshold, lut, out_bg, out_rainy, out_rain, mask, c, n_chunks):
     n = rows.shape[0]
     _, h, w, _ = backgrounds.shape
@@ -77,7 +77,7 @@ def _finish_chunk(backgrounds, rows, rain, beta_q, threshold, lut, out_bg, out_r
                          lut, out_bg[i].reshape((3, hw)), out_rainy[i].reshape((3, hw)), orain, mask[i].reshape(hw))
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _finish_cpu_kernel(backgrounds, rows, rain, beta_q, threshold, lut, out_bg, out_rainy, out_rain, mask, n_chunks):
     for c in prange(n_chunks):
         _finish_chunk(backgrounds, rows, rain, beta_q, threshold, lut, out_bg, out_rainy, out_rain, mask, c,

@@ -1048,7 +1048,7 @@ def _render_one_cpu(params, state, bank, i, pad, trig, gauss, kb, ext, rows, val
     return ev_base, ev_v, ph_base, ph_v
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _render_chunk_cpu(params, states, active, out, trig, gauss, c, n_chunks, stage, backgrounds, bg_rows, beta_q,
                       threshold, rainy, mask, lut, out_bg, out_rainy, out_rain, bank):
     """Render patches c, c + n_chunks, ... with one set of scratch buffers (allocation stays off the per-patch
@@ -1108,7 +1108,8 @@ def _render_chunk_cpu(params, states, active, out, trig, gauss, c, n_chunks, sta
                              out_rain[i].reshape(hw) if out_rain.shape[0] else out_rain.reshape(0), mask[i].reshape(hw))
 
 
-@njit(parallel=True, cache=True)
+# nogil: the DALI loader's read-ahead thread reads the next batch while the rain is rendered
+@njit(parallel=True, cache=True, nogil=True)
 def _render_cpu_kernel(params, states, active, out, trig, gauss, n_chunks, stage, backgrounds, bg_rows, beta_q,
                        threshold, rainy, mask, lut, out_bg, out_rainy, out_rain, bank):
     for c in prange(n_chunks):

@@ -426,10 +426,15 @@ def test_gpu_modes_match_cpu(store_path):
         _assert_same_batches(cpu, _epoch(store_path, mode="dali", device="cuda", dtype=dtype, **kw))
 
 
+@pytest.mark.parametrize("views", [True, False])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_dali_batches_read_by_several_threads(store_path, store_patches, threads):
-    # batches of 40 are split over the read threads (>= BatchSource.MIN_PER_THREAD patches each); the ring of 4
-    # buffers is reused across the epoch, so a stale or overlapping part would show against plain zarr reads
+def test_dali_batches_read_by_several_threads(store_path, store_patches, threads, views, monkeypatch):
+    # views: the source hands DALI views into the chunk files' memory maps; without them it reads ahead into a ring
+    # of buffers, each batch of 40 split over the read threads (>= BatchSource.MIN_PER_THREAD patches each). A
+    # stale, overlapping or early-recycled part would show against plain zarr reads
+    import engine.loader_dali as D
+
+    monkeypatch.setattr(D, "VIEWS", views)
     kw = dict(batch_size=40, seed=2, epoch=1, threads=threads)
     for b in _epoch(store_path, mode="dali", rain=None, **kw):
         expect = store_patches[b.index.numpy()].transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255)
@@ -444,5 +449,23 @@ def test_resident_cpu_batches_read_rows_in_place(store_path, store_patches):
     with Loader(store_path, subset=np.arange(5, 45, 3), batch_size=6, rain="small", mode="resident") as ld:
         for e in range(3):
             for b in ld.epoch(e):
+                expect = store_patches[b.index.numpy()].transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255)
+                np.testing.assert_array_equal(b.background.numpy(), expect)
+
+
+def test_dali_read_ahead_survives_abandoned_epochs(store_path, store_patches, monkeypatch):
+    # an epoch left after its first batch has a read ahead in flight for that epoch; the next epochs must not
+    # receive it
+    import engine.loader_dali as D
+
+    monkeypatch.setattr(D, "VIEWS", False)
+    with Loader(store_path, batch_size=5, rain=None, mode="dali", seed=4) as ld:
+        for e in range(3):
+            it = ld.epoch(e)
+            next(it)
+            it.close()
+            batches = list(ld.epoch(e + 10))
+            assert [b.index.numpy().tolist() for b in batches] == [p.tolist() for p in ld.plan(e + 10)]
+            for b in batches:
                 expect = store_patches[b.index.numpy()].transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255)
                 np.testing.assert_array_equal(b.background.numpy(), expect)

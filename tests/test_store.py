@@ -223,3 +223,44 @@ def test_summary(small):
     assert d["sharpness"]["q0"] == pytest.approx(s.sharpness.min())
     assert d["sharpness"]["q100"] == pytest.approx(s.sharpness.max())
     assert sum(d["sharpness_bands"].values()) <= 150
+
+
+def test_views_are_the_patches_without_a_copy(small, rng, monkeypatch):
+    s, x = small
+    idx = np.concatenate([rng.integers(0, 150, 200), [149, 0, 31, 32]])
+    views = s.views(idx)
+    assert len(views) == len(idx)
+    for v, i in zip(views, idx):
+        assert v.shape == (16, 16, 3) and v.dtype == np.uint8 and not v.flags.writeable
+        np.testing.assert_array_equal(v, x[i])
+    # more chunks than the map cache holds: evicted maps stay valid while a view uses them
+    import engine.store as S
+
+    monkeypatch.setattr(S, "_MAP_CACHE_SIZE", 2)
+    again = s.views(np.arange(150))
+    np.testing.assert_array_equal(np.stack(again), x)
+    np.testing.assert_array_equal(np.stack(views), x[idx])
+    with pytest.raises(IndexError):
+        s.views([150])
+
+
+def test_no_views_for_compressed_or_incomplete_stores(tmp_path, rng, small):
+    x = _patches(rng, 40)
+    s = write_store(tmp_path / "z.zarr", x)
+    g = zarr.open_group(str(s.path), mode="r+")
+    del g["patches"]
+    g.create_array("patches", data=x, chunks=(8, 16, 16, 3))  # compressed: no raw chunk files
+    assert open_store(s.path).views([0, 1]) is None
+    t, _ = small
+    t.attrs = {**t.attrs, "complete": False}  # files of an unfinished store may still change
+    assert t.views([0]) is None
+
+
+def test_views_report_a_truncated_chunk(small):
+    s, _ = small
+    f = Path(s.path) / "patches" / "c" / "4" / "0" / "0" / "0"  # the last chunk: patches 128..149
+    os.truncate(f, 16 * 16 * 3 * 5)
+    t = open_store(s.path)
+    assert len(t.views([130])) == 1
+    with pytest.raises(StoreError, match="chunk 4 is truncated"):
+        t.views([140])
