@@ -9,8 +9,8 @@ renderer reads it.
 How it is used (``prepare``, called by ``rain_streak._launch_cpu`` before every CPU batch): a numba pre-pass draws
 each active patch's combination (the same ``_draw_params_cpu`` draws as the renderer), the missing kernels are
 built serially on the calling thread (warm-up cost only), and the renderer gets ``(combos, meta, rinfo, taps)``
-to read inside its parallel region. The arrays are only written here, outside any parallel region, under the GIL
-(the numba functions do not release it) and a lock. Growing replaces ``rinfo`` / ``taps`` (the renderer keeps the
+to read inside its parallel region. The arrays are only written here, outside any parallel region, under a lock
+(the render kernels release the GIL, so another thread may be rendering meanwhile). Growing replaces ``rinfo`` / ``taps`` (the renderer keeps the
 ones it was handed) and a built entry is never rewritten; ``meta`` is shared, but a renderer only reads the entries
 of its own batch, which were complete (or left out for good, see ``_Bank.full``) when it got them. No races.
 
