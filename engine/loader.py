@@ -481,12 +481,8 @@ class ResidentData:
         return np.searchsorted(self.sorted, index)
 
     def gather(self, rows: Any) -> Any:
-        """uint8 NHWC torch batch of ``rows`` (host numpy int64 on the CPU, a device int64 tensor on a GPU). The
-        CPU loader does not gather: its kernels read the resident rows in place (``finish_batch``'s ``rows``)."""
-        import torch
-
-        if isinstance(self.data, np.ndarray):
-            return torch.from_numpy(np.take(self.data, rows, axis=0))
+        """uint8 NHWC batch of ``rows`` (a device int64 tensor) on the GPU. The CPU loader does not gather: its
+        kernels read the resident rows in place (``finish_batch``'s ``rows``)."""
         return self.data.index_select(0, rows)
 
 

@@ -11,8 +11,8 @@ the H100 host; random patches through zarr-python decode a whole 64-patch chunk 
   complete store the source hands DALI ``PatchStore.views``: per-patch views into memory maps of the chunk files,
   so the only copy is the one DALI makes of every sample anyway (A/B in one process on the 2-core machine, batch
   256: DALI loader 9,351 -> 9,951 patches/s float32, 11,364 -> 12,779 uint8). Otherwise the batch buffers are a
-  ring reused in turn and handed to DALI with ``no_copy`` (no allocation or page faults; reading ahead, see
-  ``BatchSource``).
+  ring reused in turn and handed to DALI with ``no_copy`` (no allocation or page faults), each batch read by
+  several threads (see ``BatchSource``).
 - Parallel workers: with ``workers > 0`` the source runs in DALI's worker processes (``parallel=True``), so reading
   overlaps with the rain synthesis of the previous batch in the main process. Workers are forked before anything
   touches CUDA (``pipe.start_py_workers()`` before ``build()``); when CUDA is already initialized in this process
@@ -111,23 +111,20 @@ class BatchSource:
     Picklable (for spawned workers) when the store is (``PatchStore`` pickles as its path and reopens); the plan
     board is reattached by name in the worker.
 
-    Reading ahead: DALI calls the source inside ``pipe.run()`` on the loader's thread, so a read done there is time
-    the rain kernels' threads wait (cProfile of the DALI loader: 18 % of its wall time; one 49 KB ``preadv`` per
-    random patch, ~13 us). So each call returns the batch read in the background during the previous one and starts
-    reading the next batch of the plan; the rain kernels release the GIL (``nogil``), so the read proceeds while
-    they run. A read is also split over ``read_threads`` threads (``os.preadv`` releases the GIL).
+    A complete store's batch is handed over as per-patch views (``PatchStore.views``: no read at all). Otherwise
+    the source reads into a ring slot; DALI calls it inside ``pipe.run()`` on the loader's thread, where a read is
+    time the rain kernels' threads wait (cProfile of the DALI loader: 18 % of its wall time; one 49 KB ``preadv``
+    per random patch, ~13 us), so the read is split over ``read_threads`` threads (``os.preadv`` releases the GIL).
     """
 
     #: Fewest patches per read thread: below this one thread reads the whole batch (thread hand-off costs more).
     MIN_PER_THREAD = 16
 
     def __init__(self, store: Any, board_name: str, capacity: int, batch_size: int, ring: int,
-                 read_threads: int = 1, read_ahead: bool = True) -> None:
+                 read_threads: int = 1) -> None:
         """``ring``: batch buffers reused in turn (``RING`` of ``DaliReader``): a returned batch is left untouched
-        until ``ring - 2`` more batches have been returned (one slot is being read ahead). ``read_ahead``: off
-        when several DALI workers share the iterations (the next one is another worker's)."""
+        until ``ring - 1`` more batches have been returned."""
         self.store = store
-        self.read_ahead = read_ahead
         self.board_name = board_name
         self.capacity = capacity
         self.batch_size = batch_size
@@ -142,14 +139,11 @@ class BatchSource:
         self._turn = 0
         self._takes_out: bool | None = None
         self._pool = None        # threads splitting one read
-        self._ahead = None       # the thread reading the next batch
-        self._pending: tuple | None = None   # ((dali epoch, iteration), patches, index, future)
         self.use_views = VIEWS and hasattr(self.store, "views")
 
     def __getstate__(self) -> dict:
         return dict(store=self.store, board_name=self.board_name, capacity=self.capacity,
-                    batch_size=self.batch_size, ring=self.ring, read_threads=self.read_threads,
-                    read_ahead=self.read_ahead)
+                    batch_size=self.batch_size, ring=self.ring, read_threads=self.read_threads)
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -189,51 +183,27 @@ class BatchSource:
         for part in parts:
             part.result()  # re-raises a read error here
 
-    def _start_reading(self, key: tuple[int, int], idx: np.ndarray) -> None:
-        if self._ahead is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._ahead = ThreadPoolExecutor(1, thread_name_prefix="rainsweep-read-ahead")
-        patches, index = self._buffer(idx.size)
-        index[:] = idx
-        self._pending = (key, patches, index, self._ahead.submit(self._read_into, idx, patches))
-
-    def __call__(self, info: Any) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, info: Any) -> tuple[Any, np.ndarray]:
         if self._board is None:
             self._board = PlanBoard(self.capacity, name=self.board_name)
-        key = (info.epoch_idx, info.iteration)
-        batch = None
-        if self._pending is not None:
-            pkey, patches, index, future = self._pending
-            self._pending = None
-            future.result()  # finished before its slot can come round again; re-raises a read error
-            if pkey == key:
-                batch = (patches, index)
-            # else: read ahead for an epoch that was abandoned: dropped
-        if batch is None:
-            idx = self._board.batch(*key)
-            if idx is None:
-                raise StopIteration
-            if self.use_views:
-                views = self.store.views(idx)  # no read at all: DALI copies each sample from the page cache
-                if views is not None:
-                    return views, idx
-                self.use_views = False
-            patches, index = self._buffer(idx.size)
-            index[:] = idx
-            self._read_into(idx, patches)
-            batch = (patches, index)
-        nxt = self._board.batch(key[0], key[1] + 1) if (self.read_ahead and not self.use_views) else None
-        if nxt is not None:
-            self._start_reading((key[0], key[1] + 1), nxt)
-        return batch
+        idx = self._board.batch(info.epoch_idx, info.iteration)
+        if idx is None:
+            raise StopIteration
+        if self.use_views:
+            views = self.store.views(idx)  # no read at all: DALI copies each sample from the page cache
+            if views is not None:
+                return views, idx
+            self.use_views = False
+        patches, index = self._buffer(idx.size)
+        index[:] = idx
+        self._read_into(idx, patches)
+        return patches, index
 
     def close(self) -> None:
         """Stop the read threads of this process."""
-        for pool in (self._ahead, self._pool):
-            if pool is not None:
-                pool.shutdown(wait=True)
-        self._ahead = self._pool = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        self._pool = None
 
 
 def _picklable(obj: Any) -> bool:
@@ -272,10 +242,10 @@ class DaliReader:
         self.workers = workers
         start = "spawn" if (workers and torch.cuda.is_available() and torch.cuda.is_initialized()) else "fork"
         # The source hands DALI its ring buffers without a copy (no_copy; parallel workers imply it): DALI reads a
-        # fed batch until prefetch iterations later, on the CPU the loader's batch is a view of it until the next
-        # batch is asked for, and one more slot is being read ahead: RING = prefetch + 3 slots cover all three.
-        source = self.source = BatchSource(store, self.board.name, self.capacity, batch_size, prefetch + 3,
-                                           read_threads=threads, read_ahead=workers <= 1)
+        # fed batch until prefetch iterations later, and on the CPU the loader's batch is a view of it until the
+        # next batch is asked for, so RING = prefetch + 2 slots cover both.
+        source = self.source = BatchSource(store, self.board.name, self.capacity, batch_size, prefetch + 2,
+                                           read_threads=threads)
         device_id = device.index if device.type == "cuda" else None
         on_gpu = device.type == "cuda"
 
@@ -362,7 +332,7 @@ class DaliReader:
             del pipe  # DALI stops its workers when the pipeline is freed
         source = getattr(self, "source", None)
         if source is not None:
-            source.close()  # the in-process read threads (a read ahead finishes first: it writes our buffers)
+            source.close()  # the in-process read threads
         if getattr(self, "board", None) is not None:
             self.board.close()
             self.board = None

@@ -64,7 +64,7 @@ def finish_patch_cpu(b, r, q, threshold, lut, ob, oy, orain, m):
         m[p] = np.int32(r[p]) > threshold
 
 
-@njit(cache=True, nogil=True)  # nogil: reads of the next batch proceed meanwhile (engine.loader_dali)
+@njit(cache=True, nogil=True)  # nogil: other Python threads run meanwhile, as for the render kernels
 def _finish_chunk(backgrounds, rows, rain, beta_q, threshold, lut, out_bg, out_rainy, out_rain, mask, c, n_chunks):
     n = rows.shape[0]
     _, h, w, _ = backgrounds.shape

@@ -1108,7 +1108,7 @@ def _render_chunk_cpu(params, states, active, out, trig, gauss, c, n_chunks, sta
                              out_rain[i].reshape(hw) if out_rain.shape[0] else out_rain.reshape(0), mask[i].reshape(hw))
 
 
-# nogil: the DALI loader's read-ahead thread reads the next batch while the rain is rendered
+# nogil: other Python threads (DALI's, a caller's) run while a batch is rendered
 @njit(parallel=True, cache=True, nogil=True)
 def _render_cpu_kernel(params, states, active, out, trig, gauss, n_chunks, stage, backgrounds, bg_rows, beta_q,
                        threshold, rainy, mask, lut, out_bg, out_rainy, out_rain, bank):

@@ -429,8 +429,8 @@ def test_gpu_modes_match_cpu(store_path):
 @pytest.mark.parametrize("views", [True, False])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_dali_batches_read_by_several_threads(store_path, store_patches, threads, views, monkeypatch):
-    # views: the source hands DALI views into the chunk files' memory maps; without them it reads ahead into a ring
-    # of buffers, each batch of 40 split over the read threads (>= BatchSource.MIN_PER_THREAD patches each). A
+    # views: the source hands DALI views into the chunk files' memory maps; without them it reads into a ring of
+    # buffers, each batch of 40 split over the read threads (>= BatchSource.MIN_PER_THREAD patches each). A
     # stale, overlapping or early-recycled part would show against plain zarr reads
     import engine.loader_dali as D
 
@@ -453,9 +453,8 @@ def test_resident_cpu_batches_read_rows_in_place(store_path, store_patches):
                 np.testing.assert_array_equal(b.background.numpy(), expect)
 
 
-def test_dali_read_ahead_survives_abandoned_epochs(store_path, store_patches, monkeypatch):
-    # an epoch left after its first batch has a read ahead in flight for that epoch; the next epochs must not
-    # receive it
+def test_dali_ring_survives_abandoned_epochs(store_path, store_patches, monkeypatch):
+    # an epoch left after its first batch leaves prefetched ring slots behind; the next epochs must not receive them
     import engine.loader_dali as D
 
     monkeypatch.setattr(D, "VIEWS", False)
