@@ -273,8 +273,9 @@ def torch_dtype(dtype: str):
     return getattr(torch, resolve_dtype(dtype))
 
 
-#: numpy type the CPU kernel writes for each output dtype (16-bit floats as their bit patterns, viewed by torch).
-_STORAGE = {"float32": np.float32, "bfloat16": np.uint16, "float16": np.uint16, "uint8": np.uint8}
+#: numpy type the CPU kernel writes for each output dtype (16-bit floats as their bit patterns, viewed by torch;
+#: int16 for bfloat16 and uint16 for float16, which is how ``kernels.finish`` tells the two apart).
+_STORAGE = {"float32": np.float32, "bfloat16": np.int16, "float16": np.uint16, "uint8": np.uint8}
 _HOST_LUTS: dict[str, np.ndarray] = {}
 
 
@@ -289,7 +290,7 @@ def _host_lut(dtype: str) -> np.ndarray:
         elif dtype == "uint8":
             lut = np.arange(256, dtype=np.uint8)
         else:
-            lut = torch.from_numpy(_UNIT_LUT).to(torch_dtype(dtype)).view(torch.int16).numpy().view(np.uint16)
+            lut = torch.from_numpy(_UNIT_LUT).to(torch_dtype(dtype)).view(torch.int16).numpy().view(_STORAGE[dtype])
         _HOST_LUTS[dtype] = np.ascontiguousarray(lut)
     return _HOST_LUTS[dtype]
 

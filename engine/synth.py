@@ -216,7 +216,7 @@ def synthesize_planes_cpu(backgrounds: np.ndarray, spec: RainSpec | None, seed: 
     Args:
         backgrounds: uint8 NHWC [M, H, W, 3] numpy (0..255): the batch's backgrounds, or with ``rows`` (int64
             [N]) an array they are picked from: patch i's background is ``backgrounds[rows[i]]`` (no gathered copy).
-        keys: int64 [N]. lut: [256] float32 / uint16 / uint8 table of the output type (``kernels.finish``).
+        keys: int64 [N]. lut: [256] float32 / int16 (bfloat16) / uint16 (float16) / uint8 table of the output type (``kernels.finish``).
         rain, out_bg, out_rainy, out_rain, mask: numpy outputs, C-contiguous.
 
     Returns:

@@ -16,14 +16,19 @@ The conversion is chosen at compile time from the table's dtype (``_convert`` is
     58 against 118 us per 128 x 128 patch on the 2-core machine (the look-up version plus a separate uint8
     composite took 114).
   - uint8: the value itself (the table is the identity; not read).
-  - uint16 (16-bit float bit patterns): the table look-up.
+  - int16 (bfloat16 bit patterns) and uint16 (float16 bit patterns): computed from the float32 quotient's bits by
+    integer rounding to nearest even (``_bf16_bits``, ``_f16_bits``), exactly torch's ``float32 -> bfloat16 /
+    float16`` conversion for these values (tested against it for all 256). The two 16-bit types share a size, so
+    the table's integer signedness is what tells them apart at compile time. A 256-entry look-up (the previous
+    way) stays scalar; the computed form vectorizes like float32 and writes half its bytes.
 """
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange
 from numba.core import types
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
 from kernels.composite import check_composite_inputs
 
@@ -33,15 +38,51 @@ def _convert(v, lut):
     raise NotImplementedError("numba-only helper")
 
 
+@intrinsic
+def _f32_bits(typingctx, x):
+    """The IEEE bits of float32 ``x`` as an int32 (a bit cast; numba has no scalar ``view``)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
+@njit(inline="always")
+def _bf16_bits(v):
+    """bfloat16 bits (as int16) of ``float32(v) / 255`` for an int32 ``v`` in 0..255: the float32 bits rounded to
+    their top 16 by round-to-nearest-even (``u`` <= 0x3F800000, so nothing overflows)."""
+    u = _f32_bits(np.float32(v) / np.float32(255.0))
+    return np.int16((u + np.int32(0x7FFF) + ((u >> 16) & np.int32(1))) >> 16)
+
+
+@njit(inline="always")
+def _f16_bits(v):
+    """float16 bits (as uint16) of ``float32(v) / 255`` for an int32 ``v`` in 0..255. Every nonzero quotient
+    (>= 1/255) is a normal float16, so: exponent rebiased (127 -> 15), top 10 of the 23 mantissa bits kept, the
+    other 13 rounded to nearest even (a carry into the exponent is the right result); 0 stays 0."""
+    u = _f32_bits(np.float32(v) / np.float32(255.0))
+    h = (((u >> 23) - np.int32(112)) << 10) | ((u & np.int32(0x7FFFFF)) >> 13)
+    r = u & np.int32(0x1FFF)
+    h += np.int32(r > 0x1000) | (np.int32(r == 0x1000) & (h & np.int32(1)))
+    return np.uint16(h & -np.int32(u != 0))
+
+
 @overload(_convert, inline="always")
 def _convert_impl(v, lut):
-    """Chosen at compile time from the table's dtype (module docstring): computed for float32 and uint8, looked up
-    for the 16-bit float bit patterns."""
+    """Chosen at compile time from the table's dtype (module docstring); every type is computed, the table only
+    names the type."""
     if lut.dtype == types.float32:
         return lambda v, lut: np.float32(v) / np.float32(255.0)
     if lut.dtype == types.uint8:
         return lambda v, lut: np.uint8(v)
-    return lambda v, lut: lut[v]
+    if lut.dtype == types.int16:
+        return lambda v, lut: _bf16_bits(v)
+    if lut.dtype == types.uint16:
+        return lambda v, lut: _f16_bits(v)
+    return None
 
 
 @njit(cache=True)
@@ -105,8 +146,9 @@ def check_finish_args(backgrounds, rain, beta_q, lut, out_bg, out_rainy, out_rai
     check_composite_inputs(backgrounds, rain, beta_q, n)
     n = backgrounds.shape[0] if n is None else n
     _, h, w, _ = backgrounds.shape
-    if lut.shape != (256,) or lut.dtype not in (np.float32, np.uint16, np.uint8):
-        raise ValueError(f"lut: expected a float32, uint16 or uint8 table of 256 values, got {lut.dtype}{lut.shape}")
+    if lut.shape != (256,) or lut.dtype not in (np.float32, np.int16, np.uint16, np.uint8):
+        raise ValueError(f"lut: expected a float32, int16 (bfloat16 bits), uint16 (float16 bits) or uint8 table of 256 "
+                         f"values, got {lut.dtype}{lut.shape}")
     for name, a, shape in (("out_bg", out_bg, (n, 3, h, w)), ("out_rainy", out_rainy, (n, 3, h, w)),
                            ("out_rain", out_rain, (n, 1, h, w))):
         if name == "out_rain" and a.shape[0] == 0:
@@ -128,7 +170,8 @@ def finish_cpu(backgrounds: np.ndarray, rain: np.ndarray, beta_q: np.ndarray, th
             picked from (e.g. a loader's resident subset: no gathered copy is made).
         rain: uint8 NHW [N, H, W] (0..255, before beta; zeros for no rain).
         beta_q: int64 [N], beta in 1/1024 (0 for no rain). threshold: mask threshold on the 0..255 scale.
-        lut: [256] float32 (``v / 255``), uint16 (16-bit float bits of it) or uint8 (identity): the output type.
+        lut: [256] float32 (``v / 255``), int16 (bfloat16 bits of it), uint16 (float16 bits of it) or uint8
+            (identity): the output type (module docstring).
         out_bg, out_rainy: [N, 3, H, W] NCHW of ``lut``'s dtype, written. out_rain: [N, 1, H, W], written, or an
             array with ``shape[0] == 0`` to skip the rain plane. mask: bool NHW, written.
         rows: int64 [N]: patch i's background is ``backgrounds[rows[i]]``; None: ``backgrounds[i]`` (N = M).

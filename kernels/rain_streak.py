@@ -1209,7 +1209,7 @@ def render_finish_cpu(params: np.ndarray, states: np.ndarray, active: np.ndarray
 
     ``backgrounds`` uint8 NHWC [M, H, W, 3] (0..255; with ``rows`` int64 [N], patch i's background is
     ``backgrounds[rows[i]]``, so a resident subset needs no gathered copy), ``beta_q`` int64 [N] (beta in
-    1/1024), ``threshold`` on the 0..255 scale, ``lut`` the output type's table (float32, uint16 or uint8, see
+    1/1024), ``threshold`` on the 0..255 scale, ``lut`` the output type's table (float32, int16, uint16 or uint8, see
     ``kernels.finish``); written: ``rain`` uint8 NHW, ``out_bg`` / ``out_rainy`` [N, 3, H, W] and ``out_rain``
     [N, 1, H, W] of ``lut``'s dtype (``out_rain`` with ``shape[0] == 0`` is skipped), ``mask`` bool NHW. Same values
     as the two calls.

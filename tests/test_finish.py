@@ -21,7 +21,7 @@ def _table(name: str) -> np.ndarray:
     if name == "uint8":
         return np.arange(256, dtype=np.uint8)
     t = torch.from_numpy(F32).to(getattr(torch, name))
-    return t.view(torch.int16).numpy().view(np.uint16)
+    return t.view(torch.int16).numpy().view(np.int16 if name == "bfloat16" else np.uint16)
 
 
 def _outputs(lut, n, h, w, rain_plane=True):
@@ -35,6 +35,27 @@ def _outputs(lut, n, h, w, rain_plane=True):
 def _expected(bg, rain, beta_q, threshold, lut):
     rainy, mask = composite_reference(bg, rain, beta_q, threshold)
     return lut[bg.transpose(0, 3, 1, 2)], lut[rainy.transpose(0, 3, 1, 2)], lut[rain][:, None], mask
+
+
+@numba.njit
+def _convert_all(lut, out):
+    for v in range(256):
+        out[v] = finish._convert(np.int32(v), lut)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "uint8"])
+def test_computed_conversion_is_torchs_for_every_value(dtype):
+    """The kernels compute each output type (no table look-up): all 256 values must be torch's conversion of the
+    float32 quotient v / 255 (round to nearest even for the 16-bit floats), bit for bit."""
+    want = _table(dtype)
+    got = np.empty(256, dtype=want.dtype)
+    _convert_all(want, got)
+    np.testing.assert_array_equal(got, want)
+    if dtype in ("bfloat16", "float16"):
+        # and the bits decode to the value torch gives for x / 255 (not only to our own table)
+        back = torch.from_numpy(got.view(np.int16)).view(getattr(torch, dtype)).float()
+        ref = (torch.arange(256, dtype=torch.float32) / 255).to(getattr(torch, dtype)).float()
+        assert torch.equal(back, ref)
 
 
 @pytest.fixture(params=[1, 2])
