@@ -617,14 +617,25 @@ class Loader:
                                    self.dtype)
 
     def _dali_epoch(self, plan: list[np.ndarray], epoch: int) -> Iterator[Batch]:
-        from engine.loader_dali import DaliReader
+        from engine.loader_dali import DaliReader, ReaderBusy
 
         with self._lock:
             if self._dali is None:
                 self._dali = DaliReader(self.store, self.batch_size, self.device, threads=self.threads,
                                         workers=self.workers, capacity=int(self.indices.size))
-        for step, (u8, idx) in enumerate(self._dali.epoch(plan)):
-            yield finish_batch(u8, idx, self.rain, self.seed, epoch, step, self._scratch, self.dtype)
+        try:
+            for step, (u8, idx) in enumerate(self._dali.epoch(plan)):
+                yield finish_batch(u8, idx, self.rain, self.seed, epoch, step, self._scratch, self.dtype)
+        except ReaderBusy:
+            raise  # the caller's mistake; the epoch in progress goes on
+        except Exception:
+            # an epoch that failed (a damaged store, ...) leaves DALI mid-iteration, where its pipeline cannot be
+            # reset: the next epoch builds a fresh one
+            with self._lock:
+                dali, self._dali = self._dali, None
+            if dali is not None:
+                dali.close()
+            raise
 
     def __enter__(self) -> "Loader":
         return self
@@ -693,7 +704,7 @@ def batches(store: Any, subset: Any = None, batch_size: int = 16, rain: Any = "m
         shard_id, num_shards: this rank's share of the epoch: batch ``b`` goes to shard ``b % num_shards``.
         memory_budget: bytes for ``mode="auto"``.
         workers: DALI parallel reader processes (None: 0 for a CPU device, where reading is cheap next to rain
-            synthesis, else min(8, cores / 2); 0: read in the main process inside ``pipe.run()``).
+            synthesis, else min(8, cores / 2); 0: read in this process, on the loader's DALI feed thread).
         threads: DALI CPU threads (torch and numba threads are the caller's to set).
         dtype: type of ``background``, ``rainy`` and ``rain`` (a name in ``DTYPES`` or the torch dtype):
             "float32" (default, 0..1 = uint8 / 255), "bfloat16" / "float16" (0..1, that float32 value rounded to

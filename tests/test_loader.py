@@ -231,7 +231,7 @@ def test_one_dali_epoch_at_a_time(store_path):
         next(first)
         with pytest.raises(RuntimeError, match="still being iterated"):
             next(loader.epoch(1))
-        first.close()
+        assert 1 + len(list(first)) == len(loader)  # the refused call left the epoch in progress intact
         assert len(list(loader.epoch(1))) == len(loader)
     finally:
         loader.close()
@@ -441,6 +441,51 @@ def test_dali_batches_read_by_several_threads(store_path, store_patches, threads
         np.testing.assert_array_equal(b.background.numpy(), expect)
     _assert_same_batches(_epoch(store_path, mode="resident", rain="medium", **kw),
                          _epoch(store_path, mode="dali", rain="medium", **kw))
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+@pytest.mark.parametrize("views", [True, False])
+def test_dali_batch_untouched_while_the_next_is_scheduled(store_path, store_patches, views, ahead, monkeypatch):
+    # DaliReader.epoch schedules the next DALI iteration on a helper thread while the caller holds a batch (a view
+    # of DALI's buffer on the CPU): holding it a while, then comparing it with plain zarr reads, would show a buffer
+    # that the read-ahead recycled too early
+    import time
+
+    import engine.loader_dali as D
+    from engine.store import open_store
+
+    monkeypatch.setattr(D, "VIEWS", views)
+    monkeypatch.setattr(D, "FEED_AHEAD", ahead)
+    store = open_store(store_path)
+    reader = D.DaliReader(store, batch_size=5, device=torch.device("cpu"), prefetch=2)
+    try:
+        plan = [np.arange(k, k + 5) * 7 % N for k in range(0, 40, 5)]
+        got = []
+        for u8, idx in reader.epoch(plan):
+            time.sleep(0.02)  # the helper has long finished scheduling the next iteration
+            np.testing.assert_array_equal(u8.numpy(), store_patches[idx])
+            got.append(idx)
+        assert [g.tolist() for g in got] == [p.tolist() for p in plan]
+    finally:
+        reader.close()
+
+
+def test_dali_read_error_reaches_the_caller(tmp_path):
+    # a chunk file damaged after the store was written is found by the source on DALI's feed thread; the error must
+    # surface in the caller's loop (naming the store), and the loader must be usable for a new epoch afterwards
+    from engine.store import StoreError, write_store
+
+    patches = np.random.default_rng(3).integers(0, 256, size=(24, P, P, 3), dtype=np.uint8)
+    path = tmp_path / "store"
+    write_store(path, patches, sharpness=np.zeros(24), complexity=np.zeros(24), chunk_patches=8)
+    chunk = sorted(p for p in (path / "patches").rglob("*") if p.is_file() and p.name != "zarr.json")[-1]
+    chunk.write_bytes(chunk.read_bytes()[:100])  # truncated: the last chunk file's patches are gone
+    with Loader(str(path), batch_size=4, rain=None, mode="dali") as ld:
+        with pytest.raises(StoreError, match="truncated"):
+            for _ in ld.epoch(0):
+                pass
+        with pytest.raises(StoreError, match="truncated"):
+            list(ld.epoch(1))
 
 
 def test_resident_cpu_batches_read_rows_in_place(store_path, store_patches):
