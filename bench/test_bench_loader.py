@@ -1,8 +1,9 @@
 """Loader benchmarks: patches/s of ``engine.loader`` per mode with on-the-fly medium rain, one epoch per round.
 
 The store is written from the suite's built-in patches (``RAINSWEEP_BENCH_PATCHES``, default 2048) just before,
-so it is page-cached. Batches in float32 (the default) and uint8 (raw, converted by a GPU trainer). Threads: 2
-(the issue's figure: DALI CPU loader, 2 threads, >= 15,000 patches/s). GPU cases run when CUDA is usable. ``extra_info['patches_per_s']`` holds the rate (median round).
+so it is page-cached. Batches in float32 (the default), bfloat16 (half the bytes) and uint8 (raw, converted by a
+GPU trainer). Threads: 2 (the issue's figure: DALI CPU loader, 2 threads, >= 15,000 patches/s). GPU cases run when
+CUDA is usable. ``extra_info['patches_per_s']`` holds the rate (median round).
 
 Run: ``pytest bench/test_bench_loader.py`` (``rainsweep bench --loader`` measures the same through
 ``engine.loader_bench``).
@@ -22,6 +23,7 @@ THREADS = 2
 BATCH = 256
 
 CASES = [("resident", "cpu", None, "float32"), ("dali", "cpu", 0, "float32"), ("dali", "cpu", 1, "float32"),
+         ("resident", "cpu", None, "bfloat16"), ("dali", "cpu", 0, "bfloat16"),
          ("resident", "cpu", None, "uint8"), ("dali", "cpu", 0, "uint8"),
          ("resident", "cuda", None, "float32"), ("dali", "cuda", None, "float32"), ("dali", "cuda", None, "uint8")]
 

@@ -105,7 +105,7 @@ def run_loader_bench(store: Any = None, modes: Sequence[str] = ("resident", "dal
                      seconds: float = 2.0, threads: int | Sequence[int] = 2, device: str | None = None,
                      patches: int = 2048, gpu: bool | None = None, rain: Any = "medium",
                      workers: Sequence[int | None] = (None,),
-                     dtypes: Sequence[str] = ("float32", "uint8")) -> list[dict]:
+                     dtypes: Sequence[str] = ("float32", "bfloat16", "uint8")) -> list[dict]:
     """Loader patches/s in each mode (and DALI worker count), with on-the-fly ``rain`` (default medium).
 
     Args:
@@ -115,8 +115,9 @@ def run_loader_bench(store: Any = None, modes: Sequence[str] = ("resident", "dal
             measures each).
         device: "cpu" or "cuda"; None: CPU rows, plus CUDA rows when ``gpu`` is true or (None) a GPU is usable.
         workers: DALI reader processes per dali row (None: the loader's default; 0: in the main process).
-        dtypes: batch dtypes measured (``engine.loader.DTYPES``): float32 is the default batch, uint8 the raw
-            batch a GPU trainer converts itself (no host float conversion).
+        dtypes: batch dtypes measured (``engine.loader.DTYPES``): float32 is the default batch, bfloat16 the same
+            values in half the bytes (for bf16 training), uint8 the raw batch a GPU trainer converts itself (no host
+            float conversion).
 
     Returns one dict per measurement (``patches_per_s`` is the figure, ``patches_per_cpu_s`` the rate per CPU-second
     of this process; rows that cannot run carry ``skipped``).
