@@ -271,9 +271,9 @@ def test_cpu_padded_tap_rows_read_as_every_phase():
                                              (7, 13, 2, 0)])
 def test_cpu_normalize_is_the_exact_floor(hc, wc, pad, step):
     """``_normalize_cpu`` (vector blocks and scalar tails) equals floor((a - min) * 255 / (max - min)) in Python
-    integers, on canvases whose widths are and are not multiples of 8. Values ``min + k * step`` (k = 0..255) make
-    every quotient an integer k; for step 3 or 7 the float estimate falls just below some of them (the upward
-    correction matters), the random values in between exercise the rest."""
+    integers, on canvases whose widths are and are not multiples of 8, and clears the accumulator. Values
+    ``min + k * step`` (k = 0..255) make every quotient an integer k; for step 3 or 7 the float estimate falls just
+    below some of them (the upward correction matters), the random values in between exercise the rest."""
     gen = np.random.default_rng(hc * wc + step)
     ex, we = 11, (wc + 2 * 11 + 7) // 8 * 8
     acc = np.full(hc * we, -1.0)                             # outside the canvas: never read
@@ -293,6 +293,8 @@ def test_cpu_normalize_is_the_exact_floor(hc, wc, pad, step):
     exp = np.zeros((h, w), np.uint8) if mx == mn else np.array(
         [[(int(a) - mn) * 255 // (mx - mn) for a in row] for row in crop], np.uint8)
     assert np.array_equal(out, exp)
+    # and it leaves the accumulator's rows all zeros for the next patch (the splat adds onto them)
+    assert not acc[:hc * we].any()
 
 
 def test_cpu_rejects_overlong_streaks():
