@@ -16,7 +16,10 @@ timeout 150 python -m engine.cli bench --presets small,medium,large --threads al
 timeout 120 python - "$out/loader.json" <<'PY' 2>&1 | tee "$out/loader.log"
 import json, sys
 from engine.loader_bench import run_loader_bench
-rows = run_loader_bench(modes=("resident", "dali"), device="cuda", seconds=3, threads=[8], dtypes=("float32",))
+# DALI with its source in this process (workers 0: views, feed on a helper thread) and in worker processes (None:
+# the GPU default, min(8, cores / 2)); which one is faster on the GPU host has not been measured yet
+rows = run_loader_bench(modes=("resident", "dali"), device="cuda", seconds=3, threads=[8], workers=(0, None),
+                        dtypes=("float32", "uint8"))
 print(json.dumps(rows, indent=1, default=str))
 json.dump(rows, open(sys.argv[1], "w"), indent=1, default=str)
 PY

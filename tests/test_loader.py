@@ -443,12 +443,13 @@ def test_dali_batches_read_by_several_threads(store_path, store_patches, threads
                          _epoch(store_path, mode="dali", rain="medium", **kw))
 
 
-@pytest.mark.parametrize("ahead", [True, False])
-@pytest.mark.parametrize("views", [True, False])
-def test_dali_batch_untouched_while_the_next_is_scheduled(store_path, store_patches, views, ahead, monkeypatch):
+@pytest.mark.parametrize("ahead, views, workers", [(True, True, 0), (True, False, 0), (False, True, 0),
+                                                   (False, False, 0), (True, True, 1)])
+def test_dali_batch_untouched_while_the_next_is_scheduled(store_path, store_patches, views, ahead, workers,
+                                                         monkeypatch):
     # DaliReader.epoch schedules the next DALI iteration on a helper thread while the caller holds a batch (a view
     # of DALI's buffer on the CPU): holding it a while, then comparing it with plain zarr reads, would show a buffer
-    # that the read-ahead recycled too early
+    # that the read-ahead (or a worker's ring) recycled too early
     import time
 
     import engine.loader_dali as D
@@ -457,7 +458,8 @@ def test_dali_batch_untouched_while_the_next_is_scheduled(store_path, store_patc
     monkeypatch.setattr(D, "VIEWS", views)
     monkeypatch.setattr(D, "FEED_AHEAD", ahead)
     store = open_store(store_path)
-    reader = D.DaliReader(store, batch_size=5, device=torch.device("cpu"), prefetch=2)
+    # workers=1: the source runs in a DALI worker process, which copies views into dense ring slots
+    reader = D.DaliReader(store, batch_size=5, device=torch.device("cpu"), prefetch=2, workers=workers)
     try:
         plan = [np.arange(k, k + 5) * 7 % N for k in range(0, 40, 5)]
         got = []
