@@ -120,10 +120,10 @@ class BatchSource:
     board is reattached by name in the worker.
 
     A complete store's batch is handed over as per-patch views (``PatchStore.views``: no read at all; in a DALI
-    worker process, copied from them into one dense ring slot, see ``__call__``). Otherwise
-    the source reads into a ring slot; DALI calls it when an iteration is scheduled (on the feed thread of
-    ``DaliReader.epoch``, beside the rain kernels), and the read is split over ``read_threads`` threads
-    (``os.preadv`` releases the GIL; one 49 KB ``preadv`` per random patch, ~13 us).
+    worker process, copied from them into one dense ring slot, see ``__call__``). Otherwise the source reads into
+    a ring slot; DALI calls it when an iteration is scheduled (on the feed thread of ``DaliReader.epoch``, beside
+    the rain kernels), and the read is split over ``read_threads`` threads (``os.preadv`` releases the GIL; one
+    49 KB ``preadv`` per random patch).
     """
 
     #: Fewest patches per read thread: below this one thread reads the whole batch (thread hand-off costs more).
@@ -386,12 +386,12 @@ class DaliReader:
         self.pipe.release_outputs()
 
     def close(self) -> None:
+        ahead, self._ahead = getattr(self, "_ahead", None), None
+        if ahead is not None:
+            ahead.shutdown(wait=True)  # first: a scheduling call in flight still uses the pipeline
         pipe, self.pipe = getattr(self, "pipe", None), None
         if pipe is not None:
             del pipe  # DALI stops its workers when the pipeline is freed
-        ahead, self._ahead = getattr(self, "_ahead", None), None
-        if ahead is not None:
-            ahead.shutdown(wait=True)
         source = getattr(self, "source", None)
         if source is not None:
             source.close()  # the in-process read threads
