@@ -139,7 +139,7 @@ class NonFiniteLoss(click.ClickException):
 @click.option("--store", required=True, type=click.Path(exists=True), help="Patch store (rainsweep precompute).")
 @click.option("--subset", type=click.Path(exists=True, dir_okay=False), help="Subset file (rainsweep select).")
 @click.option("--count", type=int, help="Select this many training backgrounds (instead of --subset).")
-@click.option("--sharpness", default=None, help="Sharpness band for --count (passed to engine.select).")
+@click.option("--sharpness", default=None, help="Sharpness band for --count (passed to engine.data.select).")
 @click.option("--rain", "rain_text", default="medium", help="Training rain: preset or spec (RainSpec.parse).")
 @click.option("--rain-prob", default=0.9, type=click.FloatRange(0, 1), help="Fraction of patches that get rain.")
 @click.option("--test-rain", "test_rain_text", default="heldout-layered", help="Held-out rain preset or spec.")
@@ -232,14 +232,14 @@ def run(opt: dict, device: torch.device, rank: int, world: int, master: bool) ->
 
     # ---- data: store, training subset, held-out set -------------------------------------------------------------
     from engine import loader as engine_loader
-    from engine.heldout import build_heldout
-    from engine.store import open_store
+    from engine.experiments.heldout import build_heldout
+    from engine.data.store import open_store
 
     store = open_store(opt["store"])
     # The loader gets the path: it caches loaders by store path, which stays valid across in-process runs.
     store_path = str(Path(opt["store"]).resolve())
     if opt["subset"]:
-        from engine.select import check_subset, load_subset
+        from engine.data.select import check_subset, load_subset
 
         subset = load_subset(opt["subset"])
         try:
@@ -248,7 +248,7 @@ def run(opt: dict, device: torch.device, rank: int, world: int, master: bool) ->
             raise click.UsageError(f"--subset {opt['subset']} does not belong to --store {opt['store']}: {err}")
         train_indices = np.asarray(subset.indices, dtype=np.int64)
     elif opt["count"]:
-        from engine.select import select
+        from engine.data.select import select
 
         kwargs = {} if opt["sharpness"] is None else {"sharpness": opt["sharpness"]}
         try:

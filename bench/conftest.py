@@ -1,7 +1,7 @@
 """pytest-benchmark set-up for ``bench/`` (not collected by the default test run: ``pytest bench/``).
 
 Unlike ``tests/``, nothing here switches on numba's CUDA simulator: GPU cases run on a real GPU or are skipped.
-Sizes come from the environment (``engine.benchmarks.suite_settings``) so collection-time parametrization can use
+Sizes come from the environment (``engine.bench.core.suite_settings``) so collection-time parametrization can use
 them:
 
 - ``RAINSWEEP_BENCH_PATCHES`` (default 2048): CPU patches per timed call (128 x 128 x 3 uint8, built-in images).
@@ -17,13 +17,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.benchmarks import suite_settings, tile_patches
+from engine.bench.core import suite_settings, tile_patches
 
 
 @pytest.fixture(scope="session")
 def patches() -> np.ndarray:
     """The CPU batch: built-in background patches, uint8 NHWC [patches, 128, 128, 3], 0..255."""
-    from engine.builtin_images import builtin_patches
+    from engine.data.builtin_images import builtin_patches
 
     return builtin_patches(suite_settings().patches, 128)
 

@@ -22,7 +22,7 @@ shared machine hits all of them alike; the report gives the median rate over rou
 descheduled), and the ratios of ours to the peers computed per round then taken as the median (ratios are steadier
 than rates on a noisy machine).
 
-glibc's allocator settings of ``engine.benchmarks.MALLOC_ENV`` stabilize the OpenCV peers; the script re-executes
+glibc's allocator settings of ``engine.bench.core.MALLOC_ENV`` stabilize the OpenCV peers; the script re-executes
 itself with them when they are missing.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ if __name__ == "__main__":
 
 import numpy as np  # noqa: E402
 
-from engine.benchmarks import MALLOC_ENV, apply_threads  # noqa: E402
+from engine.bench.core import MALLOC_ENV, apply_threads  # noqa: E402
 
 
 def _load_baseline(directory: str):
@@ -60,7 +60,7 @@ def _load_baseline(directory: str):
 def _cases(patches: np.ndarray, presets: list[str], phases: bool,
            baseline: str | None = None) -> dict[str, tuple[int, object]]:
     """name -> (patches per call, zero-argument runner)."""
-    from engine.benchmarks import _albumentations, _authors_opencv
+    from engine.bench.core import _albumentations, _authors_opencv
     from engine.rain import RainSpec
     from engine.synth import _vector, common_draws, synthesize
     from kernels import composite, rain_streak
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--baseline", metavar="DIR", help="also time the kernels in DIR (rain_streak.py, composite.py)")
     args = ap.parse_args(argv)
 
-    from engine.builtin_images import builtin_patches
+    from engine.data.builtin_images import builtin_patches
 
     apply_threads(1)
     patches = builtin_patches(args.patches, 128)

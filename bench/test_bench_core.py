@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine import benchmarks as B
+from engine.bench import core as B
 
 SETTINGS = B.suite_settings()
 PRESETS, ROUNDS = SETTINGS.presets, SETTINGS.rounds

@@ -6,7 +6,7 @@ GPU trainer). Threads: 2 (the issue's figure: DALI CPU loader, 2 threads, >= 15,
 CUDA is usable. ``extra_info['patches_per_s']`` holds the rate (median round).
 
 Run: ``pytest bench/test_bench_loader.py`` (``rainsweep bench --loader`` measures the same through
-``engine.loader_bench``).
+``engine.bench.loader``).
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.benchmarks import suite_settings
+from engine.bench.core import suite_settings
 from engine.loader import Loader
-from engine.loader_bench import cpu_threads
+from engine.bench.loader import cpu_threads
 
 ROUNDS = suite_settings().rounds
 THREADS = 2
@@ -30,7 +30,7 @@ CASES = [("resident", "cpu", None, "float32"), ("dali", "cpu", 0, "float32"), ("
 
 @pytest.fixture(scope="module")
 def store_path(patches, tmp_path_factory) -> str:
-    from engine.store import write_store
+    from engine.data.store import write_store
 
     n = len(patches)
     path = tmp_path_factory.mktemp("bench_loader") / "store"

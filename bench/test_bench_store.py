@@ -10,8 +10,8 @@ import os
 import numpy as np
 import pytest
 
-from engine import store_bench as SB
-from engine.store import write_store
+from engine.bench import store as SB
+from engine.data.store import write_store
 
 N = int(os.environ.get("RAINSWEEP_BENCH_STORE_PATCHES", "4096"))
 BATCH = 256
@@ -76,7 +76,7 @@ def test_store_read_sequential_plain_zarr(benchmark, store, data):
 
 def test_precompute_ingest_from_decoded(benchmark, tmp_path):
     """The figure: precompute >= 2,000 patches/s per core including both metrics, from decoded images."""
-    from engine.precompute import measure_patches
+    from engine.data.precompute import measure_patches
 
     benchmark.group = "precompute"
     images = SB.decoded_images()
@@ -98,7 +98,7 @@ def test_precompute_ingest_from_decoded(benchmark, tmp_path):
 
 def test_precompute_end_to_end_skimage(benchmark, tmp_path):
     """End to end, decoding included (PNG/JPEG decoding of scikit-image's pictures), one worker."""
-    from engine.precompute import precompute
+    from engine.data.precompute import precompute
 
     benchmark.group = "precompute"
     k = [0]

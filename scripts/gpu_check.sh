@@ -15,7 +15,7 @@ timeout 150 python -m engine.cli bench --presets small,medium,large --threads al
   --json "$out/bench.json" 2>&1 | tee "$out/bench.log"
 timeout 120 python - "$out/loader.json" <<'PY' 2>&1 | tee "$out/loader.log"
 import json, sys
-from engine.loader_bench import run_loader_bench
+from engine.bench.loader import run_loader_bench
 # DALI with its source in this process (workers 0: views, feed on a helper thread) and in worker processes (None:
 # the GPU default, min(8, cores / 2)); which one is faster on the GPU host has not been measured yet
 rows = run_loader_bench(modes=("resident", "dali"), device="cuda", seconds=3, threads=[8], workers=(0, None),

@@ -25,7 +25,14 @@ def real_gpu_available() -> bool:
         return False
 
 
-requires_gpu = pytest.mark.skipif(not real_gpu_available(), reason="needs a real CUDA GPU (RAINSWEEP_REAL_GPU=1)")
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` need a real CUDA device: without one they are skipped, with the reason shown."""
+    if real_gpu_available():
+        return
+    skip = pytest.mark.skip(reason="needs a real CUDA GPU (run with RAINSWEEP_REAL_GPU=1 on a GPU machine)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.store import write_store
+from engine.data.store import write_store
 
 ROOT = Path(__file__).resolve().parents[1]
 

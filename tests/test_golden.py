@@ -50,7 +50,7 @@ def compare(name: str, got: dict) -> None:
 
 @pytest.fixture(scope="module")
 def backgrounds() -> np.ndarray:
-    from engine.builtin_images import builtin_patches
+    from engine.data.builtin_images import builtin_patches
 
     return builtin_patches(12, 64, seed=3)
 
@@ -82,7 +82,7 @@ def test_metrics_are_byte_identical(backgrounds: np.ndarray) -> None:
 
 @pytest.fixture(scope="module")
 def small_store(tmp_path_factory, backgrounds: np.ndarray) -> Path:
-    from engine.store import write_store
+    from engine.data.store import write_store
 
     path = tmp_path_factory.mktemp("golden") / "s.zarr"
     write_store(path, backgrounds, source=np.arange(len(backgrounds)) % 4)
@@ -90,8 +90,8 @@ def small_store(tmp_path_factory, backgrounds: np.ndarray) -> Path:
 
 
 def test_store_is_byte_identical(small_store: Path, tmp_path: Path) -> None:
-    from engine.precompute import precompute
-    from engine.store import open_store
+    from engine.data.precompute import precompute
+    from engine.data.store import open_store
 
     s = open_store(small_store)
     got = {"write/patches": digest(s.read_all()), "write/sharpness": digest(s.sharpness),

@@ -7,7 +7,6 @@ import pytest
 import torch
 import zarr
 
-from conftest import requires_gpu
 from engine import loader as L
 from engine.loader import Loader, LoaderError
 from engine.rain import RainSpec
@@ -18,7 +17,7 @@ N = 45
 
 @pytest.fixture(scope="module")
 def store_path(tmp_path_factory) -> str:
-    from engine.store import write_store
+    from engine.data.store import write_store
 
     rng = np.random.default_rng(7)
     patches = rng.integers(0, 256, size=(N, P, P, 3), dtype=np.uint8)
@@ -36,7 +35,7 @@ def store_patches(store_path) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def other_store_path(tmp_path_factory) -> str:
-    from engine.store import write_store
+    from engine.data.store import write_store
 
     patches = np.full((10, P, P, 3), 9, dtype=np.uint8)
     path = tmp_path_factory.mktemp("loader_other") / "store"
@@ -240,8 +239,8 @@ def test_one_dali_epoch_at_a_time(store_path):
 # ---- subsets and stores as arguments ----------------------------------------------------------------------------
 
 def test_subset_objects_paths_and_store_objects(store_path, tmp_path):
-    from engine.select import Subset
-    from engine.store import open_store
+    from engine.data.select import Subset
+    from engine.data.store import open_store
 
     store = open_store(store_path)
     idx = np.array([1, 5, 9, 30, 44], dtype=np.int64)
@@ -253,8 +252,8 @@ def test_subset_objects_paths_and_store_objects(store_path, tmp_path):
 
 
 def test_subset_of_another_store_is_refused(store_path, other_store_path):
-    from engine.select import Subset, SubsetError
-    from engine.store import open_store
+    from engine.data.select import Subset, SubsetError
+    from engine.data.store import open_store
 
     other = open_store(other_store_path)
     sub = Subset(indices=np.arange(3), query={}, seed=0, store_path=other_store_path,
@@ -285,7 +284,7 @@ def test_auto_mode_follows_the_memory_budget(store_path, monkeypatch):
     big = Loader(store_path, subset=np.arange(10), rain=None, mode="auto", memory_budget=subset_bytes - 1)
     assert small.mode == "resident" and big.mode == "dali"
     assert "resident" in small.note and "dali" in big.note
-    import engine.loader_dali as LD
+    import engine.loader.dali as LD
 
     monkeypatch.setattr(LD, "dali_problem", lambda: "NVIDIA DALI is not importable (test)")
     with pytest.warns(RuntimeWarning, match="falling back to resident"):
@@ -399,7 +398,7 @@ def test_bad_epoch_store_and_cuda(store_path, tmp_path):
     loader = Loader(store_path, rain=None, mode="resident")
     with pytest.raises(LoaderError, match="epoch: expected an integer in 0"):
         loader.epoch(-1)
-    from engine.store import StoreError
+    from engine.data.store import StoreError
 
     with pytest.raises(StoreError):
         Loader(tmp_path / "nothing-here", rain=None)
@@ -412,7 +411,6 @@ def test_bad_epoch_store_and_cuda(store_path, tmp_path):
 
 # ---- GPU ---------------------------------------------------------------------------------------------------------
 
-@requires_gpu
 @pytest.mark.gpu
 def test_gpu_modes_match_cpu(store_path):
     kw = dict(batch_size=8, rain="medium", seed=1, epoch=2)
@@ -432,7 +430,7 @@ def test_dali_batches_read_by_several_threads(store_path, store_patches, threads
     # views: the source hands DALI views into the chunk files' memory maps; without them it reads into a ring of
     # buffers, each batch of 40 split over the read threads (>= BatchSource.MIN_PER_THREAD patches each). A
     # stale, overlapping or early-recycled part would show against plain zarr reads
-    import engine.loader_dali as D
+    import engine.loader.dali as D
 
     monkeypatch.setattr(D, "VIEWS", views)
     kw = dict(batch_size=40, seed=2, epoch=1, threads=threads)
@@ -452,8 +450,8 @@ def test_dali_batch_untouched_while_the_next_is_scheduled(store_path, store_patc
     # that the read-ahead (or a worker's ring) recycled too early
     import time
 
-    import engine.loader_dali as D
-    from engine.store import open_store
+    import engine.loader.dali as D
+    from engine.data.store import open_store
 
     monkeypatch.setattr(D, "VIEWS", views)
     monkeypatch.setattr(D, "FEED_AHEAD", ahead)
@@ -475,7 +473,7 @@ def test_dali_batch_untouched_while_the_next_is_scheduled(store_path, store_patc
 def test_dali_read_error_reaches_the_caller(tmp_path):
     # a chunk file damaged after the store was written is found by the source on DALI's feed thread; the error must
     # surface in the caller's loop (naming the store), and the loader must be usable for a new epoch afterwards
-    from engine.store import StoreError, write_store
+    from engine.data.store import StoreError, write_store
 
     patches = np.random.default_rng(3).integers(0, 256, size=(24, P, P, 3), dtype=np.uint8)
     path = tmp_path / "store"
@@ -502,7 +500,7 @@ def test_resident_cpu_batches_read_rows_in_place(store_path, store_patches):
 
 def test_dali_ring_survives_abandoned_epochs(store_path, store_patches, monkeypatch):
     # an epoch left after its first batch leaves prefetched ring slots behind; the next epochs must not receive them
-    import engine.loader_dali as D
+    import engine.loader.dali as D
 
     monkeypatch.setattr(D, "VIEWS", False)
     with Loader(store_path, batch_size=5, rain=None, mode="dali", seed=4) as ld:

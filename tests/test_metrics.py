@@ -1,6 +1,6 @@
 """Metric kernels against independent references: OpenCV, plain numpy formulas, hand-computed cases, properties.
 
-CUDA kernels run through numba's CUDA simulator here (conftest), on 2-3 tiny patches; ``requires_gpu`` tests repeat
+CUDA kernels run through numba's CUDA simulator here (conftest), on 2-3 tiny patches; ``gpu``-marked tests repeat
 the comparison with CuPy arrays on a real GPU.
 """
 from __future__ import annotations
@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import requires_gpu
 from engine import metrics
 from kernels import complexity as kcx
 from kernels import decoupled as kdc
@@ -286,7 +285,7 @@ def test_cuda_decoupled_equals_cpu(rng, dtype):
         np.testing.assert_allclose(got[k], want[k], rtol=1e-12, err_msg=k)
 
 
-@requires_gpu
+@pytest.mark.gpu
 def test_real_gpu_cupy_inputs_match_cpu(rng):
     import cupy
 

@@ -1,4 +1,4 @@
-"""engine.precompute: content against independently cut patches, counts by reason, worker invariance, argument
+"""engine.data.precompute: content against independently cut patches, counts by reason, worker invariance, argument
 checks, and resumption after real SIGKILLs at every commit-protocol window."""
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pytest
 import zarr
 from PIL import Image
 
-from engine.precompute import PROGRESS_DIR, HOOK_ENV, PrecomputeError, precompute
-from engine.store import ATTR_KEY, open_store, verify
+from engine.data.precompute import PROGRESS_DIR, HOOK_ENV, PrecomputeError, precompute
+from engine.data.store import ATTR_KEY, open_store, verify
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -164,7 +164,7 @@ KW = dict(patch=16, stride=16, chunk_patches=16, commit_seconds=0.0)  # 16 patch
 
 
 def _script(out: Path, workers: int = 1) -> list[str]:
-    code = (f"from engine.precompute import precompute; "
+    code = (f"from engine.data.precompute import precompute; "
             f"precompute({SOURCES!r}, {str(out)!r}, workers={workers}, progress=False, **{KW!r})")
     return [sys.executable, "-c", code]
 

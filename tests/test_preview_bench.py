@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from engine import benchmarks as B
-from engine.builtin_images import builtin_patches, procedural_patches
+from engine.bench import core as B
+from engine.data.builtin_images import builtin_patches, procedural_patches
 from engine.cli import main
 from engine.rain import PRESETS, RainSpec
 
@@ -49,7 +49,7 @@ def test_builtin_patches_differ_and_are_textured():
 
 
 def test_procedural_fallback(monkeypatch):
-    from engine import builtin_images
+    from engine.data import builtin_images
 
     monkeypatch.setattr(builtin_images, "_skimage_pictures", lambda size: ())
     with pytest.warns(RuntimeWarning, match="procedural"):
@@ -78,7 +78,7 @@ def _tile(img: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
 
 def test_preview_grid_content(tmp_path):
     synth = pytest.importorskip("engine.synth")
-    from engine.preview import COLUMNS, GAP, write_preview
+    from engine.experiments.preview import COLUMNS, GAP, write_preview
 
     size, count, seed = 32, 2, 5
     out = tmp_path / "grid.png"
@@ -118,7 +118,7 @@ def test_preview_grid_content(tmp_path):
 
 def test_preview_cli_all_presets(tmp_path):
     pytest.importorskip("engine.synth")
-    from engine.preview import GAP
+    from engine.experiments.preview import GAP
 
     out = tmp_path / "sub" / "preview.png"
     res = CliRunner().invoke(main, ["preview", "--out", str(out), "--size", "16", "--count", "1", "--seed", "2"])
@@ -133,7 +133,7 @@ def test_preview_cli_all_presets(tmp_path):
 
 
 def test_preview_rain_spec_resolution():
-    from engine.preview import resolve_rain
+    from engine.experiments.preview import resolve_rain
 
     assert [s.name for s in resolve_rain("all")] == list(PRESETS)
     assert [s.name for s in resolve_rain("small, large")] == ["small", "large"]
@@ -344,7 +344,7 @@ def test_bench_cli_gpu_requested_without_gpu():
 
 
 def test_bench_cli_loader_missing_module(monkeypatch):
-    monkeypatch.setitem(sys.modules, "engine.loader_bench", None)  # makes the module unimportable
+    monkeypatch.setitem(sys.modules, "engine.bench.loader", None)  # makes the module unimportable
     res = CliRunner().invoke(main, ["bench", "--loader", "--no-gpu", "--patches", "8"])
     assert res.exit_code != 0 and "loader_bench" in res.output
 
@@ -356,10 +356,10 @@ def test_bench_cli_loader_rows(monkeypatch, tmp_path):
         seen.update(seconds=seconds, threads=threads)
         return [{"case": "fake-loader", "patches_per_s": 1234.5}]
 
-    fake = types.ModuleType("engine.loader_bench")
-    fake.__spec__ = importlib.machinery.ModuleSpec("engine.loader_bench", None)  # find_spec reads it
+    fake = types.ModuleType("engine.bench.loader")
+    fake.__spec__ = importlib.machinery.ModuleSpec("engine.bench.loader", None)  # find_spec reads it
     fake.run_loader_bench = run_loader_bench
-    monkeypatch.setitem(sys.modules, "engine.loader_bench", fake)
+    monkeypatch.setitem(sys.modules, "engine.bench.loader", fake)
     out = tmp_path / "b.json"
     res = CliRunner().invoke(main, ["bench", "--loader", "--no-gpu", "--no-peers", "--patches", "8", "--threads",
                                     "1", "--seconds", "0", "--presets", "small", "--json", str(out)])

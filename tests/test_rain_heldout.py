@@ -15,7 +15,7 @@ import pytest
 
 from engine.rain import PRESETS, TRAINING_PRESETS, RainSpec
 from kernels import rain_layered, rain_sparse, rng as R
-from conftest import real_gpu_available, requires_gpu
+from conftest import real_gpu_available
 
 FAMILIES = {"layered": rain_layered, "sparse": rain_sparse}
 HELDOUT = {"layered": "heldout-layered", "sparse": "heldout-sparse"}
@@ -83,7 +83,6 @@ def test_gpu_kernel_equals_cpu(family, case):
     assert gpu[1].max() == 0
 
 
-@requires_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("pad", [0, 20])

@@ -1,4 +1,4 @@
-"""engine.select: queries against a brute-force filter, determinism, nesting, errors, save/load, mismatch checks."""
+"""engine.data.select: queries against a brute-force filter, determinism, nesting, errors, save/load, mismatch checks."""
 from __future__ import annotations
 
 import json
@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from engine.select import Subset, SubsetError, check_subset, load_subset, select
-from engine.store import write_store
+from engine.data.select import Subset, SubsetError, check_subset, load_subset, select
+from engine.data.store import write_store
 
 
 @pytest.fixture

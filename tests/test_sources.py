@@ -1,4 +1,4 @@
-"""engine.sources: discovery order, decoding and conversions against hand-computed values, skips, patch grid,
+"""engine.data.sources: discovery order, decoding and conversions against hand-computed values, skips, patch grid,
 built-in sources."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine import sources as src
-from engine.sources import (SourceError, cut_patches, decode_file, decode_item, discover, patch_count,
+from engine.data import sources as src
+from engine.data.sources import (SourceError, cut_patches, decode_file, decode_item, discover, patch_count,
                             procedural_image)
 
 

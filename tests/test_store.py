@@ -1,4 +1,4 @@
-"""engine.store: format, reads against the in-memory arrays and plain zarr, errors, verify."""
+"""engine.data.store: format, reads against the in-memory arrays and plain zarr, errors, verify."""
 from __future__ import annotations
 
 import os
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import zarr
 
-from engine.store import (ATTR_KEY, SCHEMA_VERSION, PatchStore, StoreError, open_store, summarize, verify,
+from engine.data.store import (ATTR_KEY, SCHEMA_VERSION, PatchStore, StoreError, open_store, summarize, verify,
                           write_store)
 
 
@@ -234,7 +234,7 @@ def test_views_are_the_patches_without_a_copy(small, rng, monkeypatch):
         assert v.shape == (16, 16, 3) and v.dtype == np.uint8 and not v.flags.writeable
         np.testing.assert_array_equal(v, x[i])
     # more chunks than the map cache holds: evicted maps stay valid while a view uses them
-    import engine.store as S
+    import engine.data.store as S
 
     monkeypatch.setattr(S, "_MAP_CACHE_SIZE", 2)
     again = s.views(np.arange(150))

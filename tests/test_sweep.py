@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from engine import sweep as sw
-from engine.cli_train import demo, sweep
-from engine.store import write_store
+from engine.experiments import sweep as sw
+from engine.cli.train import demo, sweep
+from engine.data.store import write_store
 
 TINY = ("--test-count", "4", "--log-every", "2", "--device", "cpu", "--batch", "4", "--threads", "1")
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from engine.cli_toy import format_table, toy
-from engine.toy import (
+from engine.cli.toy import format_table, toy
+from engine.experiments.toy import (
     ToyConfig,
     ToyNet,
     evaluate,
@@ -24,7 +24,7 @@ from engine.toy import (
     train_network,
     write_results,
 )
-from engine.toy_data import Noise, ground_truth, make_curve, make_segments, stream_seed
+from engine.experiments.toy_data import Noise, ground_truth, make_curve, make_segments, stream_seed
 
 TINY = dict(iters=150, batch=16, lr=3e-3, segments=256, points=200, width=16)
 

@@ -12,8 +12,8 @@ from click.testing import CliRunner
 
 import models
 import train
-from engine.heldout import choose_indices
-from engine.store import write_store
+from engine.experiments.heldout import choose_indices
+from engine.data.store import write_store
 
 P = 32  # patch side: small so steps are fast, large enough that held-out rain always leaves a mask
 
@@ -65,7 +65,7 @@ def test_outputs_and_metrics_match_an_independent_evaluation(store: Path, tmp_pa
 
     # Rebuild the held-out set independently and score the saved EMA weights with the DESIGN 3 formulas.
     from engine.rain import RainSpec
-    from engine.store import open_store
+    from engine.data.store import open_store
     from engine.synth import synthesize
 
     metrics = json.loads((out / "metrics.json").read_text())
@@ -91,7 +91,7 @@ def test_outputs_and_metrics_match_an_independent_evaluation(store: Path, tmp_pa
 
 
 def _train_indices(store: Path, count: int, seed: int = 0) -> np.ndarray:
-    from engine.select import select
+    from engine.data.select import select
 
     return np.asarray(select(str(store), count, seed=seed).indices)
 
@@ -148,7 +148,7 @@ def test_unknown_names_list_the_valid_ones(store: Path, tmp_path: Path, opt: str
 
 
 def test_subset_from_another_store_is_rejected(store: Path, tmp_path: Path) -> None:
-    from engine.select import select
+    from engine.data.select import select
 
     other = make_store(tmp_path / "other.zarr", seed=1)
     sub_path = tmp_path / "sub.json"

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import click
 
-from engine import benchmarks as B
+from engine.bench import core as B
 
 
 @click.command()
@@ -29,7 +29,7 @@ from engine import benchmarks as B
 @click.option("--peers/--no-peers", default=True, show_default=True,
               help="Time the installed peers in the same run: the authors' OpenCV generator, albumentations and "
                    "kornia RandomRain, OpenCV gray + Laplacian variance.")
-@click.option("--loader", is_flag=True, help="Append the data-loader cases (engine.loader_bench).")
+@click.option("--loader", is_flag=True, help="Append the data-loader cases (engine.bench.loader).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True),
               help="Also write all numbers, ratios and the machine description to this JSON file.")
 @click.option("--seconds", type=click.FloatRange(min=0.0), default=1.0, show_default=True,
@@ -60,14 +60,14 @@ def bench(presets: str, patches: int, threads: str, gpu: bool | None, gpu_patche
         gpu = has_gpu
     elif gpu and not has_gpu:
         raise click.UsageError("--gpu: no CUDA GPU is usable through CuPy here (use --no-gpu)")
-    if loader and importlib.util.find_spec("engine.loader_bench") is None:
+    if loader and importlib.util.find_spec("engine.bench.loader") is None:
         raise click.UsageError("--loader needs engine/loader_bench.py (run_loader_bench), which is not in this "
                                "checkout")
     if any(os.environ.get(k) != v for k, v in B.MALLOC_ENV.items()):
         click.echo("note: allocator thresholds not set; for stable peer numbers run with "
                    + " ".join(f"{k}={v}" for k, v in B.MALLOC_ENV.items()), err=True)
 
-    from engine.builtin_images import builtin_patches
+    from engine.data.builtin_images import builtin_patches
 
     data = builtin_patches(patches, 128)
     progress = (lambda msg: click.echo(f"  timing {msg}", err=True))
@@ -105,9 +105,9 @@ def bench(presets: str, patches: int, threads: str, gpu: bool | None, gpu_patche
 
 
 def _run_loader(seconds: float, gpu: bool, threads: list[int]) -> list[dict]:
-    """The loader helper's cases (engine.loader_bench.run_loader_bench) with this run's time, GPU and threads.
+    """The loader helper's cases (engine.bench.loader.run_loader_bench) with this run's time, GPU and threads.
     --patches is not passed on: there it means the size of the temporary store, not a batch."""
-    from engine.loader_bench import run_loader_bench
+    from engine.bench.loader import run_loader_bench
 
     # Pass only the arguments its signature takes, so either side can grow options independently.
     offered: dict[str, Any] = {"seconds": seconds, "gpu": gpu, "threads": threads}

@@ -2,7 +2,7 @@
 
 ``precompute(sources, out, patch=128, stride=128, category=None, workers=1, progress=True) -> Summary``
 
-Each image is decoded and converted (engine.sources), cut into patches on a ``stride`` grid, and its patches'
+Each image is decoded and converted (engine.data.sources), cut into patches on a ``stride`` grid, and its patches'
 sharpness and complexity are computed with engine.metrics (one batch per image, split in batches of 256), in
 ``workers`` processes; results are consumed in source order, so the store is byte-for-byte the same for any worker
 count.
@@ -43,8 +43,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from engine import store as st
-from engine.sources import SKIP_SMALL, SourceItem, decode_item, describe_items, discover, patch_count, cut_patches
+from engine.data import store as st
+from engine.data.sources import SKIP_SMALL, SourceItem, decode_item, describe_items, discover, patch_count, cut_patches
 
 PROGRESS_DIR = "rainsweep-progress"
 STATE_FILE = "state.json"
@@ -252,8 +252,8 @@ def precompute(sources: list[str] | str, out: str | os.PathLike, patch: int = 12
                category: str | None = None, workers: int = 1, progress: bool = True, *,
                chunk_patches: int = st.CHUNK_PATCHES, commit_seconds: float = 1.0) -> Summary:
     """Build (or finish) the store ``out`` from ``sources`` (files, folders, globs, builtin:skimage,
-    builtin:procedural; see engine.sources). ``patch``: side in pixels; ``stride``: grid step in pixels;
-    ``category``: one category name for every patch (default: per source, see engine.sources.discover);
+    builtin:procedural; see engine.data.sources). ``patch``: side in pixels; ``stride``: grid step in pixels;
+    ``category``: one category name for every patch (default: per source, see engine.data.sources.discover);
     ``workers``: decoding/metrics processes (the output does not depend on it; they are started with
     multiprocessing's "spawn", so a script calling this with workers > 1 needs the usual
     ``if __name__ == "__main__":`` guard); ``commit_seconds``: how often progress is committed (at least one

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-_ROOT = Path(__file__).resolve().parents[1]
+_ROOT = Path(__file__).resolve().parents[2]
 
 #: Defaults sized for about 3-5 minutes on 2 CPU cores.
 PATCH = 64
@@ -31,8 +31,8 @@ class DemoError(RuntimeError):
 
 def build_store(path: Path, patch: int = PATCH, echo: Callable[[str], None] = print) -> Path:
     """A store of ``patch`` x ``patch`` patches from the built-in pictures (finished if a previous run stopped)."""
-    from engine.precompute import precompute
-    from engine.store import open_store
+    from engine.data.precompute import precompute
+    from engine.data.store import open_store
 
     if path.exists():
         try:

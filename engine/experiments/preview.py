@@ -180,7 +180,7 @@ def write_preview(path: str | os.PathLike, rain: str | Sequence[RainSpec] = "all
                   seed: int = 0, backend: str = "auto", source: str = "auto") -> PreviewLayout:
     """Render ``rain`` (specs, or a string for ``resolve_rain``) on ``count`` built-in ``size x size`` patches and
     write the PNG atomically. Returns the layout of what was written."""
-    from engine.builtin_images import builtin_patches
+    from engine.data.builtin_images import builtin_patches
 
     if count < 1:
         raise ValueError(f"count: expected at least 1 row per spec, got {count}")

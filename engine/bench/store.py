@@ -71,7 +71,7 @@ def random_patches(n: int, size: int = 128, seed: int = 0) -> np.ndarray:
 
 def bench_write(patches: np.ndarray, folder: str, seconds: float = 1.0) -> Rate:
     """write_store rate (metrics given, so only the store is timed)."""
-    from engine.store import write_store
+    from engine.data.store import write_store
 
     zeros = np.zeros(len(patches))
     k = [0]
@@ -109,7 +109,7 @@ def bench_reads(store, batch: int = 256, seconds: float = 1.0, seed: int = 0) ->
 
 def decoded_images() -> list[np.ndarray]:
     """Decoded pictures for the ingest benchmark: scikit-image's bundled set plus 16 procedural images."""
-    from engine.sources import decode_item, discover
+    from engine.data.sources import decode_item, discover
 
     items = discover(["builtin:skimage", "builtin:procedural?images=16&size=512"])
     return [d.rgb for d in (decode_item(it) for it in items) if d.rgb is not None]
@@ -119,8 +119,8 @@ def bench_ingest(images: list[np.ndarray], folder: str, patch: int = 128, stride
                  seconds: float = 1.0) -> Rate:
     """Precompute's work after decoding, on the calling thread: cut patches, sharpness and complexity, write the
     store (chunks, digests, metadata). Patches/s."""
-    from engine.precompute import measure_patches
-    from engine.store import write_store
+    from engine.data.precompute import measure_patches
+    from engine.data.store import write_store
 
     k = [0]
 
@@ -141,7 +141,7 @@ def bench_ingest(images: list[np.ndarray], folder: str, patch: int = 128, stride
 def bench_precompute(folder: str, sources: list[str] | None = None, workers: int = 1, patch: int = 128,
                      stride: int = 128) -> float:
     """End-to-end ``precompute`` (decode included) on built-in sources; one run after a warm-up run."""
-    from engine.precompute import precompute
+    from engine.data.precompute import precompute
 
     sources = sources or ["builtin:skimage"]
     precompute(sources, os.path.join(folder, "warm.zarr"), patch=patch, stride=stride, workers=workers,
@@ -155,7 +155,7 @@ def run_store_bench(patches: int = 4096, patch_size: int = 128, seconds: float =
                     ingest: bool = True) -> list[dict]:
     """All store cases, numba on one thread, in a temporary folder: rows {case, patches_per_s,
     patches_per_cpu_s, note}."""
-    from engine.store import write_store
+    from engine.data.store import write_store
 
     rows: list[dict] = []
 
@@ -178,7 +178,7 @@ def run_store_bench(patches: int = 4096, patch_size: int = 128, seconds: float =
     return rows
 
 
-if __name__ == "__main__":  # python -m engine.store_bench
+if __name__ == "__main__":  # python -m engine.bench.store
     for r in run_store_bench():
         print(f"{r['case']:<40} {r['patches_per_s']:>10,.0f} /s wall {r['patches_per_cpu_s']:>10,.0f} /s cpu"
               f"   {r['note']}")

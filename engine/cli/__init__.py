@@ -8,14 +8,14 @@ import click
 
 #: command name -> "module:attribute" of its click command.
 COMMANDS = {
-    "preview": "engine.cli_preview:preview",
-    "bench": "engine.cli_bench:bench",
-    "precompute": "engine.cli_store:precompute",
-    "info": "engine.cli_store:info",
-    "select": "engine.cli_store:select",
-    "sweep": "engine.cli_train:sweep",
-    "demo": "engine.cli_train:demo",
-    "toy": "engine.cli_toy:toy",
+    "preview": "engine.cli.preview:preview",
+    "bench": "engine.cli.bench:bench",
+    "precompute": "engine.cli.store:precompute",
+    "info": "engine.cli.store:info",
+    "select": "engine.cli.store:select",
+    "sweep": "engine.cli.train:sweep",
+    "demo": "engine.cli.train:demo",
+    "toy": "engine.cli.toy:toy",
 }
 
 

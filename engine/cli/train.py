@@ -1,4 +1,4 @@
-"""``rainsweep sweep`` and ``rainsweep demo``: click front ends of engine.sweep and engine.demo."""
+"""``rainsweep sweep`` and ``rainsweep demo``: click front ends of engine.experiments.sweep and engine.experiments.demo."""
 from __future__ import annotations
 
 import click
@@ -40,7 +40,7 @@ def _check_rains(names: list[str], option: str) -> None:
 def sweep(store: str, counts: str, rains: str, model_names: str, iters: int, out: str, seeds: str, batch: int,
           test_rain: str, test_store: str | None, device: str, jobs: int, train_args: tuple[str, ...]) -> None:
     """Train every (count, rain) configuration, skip finished ones, write results.csv/json and figures."""
-    from engine import sweep as sw
+    from engine.experiments import sweep as sw
 
     try:
         count_list = sw.parse_list(counts, "--counts", int, minimum=1)
@@ -70,7 +70,7 @@ def sweep(store: str, counts: str, rains: str, model_names: str, iters: int, out
 @click.option("--count", default=32, type=click.IntRange(1), help="Training background patches.")
 def demo(out: str, iters: int, model: str, count: int) -> None:
     """Build a small store from built-in images, train a small model on CPU, score it on held-out rain."""
-    from engine.demo import DemoError, run_demo
+    from engine.experiments.demo import DemoError, run_demo
 
     _check_models([model])
     try:

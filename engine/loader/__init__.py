@@ -31,7 +31,7 @@ about what one core of the 2-core machine fills (7.6 GB/s measured with numpy).
 Modes: ``resident`` reads the subset once into device memory as uint8 NHWC (GPU memory for a CUDA device, host RAM
 for the CPU; 30,000 patches of 128 x 128 take 1.47 GB) and gathers each batch by index on the device.
 Data-parallel ranks each hold the whole subset, since every epoch reshuffles across shards. ``dali`` streams
-batches from the store through an NVIDIA DALI pipeline (``engine.loader_dali``). ``auto`` is resident when the subset
+batches from the store through an NVIDIA DALI pipeline (``engine.loader.dali``). ``auto`` is resident when the subset
 fits ``memory_budget`` (default ``DEFAULT_MEMORY_BUDGET`` = 2 GiB), otherwise dali (resident, with a
 RuntimeWarning, when DALI is missing). After the uint8 batch is on the device, every mode runs the same code. On
 the CPU one numba pass over the batch renders each patch's rain and, while that is in cache, writes the patch's
@@ -118,13 +118,13 @@ class Batch:
 
 def resolve_store(store: Any):
     """A ``PatchStore`` from a path or an open store."""
-    from engine import store as store_mod
+    from engine.data import store as store_mod
 
     if isinstance(store, (str, os.PathLike)):
         return store_mod.open_store(store)
     if all(hasattr(store, a) for a in ("count", "patch_size", "read")):
         return store
-    raise LoaderError(f"store: expected a store path or an engine.store.PatchStore, got {type(store).__name__}")
+    raise LoaderError(f"store: expected a store path or an engine.data.store.PatchStore, got {type(store).__name__}")
 
 
 def resolve_subset(store: Any, subset: Any) -> np.ndarray:
@@ -133,11 +133,11 @@ def resolve_subset(store: Any, subset: Any) -> np.ndarray:
     if subset is None:
         return np.arange(store.count, dtype=np.int64)
     if isinstance(subset, (str, os.PathLike)):
-        from engine.select import load_subset
+        from engine.data.select import load_subset
 
         subset = load_subset(subset)
     if hasattr(subset, "indices") and hasattr(subset, "store_fingerprint"):
-        from engine.select import check_subset
+        from engine.data.select import check_subset
 
         check_subset(store, subset)  # raises when the subset was selected from another store
         subset = subset.indices
@@ -549,7 +549,7 @@ class Loader:
         if mode == "resident":
             return mode
         if mode == "dali":
-            from engine.loader_dali import dali_problem
+            from engine.loader.dali import dali_problem
 
             problem = dali_problem()
             if problem:
@@ -559,7 +559,7 @@ class Loader:
             self.note = (f"auto: resident ({self.subset_nbytes / 2**20:.1f} MiB <= memory budget "
                          f"{self.memory_budget / 2**20:.1f} MiB)")
             return "resident"
-        from engine.loader_dali import dali_problem
+        from engine.loader.dali import dali_problem
 
         problem = dali_problem()
         if problem:
@@ -617,7 +617,7 @@ class Loader:
                                    self.dtype)
 
     def _dali_epoch(self, plan: list[np.ndarray], epoch: int) -> Iterator[Batch]:
-        from engine.loader_dali import DaliReader, ReaderBusy
+        from engine.loader.dali import DaliReader, ReaderBusy
 
         with self._lock:
             if self._dali is None:
@@ -688,8 +688,8 @@ def batches(store: Any, subset: Any = None, batch_size: int = 16, rain: Any = "m
     """Yield the training batches of one epoch (``Batch``: index, background, rainy, rain, mask).
 
     Args:
-        store: a store path or an open ``engine.store.PatchStore`` (uint8 patches [N, P, P, 3]).
-        subset: None (every patch), an ``engine.select.Subset``, a path to a subset JSON, or store indices (int).
+        store: a store path or an open ``engine.data.store.PatchStore`` (uint8 patches [N, P, P, 3]).
+        subset: None (every patch), an ``engine.data.select.Subset``, a path to a subset JSON, or store indices (int).
         batch_size: patches per batch (>= 1).
         rain: a ``RainSpec``, a preset name or spec string (``RainSpec.parse``), or None for no rain
             (rainy == background, rain = 0, mask all False).

@@ -22,7 +22,7 @@ def preview(rain: str, out: str, size: int, count: int, seed: int, backend: str)
     """Render the rain of each chosen preset on built-in images (scikit-image's bundled pictures, or procedural
     textures without scikit-image): one row per image with the background, the rain layer R (0..255, before
     beta), the rainy image I = clip(B + beta R) and the mask R > t, labelled with the spec's description."""
-    from engine.preview import resolve_rain, write_preview
+    from engine.experiments.preview import resolve_rain, write_preview
 
     try:
         specs = resolve_rain(rain)

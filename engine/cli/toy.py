@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 # only light imports at module level: torch loads when the command runs
-from engine.toy_data import DEFAULT_POINTS, DEFAULT_SEGMENTS, SEGMENT_LEN, Noise
+from engine.experiments.toy_data import DEFAULT_POINTS, DEFAULT_SEGMENTS, SEGMENT_LEN, Noise
 
 DEFAULT_ITERS = 1200
 DEFAULT_BATCH = 16
@@ -105,7 +105,7 @@ def toy(train_order, train_noise, test_order, test_noise, out, iters, epochs, ba
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
-    from engine import toy as T
+    from engine.experiments import toy as T
 
     if device == "cuda" and not torch.cuda.is_available():
         raise click.BadParameter("CUDA is not available on this machine; use --device cpu", param_hint="--device")

@@ -41,7 +41,7 @@ def cpu_threads(n: int) -> Iterator[None]:
 @contextlib.contextmanager
 def synthetic_store(patches: int = 4096, patch_size: int = 128, seed: int = 0) -> Iterator[str]:
     """A temporary store of random uint8 patches (rain cost does not depend on content), page-cached by writing."""
-    from engine.store import write_store
+    from engine.data.store import write_store
 
     rng = np.random.default_rng(seed)
     data = rng.integers(0, 256, size=(patches, patch_size, patch_size, 3), dtype=np.uint8)

@@ -90,7 +90,7 @@ def build_heldout(store, train_indices: np.ndarray, rain: RainSpec, count: int =
     """Build the held-out set.
 
     Args:
-        store: the training ``PatchStore`` (``engine.store.open_store``).
+        store: the training ``PatchStore`` (``engine.data.store.open_store``).
         train_indices: indices of the training patches in ``store``.
         rain: held-out rain spec (e.g. ``RainSpec.preset("heldout-layered")``); it is applied with probability 1.
         count: number of held-out patches (fewer when the store has fewer left).

@@ -21,9 +21,9 @@ def precompute(sources: tuple[str, ...], out: str, patch: int, stride: int, cate
                quiet: bool) -> None:
     """Cut SOURCES (image files, folders, globs, builtin:skimage, builtin:procedural) into a patch store with
     sharpness and complexity per patch. Killed or interrupted, the same command resumes where it stopped."""
-    from engine.precompute import PrecomputeError
-    from engine.precompute import precompute as run
-    from engine.sources import SourceError
+    from engine.data.precompute import PrecomputeError
+    from engine.data.precompute import precompute as run
+    from engine.data.sources import SourceError
 
     try:
         summary = run(list(sources), out, patch=patch, stride=stride, category=category, workers=workers,
@@ -44,7 +44,7 @@ def _fmt_q(d: dict) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def info(store: str, do_verify: bool, as_json: bool) -> None:
     """Summarize a patch store: count, patch size, sources, categories, sharpness and complexity quantiles."""
-    from engine.store import StoreError, open_store, summarize, verify
+    from engine.data.store import StoreError, open_store, summarize, verify
 
     try:
         s = open_store(store, allow_incomplete=True)
@@ -93,9 +93,9 @@ def info(store: str, do_verify: bool, as_json: bool) -> None:
 def select(store: str, count: str, sharpness: str | None, complexity: str | None, category: tuple[str, ...],
            seed: int, out: str) -> None:
     """Choose a deterministic subset of STORE's patches and save it as JSON (for the loader and train.py)."""
-    from engine.select import SubsetError
-    from engine.select import select as choose
-    from engine.store import StoreError
+    from engine.data.select import SubsetError
+    from engine.data.select import select as choose
+    from engine.data.store import StoreError
 
     if count.strip().lower() == "all":
         n = None

@@ -114,7 +114,7 @@ def load_subset(path: str | os.PathLike) -> Subset:
 def check_subset(store: Any, subset: Subset) -> None:
     """Raise SubsetError unless ``subset`` was selected from ``store`` (a PatchStore or a path): same
     fingerprint, indices unique and within range."""
-    from engine.store import open_store
+    from engine.data.store import open_store
 
     store = open_store(store)
     if subset.store_fingerprint != store.fingerprint:
@@ -176,7 +176,7 @@ def select(store: Any, count: int | None, *, sharpness: Any = None, complexity: 
     complexity: "LO:HI" | (lo, hi). category: a name or a list of names (any of them). count: None for all
     matches. Raises SubsetError when fewer patches match than asked (the message says how many match).
     """
-    from engine.store import open_store
+    from engine.data.store import open_store
 
     store = open_store(store)
     if count is not None and (isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1):

@@ -39,7 +39,7 @@ METRICS = ("E_R", "E_B", "rain_residual", "PSNR", "E_R_ceiling")
 #: Configuration columns of results.csv, in order.
 CONFIG = ("run", "model", "rain", "count", "seed", "iters", "status")
 
-_ROOT = Path(__file__).resolve().parents[1]  # repository root: where train.py lives
+_ROOT = Path(__file__).resolve().parents[2]  # repository root: where train.py lives
 
 
 class SweepError(ValueError):
@@ -229,7 +229,7 @@ def sweep(store: str | os.PathLike, counts: Sequence[int], rains: Sequence[str],
     Returns:
         The result rows (also in results.json). Raises SweepError naming the failed runs after writing them.
     """
-    from engine.store import open_store
+    from engine.data.store import open_store
 
     store = str(Path(store).resolve())
     st = open_store(store)

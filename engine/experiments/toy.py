@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.toy_data import (
+from engine.experiments.toy_data import (
     DEFAULT_POINTS,
     DEFAULT_SEGMENTS,
     PURPOSE_TEST_CURVE,
