@@ -9,6 +9,7 @@ import zarr
 
 from engine import loader as L
 from engine.loader import Loader, LoaderError
+from engine.loader.planes import unit_by_lut, unit_table
 from engine.rain import RainSpec
 
 P = 16
@@ -175,12 +176,12 @@ def test_device_conversion_equals_true_division():
     """The conversion the GPU path uses, run on CPU tensors: exact float32 quotients v / 255 (a multiplication by
     1/255 would be off in the last bit for about half of the values), in NCHW, from an NHWC view."""
     x = torch.from_numpy(np.arange(2 * 4 * 8 * 3, dtype=np.int64).reshape(2, 4, 8, 3).astype(np.uint8) * 5)
-    got = L.unit_by_lut(x.permute(0, 3, 1, 2), L._device_lut(torch.device("cpu")))
+    got = unit_by_lut(x.permute(0, 3, 1, 2), unit_table(torch.device("cpu")))
     want = x.numpy().transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255)
     assert got.dtype == torch.float32 and got.is_contiguous() and got.shape == (2, 3, 4, 8)
     np.testing.assert_array_equal(got.numpy(), want)
     every = torch.arange(256, dtype=torch.uint8)
-    np.testing.assert_array_equal(L.unit_by_lut(every, L._device_lut(torch.device("cpu"))).numpy(),
+    np.testing.assert_array_equal(unit_by_lut(every, unit_table(torch.device("cpu"))).numpy(),
                                   np.arange(256, dtype=np.float32) / np.float32(255))
 
 
@@ -265,15 +266,38 @@ def test_subset_of_another_store_is_refused(store_path, other_store_path):
 def test_batches_function_reuses_its_loader(store_path):
     L.clear_cache()
     a = _order(list(L.batches(store_path, batch_size=6, rain=None, seed=4, epoch=1, mode="resident")))
-    assert len(L._CACHE) == 1
-    loader = next(iter(L._CACHE.values()))
-    resident = loader._resident
+    assert len(L.cached_loaders()) == 1
+    loader = L.cached_loaders()[0]
+    resident = loader.resident
     b = _order(list(L.batches(store_path, batch_size=6, rain=None, seed=4, epoch=2, mode="resident")))
-    assert len(L._CACHE) == 1 and loader._resident is resident  # loaded once
+    assert len(L.cached_loaders()) == 1 and loader.resident is resident  # loaded once
     np.testing.assert_array_equal(a, _reference_order(np.arange(N), 4, 1))
     np.testing.assert_array_equal(b, _reference_order(np.arange(N), 4, 2))
     L.clear_cache()
-    assert not L._CACHE
+    assert not L.cached_loaders()
+
+
+class _ReturningStore:
+    """A store whose ``read(index)`` takes no ``out`` buffer and returns the patches (as another store type may),
+    converted to ``dtype``."""
+
+    def __init__(self, path: str, dtype=np.uint8) -> None:
+        from engine.data.store import open_store
+
+        self._store = open_store(path)
+        self.count, self.patch_size, self.dtype = self._store.count, self._store.patch_size, dtype
+
+    def read(self, index):
+        return self._store.read(index).astype(self.dtype)
+
+
+def test_stores_without_read_out_are_checked_and_copied(store_path):
+    kw = dict(batch_size=7, rain="medium", seed=3, epoch=1)
+    want = _epoch(store_path, mode="resident", **kw)
+    for mode in ("resident", "dali"):
+        _assert_same_batches(want, _epoch(_ReturningStore(store_path), mode=mode, **kw))
+    with pytest.raises(LoaderError, match=r"store: read\(\): expected dtype uint8"):
+        _epoch(_ReturningStore(store_path, np.float32), mode="resident")
 
 
 # ---- mode choice -------------------------------------------------------------------------------------------------
@@ -340,15 +364,61 @@ def test_uint8_rain_layers_are_not_overwritten_by_later_batches(store_path):
     assert any(b.rain.any() for b in held)
 
 
-def test_16_bit_tables_round_to_nearest_even():
-    """The host tables against an independent rounding: bfloat16 = the top 16 bits of the float32 pattern rounded to
-    nearest, ties to even (hand-written bit arithmetic); float16 against numpy's cast."""
+def _every_value_batch() -> torch.Tensor:
+    """uint8 [1, 16, 16, 3] NHWC holding every value 0..255 in each channel (channel c shifted by 85 * c)."""
+    v = (np.arange(256)[:, None] + 85 * np.arange(3)) % 256
+    return torch.from_numpy(v.astype(np.uint8).reshape(1, 16, 16, 3))
+
+
+_BITS = {"float32": torch.int32, "bfloat16": torch.int16, "float16": torch.int16, "uint8": torch.uint8}
+
+
+def _torch_conversion(nchw: torch.Tensor, dtype: str) -> torch.Tensor:
+    """torch's own conversion of uint8 ``nchw``: float32 v / 255 (IEEE quotient) rounded by ``Tensor.to``."""
+    return nchw.clone() if dtype == "uint8" else (nchw.to(torch.float32) / 255).to(getattr(torch, dtype))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "uint8"])
+def test_every_uint8_value_converts_like_torch(dtype):
+    """Each uint8 value v, through the CPU kernels (``finish_batch``) and through ``to_unit``, against torch's own
+    conversion, compared bit for bit (a last-place rounding difference fails); the 16-bit references are checked
+    against round-to-nearest-even by hand (bfloat16: bit arithmetic on the float32 pattern; float16: numpy)."""
+    u8 = _every_value_batch()
+    nchw = u8.permute(0, 3, 1, 2)
+    want = _torch_conversion(nchw, dtype)
+    bits = _BITS[dtype]
+    b = L.finish_batch(u8, np.array([7]), None, seed=0, epoch=0, step=0, dtype=dtype)
+    for got in (b.background, b.rainy, L.to_unit(nchw, dtype)):
+        assert got.dtype == want.dtype and got.shape == (1, 3, 16, 16) and got.is_contiguous()
+        assert torch.equal(got.view(bits), want.view(bits))
     f32 = np.arange(256, dtype=np.float32) / np.float32(255)
-    u = f32.view(np.uint32).astype(np.uint64)
-    bf = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-    np.testing.assert_array_equal(L._host_lut("bfloat16"), bf)
-    np.testing.assert_array_equal(L._host_lut("float16"), f32.astype(np.float16).view(np.uint16))
-    np.testing.assert_array_equal(L._host_lut("uint8"), np.arange(256))
+    every = _torch_conversion(torch.arange(256, dtype=torch.uint8), dtype)
+    if dtype == "bfloat16":
+        u = f32.view(np.uint32).astype(np.uint64)
+        rne = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+        np.testing.assert_array_equal(every.view(torch.int16).numpy().view(np.uint16), rne)
+    elif dtype == "float16":
+        np.testing.assert_array_equal(every.numpy(), f32.astype(np.float16))
+    elif dtype == "float32":
+        np.testing.assert_array_equal(every.numpy(), f32)
+
+
+def test_to_unit_refuses_float_input():
+    with pytest.raises(LoaderError, match="x: expected a uint8 torch tensor"):
+        L.to_unit(torch.zeros(2, 3))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "uint8"])
+def test_every_uint8_value_converts_like_torch_on_the_gpu(dtype):
+    """The GPU conversion (``finish_batch`` on a CUDA batch, ``to_unit``) gives torch's CPU values bit for bit."""
+    u8 = _every_value_batch()
+    nchw = u8.permute(0, 3, 1, 2)
+    want = _torch_conversion(nchw, dtype)
+    bits = _BITS[dtype]
+    b = L.finish_batch(u8.cuda(), np.array([7]), None, seed=0, epoch=0, step=0, dtype=dtype)
+    for got in (b.background, b.rainy, L.to_unit(nchw.cuda(), dtype)):
+        assert got.is_cuda and torch.equal(got.cpu().view(bits), want.view(bits))
 
 
 @pytest.mark.parametrize("dtype", ["float16", "uint8"])

@@ -1,18 +1,16 @@
 """The DALI side of the loader: an NVIDIA DALI pipeline fed by ``fn.external_source`` reading the patch store.
 
-Why it should be fast (DESIGN 4: a naive batch source reading 64-patch zarr chunks reached 17-23k patches/s on
-the H100 host; random patches through zarr-python decode a whole 64-patch chunk each, ~1,200 patches/s per core):
+What keeps it fast (random patches through zarr-python decode a whole 64-patch chunk each, ~1,200 patches/s per
+core):
 
 - Batch granularity: one source call per batch returns the whole uint8 NHWC batch (a dense array, or the list of
   its patches' views), not one call per sample.
-- Zero-copy reads: the source calls ``PatchStore.read``, which bypasses zarr for the store's raw 64-patch chunks
-  (``os.preadv`` of each run of consecutive indices straight into the batch buffer): a random patch costs one
-  49 KB read from the page cache instead of decoding its whole chunk through zarr-python. Better still, for a
-  complete store the source hands DALI ``PatchStore.views``: per-patch views into memory maps of the chunk files,
-  so the only copy is the one DALI makes of every sample anyway (A/B in one process on the 2-core machine, batch
-  256: DALI loader 9,351 -> 9,951 patches/s float32, 11,364 -> 12,779 uint8). Otherwise the batch buffers are a
-  ring reused in turn and handed to DALI with ``no_copy`` (no allocation or page faults), each batch read by
-  several threads (see ``BatchSource``).
+- Zero-copy reads: for a complete store the source hands DALI ``PatchStore.views``: per-patch views into memory
+  maps of the chunk files, so the only copy is the one DALI makes of every sample anyway. Otherwise it calls
+  ``PatchStore.read``, which bypasses zarr for the store's raw 64-patch chunks (``os.preadv`` of each run of
+  consecutive indices straight into the batch buffer: a random patch costs one 49 KB read from the page cache
+  instead of decoding its whole chunk), into a ring of batch buffers reused in turn and handed to DALI with
+  ``no_copy`` (no allocation or page faults), each batch read by several threads (see ``BatchSource``).
 - Parallel workers: with ``workers > 0`` the source runs in DALI's worker processes (``parallel=True``), so reading
   overlaps with the rain synthesis of the previous batch in the main process. Workers are forked before anything
   touches CUDA (``pipe.start_py_workers()`` before ``build()``); when CUDA is already initialized in this process
@@ -20,12 +18,11 @@ the H100 host; random patches through zarr-python decode a whole 64-patch chunk 
 
 The pipeline only moves uint8 NHWC batches (and their store indices): with a GPU it ends in ``.gpu()`` so the batch
 arrives in device memory, where the loader synthesizes rain and converts to float. The plan of each epoch (which
-store indices form which batch) is computed by ``engine.loader`` and handed to the source, through shared memory
-when workers read it.
+store indices form which batch, ``engine.loader.order``) is handed to the source through shared memory, which
+worker processes read too.
 
-The pipeline uses DALI's pipelined executor (``exec_dynamic=False``), whose output buffers are reused: the default
-dynamic executor allocated fresh ones every batch, and their page faults were a third of the reader's CPU time.
-The GPU path (``.gpu()``, ``feed_ndarray`` into a CUDA tensor) has not been run on a GPU yet.
+The pipeline uses DALI's pipelined executor (``exec_dynamic=False``), whose output buffers are reused: the dynamic
+executor allocates fresh ones every batch, and their page faults cost a third of the reader's CPU time.
 """
 from __future__ import annotations
 
@@ -34,6 +31,8 @@ from multiprocessing import shared_memory
 from typing import Any, Iterator
 
 import numpy as np
+
+from engine.loader.reading import read_patches, reads_in_place
 
 
 def dali_problem() -> str:
@@ -106,10 +105,12 @@ class PlanBoard:
                 pass
 
 
+#: ``BatchSource`` hands DALI per-patch views of a complete store's chunk files (False: it always reads into its
+#: ring of buffers, the path other stores take).
 VIEWS = True
 
 #: ``DaliReader.epoch`` schedules DALI's next iteration on a helper thread while the caller consumes a batch (False:
-#: when the next batch is asked for, as ``pipe.run()`` would; kept for A/B measurements and tests).
+#: when the next batch is asked for, as ``pipe.run()`` would).
 FEED_AHEAD = True
 
 
@@ -173,17 +174,11 @@ class BatchSource:
     def _read_into(self, idx: np.ndarray, out: np.ndarray) -> None:
         """The patches ``idx`` into ``out`` (uint8 [n, P, P, 3]), split over ``read_threads`` threads."""
         if self._takes_out is None:
-            from engine.loader import _accepts_out
-
-            self._takes_out = _accepts_out(self.store)
-        if not self._takes_out:
-            from engine.loader import _checked
-
-            np.copyto(out, _checked(self.store.read(idx), out.shape))
-            return
-        k = min(self.read_threads, idx.size // self.MIN_PER_THREAD)
+            self._takes_out = reads_in_place(self.store)
+        # a store that cannot read into a buffer returns whole batches: nothing to split
+        k = min(self.read_threads, idx.size // self.MIN_PER_THREAD) if self._takes_out else 1
         if k <= 1:
-            self.store.read(idx, out=out)
+            read_patches(self.store, idx, out, self._takes_out)
             return
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
@@ -207,8 +202,7 @@ class BatchSource:
                     return views, idx
                 # in a DALI worker process, DALI would write a list of views into shared memory sample by sample
                 # and the main process would feed it sample by sample; one dense batch, copied from the maps, is
-                # one array for both (DaliReader alone, 2-core machine: 1 worker 23-29k -> 33-34k patches/s,
-                # 2 workers 25-27k -> 33-36k)
+                # one array for both
                 patches, index = self._buffer(idx.size)
                 index[:] = idx
                 for i, view in enumerate(views):
@@ -301,10 +295,8 @@ class DaliReader:
         DALI's scheduled API (``schedule_run`` / ``share_outputs`` / ``release_outputs``) rather than ``run()``, so
         that scheduling the next iteration (the source call and DALI's feed of it, per-sample Python: ~15 % of the
         DALI loader's CPU time in cProfile) happens on a helper thread while the caller consumes the batch (the
-        rain kernels release the GIL). Only one thread touches the pipeline at a time: the helper's call is waited
-        for before the batch's buffers are released and the next batch is taken. A/B of ``FEED_AHEAD`` in one
-        process on the 2-core machine (batch 256, medium rain, 5 alternating repetitions, medians, patches/s):
-        float32 9,957 -> 10,648, bfloat16 11,109 -> 11,616, uint8 12,765 -> 12,969.
+        rain kernels release the GIL; see ``FEED_AHEAD``). Only one thread touches the pipeline at a time: the
+        helper's call is waited for before the batch's buffers are released and the next batch is taken.
         """
         if self._active:
             raise ReaderBusy("loader: an epoch of this loader is still being iterated; finish or close it first")
