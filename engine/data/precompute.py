@@ -44,6 +44,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from engine.data import store as st
+from engine.data.atomic_dir import build_dir, stale_temps
 from engine.data.sources import SKIP_SMALL, SourceItem, decode_item, describe_items, discover, patch_count, cut_patches
 
 PROGRESS_DIR = "rainsweep-progress"
@@ -234,6 +235,11 @@ def _counts(records: list[dict]) -> dict:
             "patches": int(sum(r["patches"] for r in records if r["status"] == "ok"))}
 
 
+def _busy(out: Path) -> PrecomputeError:
+    return PrecomputeError(f"store {str(out)!r}: another precompute is writing it right now; wait for it to "
+                           f"finish")
+
+
 class _Lock:
     def __init__(self, path: Path) -> None:
         self.f = open(path, "a+")
@@ -241,8 +247,7 @@ class _Lock:
             fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as e:
             self.f.close()
-            raise PrecomputeError(f"store {str(path.parent.parent)!r}: another precompute is writing it "
-                                  f"right now; wait for it to finish") from e
+            raise _busy(path.parent.parent) from e
 
     def release(self) -> None:
         self.f.close()
@@ -277,12 +282,12 @@ def precompute(sources: list[str] | str, out: str | os.PathLike, patch: int = 12
 
     if out.exists() and out.is_dir() and not any(out.iterdir()):
         out.rmdir()  # an empty folder the user made for us
-    # a run killed while creating the store leaves only its temporary sibling: remove it
-    if out.parent.is_dir():
-        for old in out.parent.glob(f".{out.name}.tmp-*"):
-            shutil.rmtree(old, ignore_errors=True)
+    # a run killed while creating the store leaves only its temporary sibling: remove it (not one that a live run
+    # is building right now)
+    for old in stale_temps(out):
+        shutil.rmtree(old, ignore_errors=True)
     if not out.exists():
-        _create(out, patch, chunk_patches, params, identity, items)
+        create_incomplete_store(out, params, identity, list(dict.fromkeys(it.category for it in items)))
     elif not (out / "zarr.json").is_file():
         raise PrecomputeError(f"--out {str(out)!r} exists and is not a rainsweep store; choose a new path")
 
@@ -313,24 +318,43 @@ def precompute(sources: list[str] | str, out: str | os.PathLike, patch: int = 12
             lock.release()
 
 
-def _create(out: Path, patch: int, chunk_patches: int, params: dict, identity: list[dict],
-            items: list[SourceItem]) -> None:
-    categories = list(dict.fromkeys(it.category for it in items))
+def create_incomplete_store(out: Path, params: dict, identity: list[dict], categories: list[str]) -> None:
+    """Create the empty, incomplete store ``out`` with its initial progress record, atomically.
+
+    Parameters
+    ----------
+    out : Path
+        The store folder; it must not exist yet.
+    params : dict
+        The run's arguments (``sources``, ``patch``, ``stride``, ``category``, ``chunk_patches``), recorded in the
+        attributes and the progress record so a re-run with other arguments is refused.
+    identity : list of dict
+        ``engine.data.sources.describe_items`` of the discovered sources (detects changed inputs on resume).
+    categories : list of str
+        Category names, in code order.
+
+    Raises
+    ------
+    PrecomputeError
+        Another precompute created ``out`` while this one was building it (the other run owns the store).
+    """
+    patch, chunk_patches = params["patch"], params["chunk_patches"]
     info = {"schema": st.SCHEMA_VERSION, "complete": False, "count": 0, "patch_size": patch,
-            "stride": params["stride"], "chunk_patches": chunk_patches, "categories": categories, "sources": [],
-            "params": params, "rainsweep_version": st.rainsweep_version(), "run": {}}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+            "stride": params["stride"], "chunk_patches": chunk_patches, "categories": list(categories),
+            "sources": [], "params": params, "rainsweep_version": st.rainsweep_version(), "run": {}}
+
+    def build(tmp: Path) -> None:
         st.create_layout(tmp, patch, info, chunk_patches=chunk_patches, capacity=0)
         (tmp / PROGRESS_DIR).mkdir()
         _atomic_write_json(tmp / PROGRESS_DIR / STATE_FILE, {
             "params": params, "identity": identity, "committed": 0, "position": [0, 0], "records": [],
             "segments": 0, "digests": []})
-        os.rename(tmp, out)  # the store appears whole or not at all
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _hook("before_rename")
+
+    try:
+        build_dir(out, build)
+    except FileExistsError as e:
+        raise _busy(out) from e
 
 
 def _clean_uncommitted(out: Path, state: dict) -> None:
