@@ -100,13 +100,13 @@ def skimage_pictures(size: int) -> tuple[np.ndarray, ...]:
         load or are not uint8; empty when scikit-image or Pillow is not installed.
     """
     try:
-        import skimage.data  # noqa: F401  (present, so skimage_picture can load)
         from PIL import Image
-    except ImportError:
+
+        loaded = [skimage_picture(name) for name in SKIMAGE_NAMES]
+    except ImportError:  # scikit-image or Pillow is not installed
         return ()
     pictures = []
-    for name in SKIMAGE_NAMES:
-        img = skimage_picture(name)
+    for img in loaded:
         if img is None or img.dtype != np.uint8:
             continue
         if img.ndim == 2:
