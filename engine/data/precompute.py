@@ -35,7 +35,6 @@ import os
 import shutil
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,6 +42,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from engine.atomic import atomic_write, atomic_write_json
 from engine.data import store as st
 from engine.data.atomic_dir import build_dir, stale_temps
 from engine.data.sources import SKIP_SMALL, SourceItem, decode_item, describe_items, discover, patch_count, cut_patches
@@ -110,21 +110,6 @@ def _hook(phase: str) -> None:
     if _hook_seen[phase] == int(nth or 1):
         print(f"HOOK {phase}", file=sys.stderr, flush=True)
         time.sleep(600)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -346,9 +331,9 @@ def create_incomplete_store(out: Path, params: dict, identity: list[dict], categ
     def build(tmp: Path) -> None:
         st.create_layout(tmp, patch, info, chunk_patches=chunk_patches, capacity=0)
         (tmp / PROGRESS_DIR).mkdir()
-        _atomic_write_json(tmp / PROGRESS_DIR / STATE_FILE, {
+        atomic_write_json(tmp / PROGRESS_DIR / STATE_FILE, {
             "params": params, "identity": identity, "committed": 0, "position": [0, 0], "records": [],
-            "segments": 0, "digests": []})
+            "segments": 0, "digests": []}, indent=1, sort_keys=True)
         _hook("before_rename")
 
     try:
@@ -451,14 +436,14 @@ def _run(out: Path, items: list[SourceItem], identity: list[dict], params: dict,
         _hook("after_data")
         buf_seg = io.BytesIO()
         np.savez(buf_seg, **{k: data[k] for k in ("sharpness", "complexity", "source", "origin", "category")})
-        _atomic_write_bytes(prog / f"seg-{segments:06d}.npz", buf_seg.getvalue())
+        atomic_write(prog / f"seg-{segments:06d}.npz", buf_seg.getvalue())
         _hook("after_segment")
         k, j = position_after(next_image)
         done = [r for i, r in pending_records if i < k]
         pending_records[:] = [(i, r) for i, r in pending_records if i >= k]
         records.extend(done)
         state.update(committed=end, position=[k, j], records=records, segments=segments + 1, digests=digests)
-        _atomic_write_json(prog / STATE_FILE, state)
+        atomic_write_json(prog / STATE_FILE, state, indent=1, sort_keys=True)
         segments += 1
         committed = end
         written_this_run += m

@@ -18,13 +18,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from engine.atomic import atomic_write_json
 from kernels.rng import bits_np, counter_np, patch_state_np
 
 SUBSET_FORMAT = "rainsweep-subset"
@@ -71,17 +71,8 @@ class Subset:
                 "indices": [int(i) for i in self.indices], **({"extra": self.extra} if self.extra else {})}
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the subset as JSON atomically (temp file in the same folder, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return path
+        """Write the subset as JSON (``to_dict``, indent 1), atomically (``engine.atomic``); return its path."""
+        return atomic_write_json(path, self.to_dict(), indent=1)
 
 
 def load_subset(path: str | os.PathLike) -> Subset:

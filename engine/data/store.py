@@ -55,15 +55,15 @@ import hashlib
 import json
 import mmap
 import os
-import shutil
 import threading
-import uuid
 import zlib
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+from engine.data.atomic_dir import build_dir
 
 SCHEMA_VERSION = 1
 ATTR_KEY = "rainsweep"
@@ -581,19 +581,15 @@ def write_store(path: str | os.PathLike, patches: np.ndarray, *, sharpness=None,
         "rainsweep_version": rainsweep_version(),
         "run": {},
     }
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+
+    def build(tmp: Path) -> None:
         group = create_layout(tmp, h, {**info, "complete": False}, chunk_patches=chunk_patches, capacity=n)
         if n:
             writable(group, "patches")[:] = patches
         write_meta(group, meta, n)
         group.attrs[ATTR_KEY] = info
-        if path.exists():  # overwrite=True: replace only once the new store is complete
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    build_dir(path, build, replace=overwrite)  # with overwrite, the old store goes only once the new one is complete
     return open_store(path)
 
 
