@@ -236,9 +236,12 @@ def test_views_are_the_patches_without_a_copy(small, rng, monkeypatch):
     # more chunks than the map cache holds: evicted maps stay valid while a view uses them
     import engine.data.store as S
 
-    monkeypatch.setattr(S, "_MAP_CACHE_SIZE", 2)
-    again = s.views(np.arange(150))
+    monkeypatch.setattr(S, "MAP_CACHE_SIZE", 2)
+    t = open_store(s.path)
+    few = t.views(idx)
+    again = t.views(np.arange(150))
     np.testing.assert_array_equal(np.stack(again), x)
+    np.testing.assert_array_equal(np.stack(few), x[idx])
     np.testing.assert_array_equal(np.stack(views), x[idx])
     with pytest.raises(IndexError):
         s.views([150])

@@ -57,13 +57,13 @@ import mmap
 import os
 import threading
 import zlib
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
 from engine.data.atomic_dir import build_dir
+from engine.data.lru import LRUCache
 
 SCHEMA_VERSION = 1
 ATTR_KEY = "rainsweep"
@@ -79,26 +79,18 @@ META_ARRAYS: dict[str, tuple[str, tuple[int, ...]]] = {
 }
 #: attribute fields that legitimately differ between two identical runs (excluded from the fingerprint)
 VOLATILE_ATTRS = ("run", "rainsweep_version")
-_FD_CACHE_SIZE = 64
+#: Open chunk-file descriptors kept per thread.
+FD_CACHE_SIZE = 64
 #: Chunk maps kept per process. Each map holds a duplicated descriptor (Python's mmap keeps one), so this stays well
 #: below the usual 1,024 open-file limit; 256 maps cover 16,384 patches of 64-patch chunks without remapping.
-_MAP_CACHE_SIZE = 256
+MAP_CACHE_SIZE = 256
 
 
-class _FdCache(OrderedDict):
-    """chunk index -> open read-only descriptor, least recently used first; closes them when dropped (thread end,
-    store garbage-collected, or replaced in a forked child, whose inherited copies are its own to close)."""
-
-    def close_all(self) -> None:
-        while self:
-            _, fd = self.popitem()
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-    def __del__(self) -> None:
-        self.close_all()
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 class StoreError(ValueError):
@@ -207,7 +199,8 @@ class PatchStore:
         self._meta: dict[str, np.ndarray] = {}
         self._raw = self._raw_layout_ok()
         self._local = threading.local()
-        self._maps: dict = {}
+        self._maps_pid: int | None = None
+        self._maps: LRUCache[int, np.ndarray] | None = None
 
     def _raw_layout_ok(self) -> bool:
         """True when chunk files are raw C-order bytes we can pread directly (the layout we write)."""
@@ -304,32 +297,30 @@ class PatchStore:
         return idx
 
     def _fd(self, chunk: int) -> int:
-        """Read-only descriptor of a chunk file; a small per-thread LRU (threads never share descriptors, so
-        eviction cannot close one another thread is reading from; a forked child opens its own)."""
+        """Read-only descriptor of a chunk file, from a small per-thread LRU: threads never share descriptors, so
+        eviction cannot close one another thread is reading from. The cache closes its descriptors when dropped
+        (thread end, store garbage-collected, or replaced in a forked child, whose inherited copies are its own to
+        close)."""
         loc = self._local
         if getattr(loc, "pid", None) != os.getpid():
-            loc.pid, loc.fds = os.getpid(), _FdCache()
-        fds: _FdCache = loc.fds
+            loc.pid, loc.fds = os.getpid(), LRUCache(FD_CACHE_SIZE, on_evict=_close_quietly)
+        fds: LRUCache[int, int] = loc.fds
         fd = fds.get(chunk)
         if fd is not None:
-            fds.move_to_end(chunk)
             return fd
         f = self.path / "patches" / "c" / str(chunk) / "0" / "0" / "0"
         try:
             fd = os.open(f, os.O_RDONLY)
         except FileNotFoundError as e:
             raise StoreError(f"store {str(self.path)!r}: damaged: chunk file {f} is missing") from e
-        fds[chunk] = fd
-        if len(fds) > _FD_CACHE_SIZE:
-            _, old = fds.popitem(last=False)
-            os.close(old)
+        fds.put(chunk, fd)
         return fd
 
     def close(self) -> None:
         """Close cached file descriptors of this thread (others close when their thread's cache is dropped)."""
         loc = self._local
         if getattr(loc, "pid", None) == os.getpid():
-            loc.fds.close_all()
+            loc.fds.clear()
 
     def __del__(self) -> None:
         try:
@@ -385,7 +376,7 @@ class PatchStore:
         """Read-only uint8 [P, P, 3] views of the patches at ``indices`` straight into memory maps of the chunk
         files (no copy: the page cache itself), in the order given; None when the store's layout does not allow it
         (not the raw layout, or an incomplete store whose files still change). The maps live as long as any view
-        of them; the store keeps up to ``_MAP_CACHE_SIZE`` chunk maps per process.
+        of them; the store keeps up to ``MAP_CACHE_SIZE`` chunk maps per process.
 
         Why: a loader that copies each patch anyway (DALI copies every sample of a batch into its own buffers) then
         reads with one copy instead of two (``read`` copies from the page cache with ``preadv``).
@@ -407,25 +398,19 @@ class PatchStore:
         return out
 
     def _map(self, chunk: int) -> np.ndarray:
-        """The chunk file as a read-only uint8 array over a memory map (per-process LRU, like ``_fd``)."""
-        maps = self._maps
-        if maps.get("pid") != os.getpid():
-            maps.clear()
-            maps["pid"] = os.getpid()
-            maps["lru"] = OrderedDict()
-        lru: OrderedDict = maps["lru"]
-        flat = lru.get(chunk)
+        """The chunk file as a read-only uint8 array over a memory map, from a per-process LRU of ``MAP_CACHE_SIZE``
+        maps (a forked child maps again). An evicted map stays alive as long as a view of it does."""
+        if self._maps_pid != os.getpid():
+            self._maps_pid, self._maps = os.getpid(), LRUCache(MAP_CACHE_SIZE)
+        flat = self._maps.get(chunk)
         if flat is not None:
-            lru.move_to_end(chunk)
             return flat
         fd = self._fd(chunk)
         size = os.fstat(fd).st_size
         if size == 0:
             raise StoreError(f"store {str(self.path)!r}: damaged: chunk {chunk} is empty")
         flat = np.frombuffer(mmap.mmap(fd, size, access=mmap.ACCESS_READ), dtype=np.uint8)
-        lru[chunk] = flat
-        if len(lru) > _MAP_CACHE_SIZE:
-            lru.popitem(last=False)  # views still in use keep their map alive
+        self._maps.put(chunk, flat)
         return flat
 
     def read_range(self, start: int, stop: int) -> np.ndarray:
