@@ -17,8 +17,8 @@ import pytest
 import zarr
 from PIL import Image
 
-from engine.data.precompute import (PROGRESS_DIR, HOOK_ENV, PrecomputeError, create_incomplete_store,
-                                    precompute)
+from engine.data.precompute import PROGRESS_DIR, PrecomputeError, precompute
+from engine.data.progress import HOOK_ENV, create_incomplete_store
 from engine.data.store import ATTR_KEY, open_store, verify
 
 ROOT = Path(__file__).resolve().parents[1]
