@@ -111,11 +111,12 @@ def test_fallback_for_compressed_layout(tmp_path, rng):
     """A store whose patches were rewritten with compression (still valid zarr) is read through zarr."""
     x = _patches(rng, 40)
     s = write_store(tmp_path / "z.zarr", x)
+    assert s.raw_layout
     g = zarr.open_group(str(s.path), mode="r+")
     del g["patches"]
     g.create_array("patches", data=x, chunks=(8, 16, 16, 3))  # default zstd compression
     t = open_store(s.path)
-    assert not t._raw
+    assert not t.raw_layout
     idx = np.array([39, 0, 8, 8, 17])
     np.testing.assert_array_equal(t.read(idx), x[idx])
 

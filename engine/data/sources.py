@@ -6,11 +6,12 @@ Source specs (``rainsweep precompute SRC...``), expanded in the order given, eac
 - a folder: every file below it, recursively (hidden files and folders ignored); files without an image extension
   are counted as skipped ("non-image file") without being opened;
 - a glob (``*``, ``?``, ``[``; ``**`` recurses);
-- ``builtin:skimage``: scikit-image's pictures that ship with the wheel (no download), or ``builtin:skimage/NAME``
-  for one ``skimage.data`` picture;
-- ``builtin:procedural``: deterministic dead-leaves images (``PROC_IMAGES`` of ``PROC_SIZE`` pixels by default,
-  3,072 patches of 128 x 128) at ``PROC_LEVELS`` texture/blur levels whose patch sharpness spans the paper's low
-  (< 50), medium (500..1000) and high (> 5000) bands; ``builtin:procedural?images=N&size=S`` for other sizes.
+- ``builtin:skimage``: scikit-image's pictures that ship with the wheel (no download; ``engine.data.builtin``),
+  in sorted name order, or ``builtin:skimage/NAME`` for one ``skimage.data`` picture;
+- ``builtin:procedural``: deterministic dead-leaves images (``engine.data.builtin.procedural_image``;
+  ``PROC_IMAGES`` of ``PROC_SIZE`` pixels by default, 3,072 patches of 128 x 128) at ``PROC_LEVELS`` texture/blur
+  levels whose patch sharpness spans the low (< 50), medium (500..1000) and high (> 5000) bands of
+  ``engine.data.select``; ``builtin:procedural?images=N&size=S`` for other sizes.
 
 Decoding uses Pillow for the file formats and numpy for 16-bit and alpha arithmetic. Conversions, counted per
 image and reason: ``gray`` (L, 1, I;16...), ``palette`` (P), ``alpha`` (RGBA, LA, PA: composited on black, i.e.
@@ -376,6 +377,7 @@ def cut_patches(rgb: np.ndarray, patch: int, stride: int, start: int = 0) -> tup
 
 
 def patch_count(h: int, w: int, patch: int, stride: int) -> int:
+    """Number of ``patch`` x ``patch`` patches on the ``stride`` grid of an ``h`` x ``w`` image (``cut_patches``)."""
     if h < patch or w < patch:
         return 0
     return ((h - patch) // stride + 1) * ((w - patch) // stride + 1)
