@@ -118,6 +118,7 @@ def assert_same_store(a: Path, b: Path) -> None:
             assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
 
 
+@pytest.mark.slow
 def test_workers_give_identical_store(folder, tmp_path):
     d, _ = folder
     precompute([str(d)], tmp_path / "w1.zarr", patch=16, stride=8, progress=False, chunk_patches=8, workers=1)
