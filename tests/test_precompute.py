@@ -2,6 +2,7 @@
 checks, and resumption after real SIGKILLs at every commit-protocol window."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -9,13 +10,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
 import zarr
 from PIL import Image
 
-from engine.data.precompute import PROGRESS_DIR, HOOK_ENV, PrecomputeError, precompute
+from engine.data.precompute import PROGRESS_DIR, PrecomputeError, precompute
+from engine.data.progress import HOOK_ENV, create_incomplete_store
 from engine.data.store import ATTR_KEY, open_store, verify
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,6 +118,7 @@ def assert_same_store(a: Path, b: Path) -> None:
             assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
 
 
+@pytest.mark.slow
 def test_workers_give_identical_store(folder, tmp_path):
     d, _ = folder
     precompute([str(d)], tmp_path / "w1.zarr", patch=16, stride=8, progress=False, chunk_patches=8, workers=1)
@@ -172,6 +176,15 @@ def _script(out: Path, workers: int = 1) -> list[str]:
 def _run_until(out: Path, hook: str, workers: int = 1, timeout: float = 120.0) -> str:
     """Start a precompute subprocess, wait until it reaches ``hook`` ("HOOK x" line) or prints a commit line
     matching ``hook`` ("committed N"), SIGKILL it, and return what it printed."""
+    with _paused_at(out, hook, workers, timeout) as seen:
+        pass
+    return "".join(seen)
+
+
+@contextlib.contextmanager
+def _paused_at(out: Path, hook: str, workers: int = 1, timeout: float = 120.0) -> Iterator[list[str]]:
+    """Start a precompute subprocess and yield (the lines it printed) once it reaches ``hook`` (see
+    ``_run_until``); SIGKILL it on exit."""
     env = {**os.environ, HOOK_ENV: hook}
     proc = subprocess.Popen(_script(out, workers), cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -186,11 +199,11 @@ def _run_until(out: Path, hook: str, workers: int = 1, timeout: float = 120.0) -
                 break
         else:
             pytest.fail(f"precompute ended before reaching {hook!r}: {''.join(seen)[-2000:]}")
+        yield seen
     finally:
         # the whole process group: a SIGKILLed parent must not need its pool workers' cooperation
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    return "".join(seen)
 
 
 @pytest.fixture(scope="module")
@@ -239,6 +252,35 @@ def test_resume_refuses_changed_arguments_and_sources(tmp_path):
         precompute(["builtin:procedural?images=11&size=64"], out, progress=False, **KW)
     state = json.loads((out / PROGRESS_DIR / "state.json").read_text())
     assert state["committed"] >= 16 and state["committed"] % 16 == 0
+
+
+def test_second_first_time_run_gets_the_busy_message(tmp_path):
+    """Two first-time runs into one new --out: the store another run created while this one built its own
+    temporary copy makes this run's rename fail; it stops with the message a busy store gives, and leaves the
+    other run's store and nothing of its own."""
+    out = tmp_path / "s.zarr"
+    params = {"sources": ["x"], "patch": 16, "stride": 16, "category": None, "chunk_patches": 16}
+    create_incomplete_store(out, params, [], ["x"])  # the winner
+    with pytest.raises(PrecomputeError, match="another precompute is writing it right now"):
+        create_incomplete_store(out, params, [], ["x"])
+    assert [p.name for p in tmp_path.iterdir()] == ["s.zarr"]
+    assert open_store(out, allow_incomplete=True).attrs["params"] == params
+    assert json.loads((out / PROGRESS_DIR / "state.json").read_text())["committed"] == 0
+
+
+@pytest.mark.slow
+def test_a_live_runs_temporary_store_is_left_alone(reference, tmp_path):
+    """A run that starts while another builds the same new store does not remove the other's temporary folder;
+    once that run is dead, the next run does."""
+    out = tmp_path / "s.zarr"
+    with _paused_at(out, "before_rename"):
+        temps = list(tmp_path.glob(".s.zarr.tmp-*"))
+        assert len(temps) == 1 and temps[0].is_dir()
+        s = precompute(SOURCES, out, progress=False, **KW)
+        assert s.patches == 160 and temps[0].is_dir()
+    assert precompute(SOURCES, out, progress=False, **KW).already_complete
+    assert not temps[0].exists()
+    assert_same_store(reference, out)
 
 
 class _nullctx:

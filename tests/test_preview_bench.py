@@ -51,7 +51,7 @@ def test_builtin_patches_differ_and_are_textured():
 def test_procedural_fallback(monkeypatch):
     from engine.data import builtin_images
 
-    monkeypatch.setattr(builtin_images, "_skimage_pictures", lambda size: ())
+    monkeypatch.setattr(builtin_images, "skimage_pictures", lambda size: ())
     with pytest.warns(RuntimeWarning, match="procedural"):
         a = builtin_images.builtin_patches(3, 24, seed=1)
     np.testing.assert_array_equal(a, procedural_patches(3, 24, seed=1))

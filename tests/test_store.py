@@ -111,11 +111,12 @@ def test_fallback_for_compressed_layout(tmp_path, rng):
     """A store whose patches were rewritten with compression (still valid zarr) is read through zarr."""
     x = _patches(rng, 40)
     s = write_store(tmp_path / "z.zarr", x)
+    assert s.raw_layout
     g = zarr.open_group(str(s.path), mode="r+")
     del g["patches"]
     g.create_array("patches", data=x, chunks=(8, 16, 16, 3))  # default zstd compression
     t = open_store(s.path)
-    assert not t._raw
+    assert not t.raw_layout
     idx = np.array([39, 0, 8, 8, 17])
     np.testing.assert_array_equal(t.read(idx), x[idx])
 
@@ -236,9 +237,12 @@ def test_views_are_the_patches_without_a_copy(small, rng, monkeypatch):
     # more chunks than the map cache holds: evicted maps stay valid while a view uses them
     import engine.data.store as S
 
-    monkeypatch.setattr(S, "_MAP_CACHE_SIZE", 2)
-    again = s.views(np.arange(150))
+    monkeypatch.setattr(S, "MAP_CACHE_SIZE", 2)
+    t = open_store(s.path)
+    few = t.views(idx)
+    again = t.views(np.arange(150))
     np.testing.assert_array_equal(np.stack(again), x)
+    np.testing.assert_array_equal(np.stack(few), x[idx])
     np.testing.assert_array_equal(np.stack(views), x[idx])
     with pytest.raises(IndexError):
         s.views([150])

@@ -7,8 +7,10 @@ version), and a query keeps the ``count`` matching patches of lowest priority. S
 by adding patches, never by reshuffling. ``Subset.indices`` are store indices, int64, unique, sorted ascending
 (store order; the loader shuffles per epoch).
 
-Sharpness bands (DESIGN 3, the paper's): low < 50, medium 500..1000 (inclusive), high > 5000. A range ``LO:HI``
-means LO <= value < HI; either side may be empty (``:50``, ``5000:``).
+Sharpness bands on the 0..255-scale Laplacian variance, as in Hu et al., "Revisiting the Generalization Problem of
+Low-level Vision Models Through the Lens of Image Deraining" (journal extension of Gu et al., "Networks are Slacking
+Off: Understanding Generalization Problem in Image Deraining", NeurIPS 2023): low < 50, medium 500..1000
+(inclusive), high > 5000. A range ``LO:HI`` means LO <= value < HI; either side may be empty (``:50``, ``5000:``).
 
 Subset file (JSON): ``{"format": "rainsweep-subset", "version": 1, "store_path", "store_fingerprint",
 "store_count", "seed", "query", "matched", "count", "indices"}``.
@@ -18,20 +20,21 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from engine.atomic import atomic_write_json
 from kernels.rng import bits_np, counter_np, patch_state_np
 
 SUBSET_FORMAT = "rainsweep-subset"
 SUBSET_VERSION = 1
 #: kernels.rng stream of the selection priority; far above the rain streams (0..15) so draws never coincide
 SELECT_STREAM = 0x5E1EC7
-#: the paper's sharpness bands (0..255-scale Laplacian variance): name -> (lo, hi, lo inclusive, hi inclusive)
+#: sharpness bands (0..255-scale Laplacian variance, see the module docstring): name -> (lo, hi, lo inclusive,
+#: hi inclusive)
 BANDS: dict[str, tuple[float, float, bool, bool]] = {
     "low": (-math.inf, 50.0, True, False),
     "medium": (500.0, 1000.0, True, True),
@@ -45,11 +48,25 @@ class SubsetError(ValueError):
 
 @dataclass
 class Subset:
-    """A selection of store patches.
+    """A selection of store patches, as ``select`` returns it and ``Subset.save`` writes it.
 
-    indices: int64 store indices, unique, sorted ascending. query: the normalized query that produced them.
-    seed: the selection seed. store_path / store_fingerprint: the store they index (the fingerprint detects a
-    different or re-built store). matched: how many patches matched the query.
+    Attributes
+    ----------
+    indices : numpy.ndarray
+        int64 [n] store indices, unique, sorted ascending.
+    query : dict
+        The normalized query that produced them: ``sharpness`` / ``complexity`` ({``spec``, ``lo``, ``hi``,
+        ``lo_inclusive``, ``hi_inclusive``}, open bounds as None), ``category`` (list of names), ``count``.
+    seed : int
+        The selection seed.
+    store_path, store_fingerprint : str
+        The store the indices refer to; the fingerprint detects a different or rebuilt store.
+    matched : int
+        How many patches matched the query (-1: unknown).
+    store_count : int
+        Patches in the store at selection time (-1: unknown).
+    extra : dict
+        Free-form fields saved with the subset.
     """
 
     indices: np.ndarray
@@ -65,27 +82,34 @@ class Subset:
         return len(self.indices)
 
     def to_dict(self) -> dict:
+        """The subset file's JSON object (format: the module docstring)."""
         return {"format": SUBSET_FORMAT, "version": SUBSET_VERSION, "store_path": self.store_path,
                 "store_fingerprint": self.store_fingerprint, "store_count": self.store_count, "seed": self.seed,
                 "query": self.query, "matched": self.matched, "count": int(len(self.indices)),
                 "indices": [int(i) for i in self.indices], **({"extra": self.extra} if self.extra else {})}
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the subset as JSON atomically (temp file in the same folder, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return path
+        """Write the subset as JSON (``to_dict``, indent 1), atomically (``engine.atomic``); return its path."""
+        return atomic_write_json(path, self.to_dict(), indent=1)
 
 
 def load_subset(path: str | os.PathLike) -> Subset:
-    """Read a subset JSON written by ``Subset.save``; raises SubsetError on anything else."""
+    """Read a subset file written by ``Subset.save``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The JSON file.
+
+    Returns
+    -------
+    Subset
+
+    Raises
+    ------
+    SubsetError
+        Missing file, not JSON, not a subset file, another format version, or malformed fields.
+    """
     path = Path(path)
     try:
         d = json.loads(path.read_text())
@@ -112,8 +136,20 @@ def load_subset(path: str | os.PathLike) -> Subset:
 
 
 def check_subset(store: Any, subset: Subset) -> None:
-    """Raise SubsetError unless ``subset`` was selected from ``store`` (a PatchStore or a path): same
-    fingerprint, indices unique and within range."""
+    """Check that ``subset`` was selected from ``store``: same fingerprint, indices unique and within range.
+
+    Parameters
+    ----------
+    store : PatchStore or str or os.PathLike
+        The store, open or by path.
+    subset : Subset
+
+    Raises
+    ------
+    SubsetError
+        The subset belongs to another store (or an older build of it), or its indices are out of range or
+        repeated.
+    """
     from engine.data.store import open_store
 
     store = open_store(store)
@@ -130,8 +166,29 @@ def check_subset(store: Any, subset: Subset) -> None:
 
 
 def parse_range(spec: Any, name: str, *, bands: bool = False) -> tuple[float, float, bool, bool] | None:
-    """``"low"|"medium"|"high"`` (when ``bands``), ``"LO:HI"`` or a (lo, hi) pair ->
-    (lo, hi, lo_inclusive, hi_inclusive); LO:HI means LO <= v < HI."""
+    """Parse a range query.
+
+    Parameters
+    ----------
+    spec : str, pair of float or None
+        ``"low"`` / ``"medium"`` / ``"high"`` (when ``bands``), ``"LO:HI"`` (either side may be empty) or a
+        (lo, hi) pair; None for no constraint.
+    name : str
+        The query's name, for error messages.
+    bands : bool
+        Accept the sharpness band names of ``BANDS``.
+
+    Returns
+    -------
+    tuple or None
+        ``(lo, hi, lo_inclusive, hi_inclusive)``; ``LO:HI`` and pairs mean LO <= v < HI. None when ``spec`` is
+        None.
+
+    Raises
+    ------
+    SubsetError
+        Not a band name, range or pair, or LO >= HI.
+    """
     if spec is None:
         return None
     if isinstance(spec, str):
@@ -163,18 +220,44 @@ def _in_range(v: np.ndarray, r: tuple[float, float, bool, bool]) -> np.ndarray:
 
 
 def priorities(seed: int, indices: np.ndarray) -> np.ndarray:
-    """uint64 selection priority of each store index for ``seed`` (lower is picked first)."""
+    """Selection priority of each store index for ``seed``: uint64 [n] (lower is picked first), from
+    ``kernels.rng`` stream ``SELECT_STREAM``, the same on every machine."""
     state = patch_state_np(int(seed), np.asarray(indices, dtype=np.int64))
     return bits_np(state, counter_np(SELECT_STREAM, 0))
 
 
 def select(store: Any, count: int | None, *, sharpness: Any = None, complexity: Any = None,
            category: str | Sequence[str] | None = None, seed: int = 0) -> Subset:
-    """Choose ``count`` patches of ``store`` (PatchStore or path) that match every given criterion.
+    """Choose ``count`` patches of ``store`` that match every given criterion, deterministically and nested.
 
-    sharpness: "low" | "medium" | "high" | "LO:HI" | (lo, hi), on the 0..255-scale Laplacian variance.
-    complexity: "LO:HI" | (lo, hi). category: a name or a list of names (any of them). count: None for all
-    matches. Raises SubsetError when fewer patches match than asked (the message says how many match).
+    Among the matching patches, the ``count`` of lowest ``priorities(seed, index)`` are kept, so for one seed and
+    query a smaller subset is contained in a larger one.
+
+    Parameters
+    ----------
+    store : PatchStore or str or os.PathLike
+        The store, open or by path.
+    count : int or None
+        Patches to choose (>= 1); None for every match.
+    sharpness : str or pair of float, optional
+        ``"low"`` | ``"medium"`` | ``"high"`` | ``"LO:HI"`` | (lo, hi), on the 0..255-scale Laplacian variance.
+    complexity : str or pair of float, optional
+        ``"LO:HI"`` | (lo, hi), on the 0..1-scale structural complexity.
+    category : str or sequence of str, optional
+        A category name or several (a patch in any of them matches).
+    seed : int
+        Selection seed (64-bit signed).
+
+    Returns
+    -------
+    Subset
+        ``indices``: int64 store indices, unique, sorted ascending.
+
+    Raises
+    ------
+    SubsetError
+        A malformed query, an unknown category, or fewer matching patches than ``count`` (the message says how
+        many match).
     """
     from engine.data.store import open_store
 

@@ -6,11 +6,12 @@ Source specs (``rainsweep precompute SRC...``), expanded in the order given, eac
 - a folder: every file below it, recursively (hidden files and folders ignored); files without an image extension
   are counted as skipped ("non-image file") without being opened;
 - a glob (``*``, ``?``, ``[``; ``**`` recurses);
-- ``builtin:skimage``: scikit-image's pictures that ship with the wheel (no download), or ``builtin:skimage/NAME``
-  for one ``skimage.data`` picture;
-- ``builtin:procedural``: deterministic dead-leaves images (``PROC_IMAGES`` of ``PROC_SIZE`` pixels by default,
-  3,072 patches of 128 x 128) at ``PROC_LEVELS`` texture/blur levels whose patch sharpness spans the paper's low
-  (< 50), medium (500..1000) and high (> 5000) bands; ``builtin:procedural?images=N&size=S`` for other sizes.
+- ``builtin:skimage``: scikit-image's pictures that ship with the wheel (no download; ``engine.data.builtin``),
+  in sorted name order, or ``builtin:skimage/NAME`` for one ``skimage.data`` picture;
+- ``builtin:procedural``: deterministic dead-leaves images (``engine.data.builtin.procedural_image``;
+  ``PROC_IMAGES`` of ``PROC_SIZE`` pixels by default, 3,072 patches of 128 x 128) at ``PROC_LEVELS`` texture/blur
+  levels whose patch sharpness spans the low (< 50), medium (500..1000) and high (> 5000) bands of
+  ``engine.data.select``; ``builtin:procedural?images=N&size=S`` for other sizes.
 
 Decoding uses Pillow for the file formats and numpy for 16-bit and alpha arithmetic. Conversions, counted per
 image and reason: ``gray`` (L, 1, I;16...), ``palette`` (P), ``alpha`` (RGBA, LA, PA: composited on black, i.e.
@@ -23,16 +24,15 @@ from __future__ import annotations
 import glob as globmod
 import hashlib
 import io
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs
 
 import numpy as np
-from numba import njit
 
-from kernels import rng as _rng
+from engine.data.builtin import (PROC_IMAGES, PROC_LEVELS, PROC_SIZE, SKIMAGE_NAMES, procedural_image,
+                                 skimage_picture)
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".jpe", ".tif", ".tiff", ".bmp", ".webp"}
 #: Pillow format names we accept (MPO is what Pillow calls many camera JPEGs)
@@ -49,26 +49,6 @@ SKIP_UNAVAILABLE = "builtin not available offline"
 
 CONV_GRAY, CONV_PALETTE, CONV_ALPHA, CONV_16BIT = "gray", "palette", "alpha", "16-bit"
 CONV_CMYK, CONV_OTHER, CONV_FLOAT = "cmyk", "other mode", "float"
-
-#: scikit-image pictures that ship inside the wheel (natural photographs and scans; no pooch download). ``cat`` is
-#: the same picture as ``chelsea`` and is left out so no background appears twice.
-SKIMAGE_NAMES: tuple[str, ...] = tuple(sorted((
-    "astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins", "grass", "gravel",
-    "hubble_deep_field", "immunohistochemistry", "moon", "retina", "rocket",
-)))
-
-PROC_IMAGES = 192
-PROC_SIZE = 512
-#: kernels.rng seed of the procedural images (key = image index); fixed so builtin:procedural is the same everywhere
-PROC_SEED = 0x5EED_DEAD_1EAF
-#: (texture amplitude 0..255, Gaussian blur sigma in pixels) per level; image i uses level i % len. Measured
-#: median patch sharpness (128 x 128 patches of 512 x 512 images): about 8,400 / 3,400 / 3,400 / 850 / 730 / 105 /
-#: 28 / 12, so all three bands of the paper are well populated (see tests/test_sources.py).
-PROC_LEVELS: tuple[tuple[float, float], ...] = (
-    (120.0, 0.0), (40.0, 0.0), (0.0, 0.0), (0.0, 0.5), (40.0, 0.6), (0.0, 0.9), (0.0, 1.4), (0.0, 2.2),
-)
-PROC_RMIN, PROC_RMAX = 3.0, 256.0
-
 
 class SourceError(ValueError):
     """A source spec that names nothing usable (missing path, empty glob, unknown builtin)."""
@@ -178,13 +158,13 @@ def _builtin_items(spec: str, category: str | None) -> list[SourceItem]:
     if base == "skimage":
         if query:
             raise SourceError(f"source {spec!r}: builtin:skimage takes no options")
-        names = [sub] if sub else list(SKIMAGE_NAMES)
+        names = [sub] if sub else sorted(SKIMAGE_NAMES)
         if sub:
             import skimage.data
 
             if not callable(getattr(skimage.data, sub, None)) or sub.startswith("_"):
                 raise SourceError(f"source {spec!r}: skimage.data has no picture {sub!r} (built-in set: "
-                                  f"{', '.join(SKIMAGE_NAMES)})")
+                                  f"{', '.join(sorted(SKIMAGE_NAMES))})")
         cat = category or "skimage"
         return [SourceItem(f"builtin:skimage/{n}", "skimage", cat, None, (n,)) for n in names]
     if base == "procedural":
@@ -366,7 +346,7 @@ def decode_item(item: SourceItem) -> Decoded:
     if item.kind == "file":
         return decode_file(item.path)
     if item.kind == "skimage":
-        a = _skimage_picture(item.arg[0])
+        a = skimage_picture(item.arg[0])
         if a is None:
             return Decoded(None, -1, "", skip=SKIP_UNAVAILABLE)
     elif item.kind == "procedural":
@@ -378,20 +358,6 @@ def decode_item(item: SourceItem) -> Decoded:
     h.update(a.data)
     rgb, conv, skip = array_to_rgb8(a)
     return Decoded(rgb, int(a.nbytes), h.hexdigest(), conv, skip)
-
-
-def _skimage_picture(name: str) -> np.ndarray | None:
-    import warnings
-
-    import skimage.data
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            a = getattr(skimage.data, name)()
-    except Exception:  # pictures that need a download (pooch) or are missing from this install
-        return None
-    return a if isinstance(a, np.ndarray) else None
 
 
 def cut_patches(rgb: np.ndarray, patch: int, stride: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -411,122 +377,7 @@ def cut_patches(rgb: np.ndarray, patch: int, stride: int, start: int = 0) -> tup
 
 
 def patch_count(h: int, w: int, patch: int, stride: int) -> int:
+    """Number of ``patch`` x ``patch`` patches on the ``stride`` grid of an ``h`` x ``w`` image (``cut_patches``)."""
     if h < patch or w < patch:
         return 0
     return ((h - patch) // stride + 1) * ((w - patch) // stride + 1)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# procedural dead-leaves images
-
-_patch_state = _rng.cpu.patch_state
-_uniform = _rng.cpu.uniform
-_counter = _rng.cpu.counter
-
-
-@njit(cache=True)
-def _dead_leaves(H, W, seed, key, rmin, rmax, tex_amp, max_discs):  # pragma: no cover - numba
-    """Dead-leaves image, float32 [H, W, 3] on 0..255 (+/- texture). Discs are drawn front to back (each one only
-    paints pixels no earlier disc covered, which is the occlusion model) with radius density ~ r^-3 on
-    [rmin, rmax] (scale invariant, like natural images), uniform random colour, and an oriented sine grating of
-    random amplitude 0..tex_amp, period 2.5..12 px (fine texture). Every draw is rng(seed, key, stream 3)."""
-    st = _patch_state(seed, key)
-    img = np.zeros((H, W, 3), np.float32)
-    cov = np.zeros((H, W), np.bool_)
-    left = H * W
-    a = 1.0 / (rmin * rmin) - 1.0 / (rmax * rmax)
-    for k in range(max_discs):
-        c = 16 * k
-        r = 1.0 / math.sqrt(1.0 / (rmin * rmin) - _uniform(st, _counter(3, c)) * a)
-        cy = -rmax + _uniform(st, _counter(3, c + 1)) * (H + 2 * rmax)
-        cx = -rmax + _uniform(st, _counter(3, c + 2)) * (W + 2 * rmax)
-        cr = _uniform(st, _counter(3, c + 3)) * 255.0
-        cg = _uniform(st, _counter(3, c + 4)) * 255.0
-        cb = _uniform(st, _counter(3, c + 5)) * 255.0
-        amp = tex_amp * _uniform(st, _counter(3, c + 6))
-        theta = _uniform(st, _counter(3, c + 7)) * math.pi
-        lam = 2.5 + 9.5 * _uniform(st, _counter(3, c + 8))
-        phase = _uniform(st, _counter(3, c + 9)) * 2.0 * math.pi
-        fy = math.sin(theta) * 2.0 * math.pi / lam
-        fx = math.cos(theta) * 2.0 * math.pi / lam
-        y0 = max(0, int(math.floor(cy - r)))
-        y1 = min(H - 1, int(math.ceil(cy + r)))
-        x0 = max(0, int(math.floor(cx - r)))
-        x1 = min(W - 1, int(math.ceil(cx + r)))
-        r2 = r * r
-        for y in range(y0, y1 + 1):
-            dy = y + 0.5 - cy
-            for x in range(x0, x1 + 1):
-                if cov[y, x]:
-                    continue
-                dx = x + 0.5 - cx
-                if dx * dx + dy * dy <= r2:
-                    cov[y, x] = True
-                    t = amp * math.sin(fy * y + fx * x + phase) if amp > 0 else 0.0
-                    img[y, x, 0] = cr + t
-                    img[y, x, 1] = cg + t
-                    img[y, x, 2] = cb + t
-                    left -= 1
-        if left == 0:
-            break
-    return img
-
-
-@njit(cache=True)
-def _blur_to_uint8(img, sigma):  # pragma: no cover - numba
-    """Separable Gaussian blur (taps to 3 sigma, normalized, reflect-101 borders), then round and clip to uint8.
-    Rows are processed as flat W*3 float32 runs so the inner loops are contiguous (vectorized by LLVM)."""
-    H, W, C = img.shape
-    rad = int(math.ceil(3.0 * sigma)) if sigma > 0 else 0
-    k = np.empty(2 * rad + 1, np.float32)
-    s = 0.0
-    for i in range(-rad, rad + 1):
-        k[i + rad] = math.exp(-0.5 * (i / sigma) ** 2) if sigma > 0 else 1.0
-        s += k[i + rad]
-    for i in range(2 * rad + 1):
-        k[i] /= s
-    src = img.reshape(H, W * C)
-    tmp = np.zeros((H, W * C), np.float32)
-    for y in range(H):  # horizontal pass: whole-row shifted adds, borders patched per tap
-        row = src[y]
-        out_row = tmp[y]
-        for i in range(-rad, rad + 1):
-            kv = k[i + rad]
-            lo = max(0, -i)
-            hi = min(W, W - i)
-            for j in range(lo * C, hi * C):
-                out_row[j] += kv * row[j + i * C]
-            for x in range(0, lo):
-                xx = -(x + i)
-                for c in range(C):
-                    out_row[x * C + c] += kv * row[xx * C + c]
-            for x in range(hi, W):
-                xx = 2 * W - 2 - (x + i)
-                for c in range(C):
-                    out_row[x * C + c] += kv * row[xx * C + c]
-    out = np.empty((H, W * C), np.uint8)
-    acc = np.empty(W * C, np.float32)
-    for y in range(H):  # vertical pass: weighted sum of whole rows
-        acc[:] = 0.0
-        for i in range(-rad, rad + 1):
-            yy = y + i
-            if yy < 0:
-                yy = -yy
-            if yy >= H:
-                yy = 2 * H - 2 - yy
-            kv = k[i + rad]
-            r = tmp[yy]
-            for j in range(W * C):
-                acc[j] += kv * r[j]
-        for j in range(W * C):
-            out[y, j] = np.uint8(min(255.0, max(0.0, math.floor(acc[j] + 0.5))))
-    return out.reshape(H, W, C)
-
-
-def procedural_image(index: int, size: int = PROC_SIZE, texture: float = 0.0, blur: float = 0.0) -> np.ndarray:
-    """Deterministic dead-leaves picture number ``index``: uint8 [size, size, 3] RGB, 0..255. ``texture``: grating
-    amplitude (0..255 scale); ``blur``: Gaussian sigma in pixels. Same arguments, same bytes, on every machine."""
-    rmax = PROC_RMAX * size / PROC_SIZE
-    img = _dead_leaves(size, size, PROC_SEED, int(index), PROC_RMIN, max(rmax, 2 * PROC_RMIN), float(texture),
-                       400_000)
-    return _blur_to_uint8(img, float(blur))

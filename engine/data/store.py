@@ -5,17 +5,18 @@ Store format (schema version 1)
 A store is a Zarr v3 group in a directory (zarr-python's LocalStore); any zarr-python >= 3 user can open it with
 ``zarr.open_group(path, mode="r")``. Arrays, all with the same length N along the first axis:
 
-=============  ==============  ==========================================================================
-array          dtype, shape    meaning
-=============  ==============  ==========================================================================
-``patches``    uint8 [N,P,P,3]  RGB patches, NHWC, 0..255. Chunks of 64 patches (64 x P x P x 3), no
-                                compression, no sharding (see the layout benchmark below).
-``sharpness``  float64 [N]      Var(Laplacian(BT.601 gray)) on the 0..255 scale (DESIGN 3).
-``complexity`` float64 [N]      multiscale structural complexity on 0..1 values (DESIGN 3).
-``source``     int32 [N]        index into the ``sources`` attribute list; -1 when unknown.
-``origin``     int32 [N, 2]     (y, x) of the patch's top-left corner in its source image, pixels.
-``category``   int16 [N]        code into the ``categories`` attribute list.
-=============  ==============  ==========================================================================
+==============  ================  ==========================================================================
+array           dtype, shape      meaning
+==============  ================  ==========================================================================
+``patches``     uint8 [N,P,P,3]   RGB patches, NHWC, 0..255. Chunks of 64 patches (64 x P x P x 3), no
+                                  compression, no sharding.
+``sharpness``   float64 [N]       Var(Laplacian(BT.601 gray)) on the 0..255 scale (``engine.metrics``).
+``complexity``  float64 [N]       multiscale structural complexity of the patch scaled to 0..1
+                                  (``engine.metrics``).
+``source``      int32 [N]         index into the ``sources`` attribute list; -1 when unknown.
+``origin``      int32 [N, 2]      (y, x) of the patch's top-left corner in its source image, pixels.
+``category``    int16 [N]         code into the ``categories`` attribute list.
+==============  ================  ==========================================================================
 
 Group attributes live under one key, ``"rainsweep"``:
 ``schema`` (int, 1), ``complete`` (bool; False while a precompute is running or was interrupted), ``count`` (N),
@@ -28,26 +29,13 @@ that produced the store), ``counts`` (images read, skipped by reason, converted 
 in the order sharpness, complexity, source, origin, category), ``rainsweep_version``, and ``run`` (timing
 fields: seconds, started/finished UTC; the only fields that differ between identical runs).
 
-Layout benchmark (zarr 3.1.6, 4,096 random 128 x 128 patches, page-cached, one core of a busy 2-core machine;
-random = batches of 256 random indices):
-
-==============================  ========  ===========  ========================  ========================
-layout                          write/s   zarr seq/s   zarr random (oindex)/s   raw pread random/s
-==============================  ========  ===========  ========================  ========================
-1-patch chunks, 256-patch shard    2,100        6,100                      280              104,000
-1-patch chunks, 64-patch shard     2,900        3,700                      260                   --
-16-patch chunks, 256-patch shard  10,900       22,600                      240                   --
-64-patch chunks, no shard         12,100       33,800                    1,230              107,000
-==============================  ========  ===========  ========================  ========================
-
-zarr-python's per-chunk overhead dominates: sharded 1-patch chunks are slow to write and slow to read through
-zarr, and do not help random reads through zarr either. Uncompressed, unsharded 64-patch chunks are the fastest
-through zarr *and* let ``PatchStore.read`` bypass zarr: with the plain ``bytes`` codec a chunk file is the raw
+Why this chunk layout: zarr-python's per-chunk overhead dominates small chunks, so sharded one-patch chunks are
+slow to write and slow to read through zarr, random reads included. Uncompressed, unsharded 64-patch chunks are
+fast through zarr *and* let ``PatchStore.read`` bypass zarr: with the plain ``bytes`` codec a chunk file is the raw
 C-order array, so patch i is ``P*P*3`` bytes at offset ``(i % 64) * P*P*3`` in file ``patches/c/<i // 64>/0/0/0``
-and a random batch is one ``preadv`` per run of consecutive indices straight into the output (about 100k
-patches/s per core random, memory-copy speed sequential). Natural-image patches compress poorly (about 1.3-2x)
-and decompression would cost more than the disk saves on page-cached reads. Every chunk file exists
-(``write_empty_chunks``), so a missing file means damage, not zeros.
+and a random batch is one ``preadv`` per run of consecutive indices straight into the output. Natural-image
+patches compress poorly (about 1.3-2x) and decompression would cost more than the disk saves on page-cached
+reads. Every chunk file exists (``write_empty_chunks``), so a missing file means damage, not zeros.
 """
 from __future__ import annotations
 
@@ -55,15 +43,15 @@ import hashlib
 import json
 import mmap
 import os
-import shutil
 import threading
-import uuid
 import zlib
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+from engine.data.atomic_dir import build_dir
+from engine.data.lru import LRUCache
 
 SCHEMA_VERSION = 1
 ATTR_KEY = "rainsweep"
@@ -79,26 +67,18 @@ META_ARRAYS: dict[str, tuple[str, tuple[int, ...]]] = {
 }
 #: attribute fields that legitimately differ between two identical runs (excluded from the fingerprint)
 VOLATILE_ATTRS = ("run", "rainsweep_version")
-_FD_CACHE_SIZE = 64
+#: Open chunk-file descriptors kept per thread.
+FD_CACHE_SIZE = 64
 #: Chunk maps kept per process. Each map holds a duplicated descriptor (Python's mmap keeps one), so this stays well
 #: below the usual 1,024 open-file limit; 256 maps cover 16,384 patches of 64-patch chunks without remapping.
-_MAP_CACHE_SIZE = 256
+MAP_CACHE_SIZE = 256
 
 
-class _FdCache(OrderedDict):
-    """chunk index -> open read-only descriptor, least recently used first; closes them when dropped (thread end,
-    store garbage-collected, or replaced in a forked child, whose inherited copies are its own to close)."""
-
-    def close_all(self) -> None:
-        while self:
-            _, fd = self.popitem()
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-    def __del__(self) -> None:
-        self.close_all()
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 class StoreError(ValueError):
@@ -106,6 +86,7 @@ class StoreError(ValueError):
 
 
 def rainsweep_version() -> str:
+    """The installed rainsweep package version, or ``"unknown"`` when running from a source tree."""
     try:
         from importlib.metadata import version
 
@@ -118,9 +99,11 @@ def rainsweep_version() -> str:
 # hashing helpers (shared by writers and verify)
 
 def chunk_digest(patches: np.ndarray) -> bytes:
-    """Checksum of one chunk's valid patches (uint8 [n, P, P, 3], C order): CRC-32, 4 bytes big-endian. CRC-32
-    rather than sha256 because it runs ~3x faster (about 60 vs 170 us per 128 x 128 patch here, which matters next
-    to the ~130 us of both metrics) and only has to catch damage; content identity comes from the sha256 below."""
+    """Checksum of one chunk's valid patches (uint8 [n, P, P, 3], C order): CRC-32, 4 bytes big-endian.
+
+    CRC-32 rather than sha256: it is about three times faster, which matters next to the cost of the metrics
+    computed for every patch, and it only has to catch damage; content identity comes from the sha256 of
+    ``combine_digests``."""
     return zlib.crc32(np.ascontiguousarray(patches, dtype=np.uint8).data).to_bytes(4, "big")
 
 
@@ -155,10 +138,39 @@ def fingerprint_of(info: dict) -> str:
 # reading
 
 class PatchStore:
-    """An opened store. Metadata arrays load lazily, once; patches are read on demand.
+    """An opened store (format: this module's docstring). Metadata arrays load lazily, once; patches are read on
+    demand.
 
     Picklable (zarr handles and file descriptors are reopened in the new process), so it can be handed to
-    worker processes (DALI external sources, multiprocessing).
+    worker processes (DALI external sources, multiprocessing). Reads are thread-safe: each thread keeps its own
+    file descriptors.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The store folder.
+    allow_incomplete : bool
+        Open a store whose precompute is unfinished (``complete`` False); its arrays may still change.
+
+    Attributes
+    ----------
+    path : Path
+        The store folder.
+    attrs : dict
+        The ``rainsweep`` group attributes (see the module docstring).
+    patches : zarr.Array
+        The patches array, uint8 [N, P, P, 3], for zarr-level access; ``read`` is faster.
+    count : int
+        N, the number of patches.
+    patch_size : int
+        P, the patch side in pixels.
+    chunk_patches : int
+        Patches per chunk file.
+
+    Raises
+    ------
+    StoreError
+        Not a rainsweep store, another schema version, incomplete (unless ``allow_incomplete``), or damaged.
     """
 
     def __init__(self, path: str | os.PathLike, *, allow_incomplete: bool = False) -> None:
@@ -207,7 +219,8 @@ class PatchStore:
         self._meta: dict[str, np.ndarray] = {}
         self._raw = self._raw_layout_ok()
         self._local = threading.local()
-        self._maps: dict = {}
+        self._maps_pid: int | None = None
+        self._maps: LRUCache[int, np.ndarray] | None = None
 
     def _raw_layout_ok(self) -> bool:
         """True when chunk files are raw C-order bytes we can pread directly (the layout we write)."""
@@ -235,19 +248,30 @@ class PatchStore:
 
     # -- attributes ----------------------------------------------------------------------------------------------
     @property
+    def raw_layout(self) -> bool:
+        """True when chunk files are raw C-order bytes read directly (``read`` with ``preadv``, ``views``); False
+        for a layout zarr must decode (e.g. compressed), which ``read`` then reads through zarr."""
+        return self._raw
+
+    @property
     def complete(self) -> bool:
+        """Whether the store is finished (False while a precompute is running or after an interrupted one)."""
         return bool(self.attrs.get("complete", False))
 
     @property
     def categories(self) -> list[str]:
+        """Category names; ``category`` codes index this list."""
         return list(self.attrs.get("categories", []))
 
     @property
     def sources_meta(self) -> list[dict]:
+        """One dict per source image (``path``, ``size``, ``sha256``, ``status``, ...); ``source`` indexes it."""
         return list(self.attrs.get("sources", []))
 
     @property
     def fingerprint(self) -> str:
+        """16 hex digits identifying the store's content (attributes without the timing fields); subsets record
+        it to detect a different or rebuilt store."""
         return fingerprint_of(self.attrs)
 
     def _meta_array(self, name: str) -> np.ndarray:
@@ -263,27 +287,27 @@ class PatchStore:
 
     @property
     def sharpness(self) -> np.ndarray:
-        """float64 [N], Laplacian variance on the 0..255 scale."""
+        """float64 [N], read-only: Var(Laplacian(gray)) of each patch on the 0..255 scale."""
         return self._meta_array("sharpness")
 
     @property
     def complexity(self) -> np.ndarray:
-        """float64 [N], multiscale structural complexity (0..1 values)."""
+        """float64 [N], read-only: multiscale structural complexity of each patch scaled to 0..1."""
         return self._meta_array("complexity")
 
     @property
     def source(self) -> np.ndarray:
-        """int32 [N], index into ``attrs['sources']`` (-1: unknown)."""
+        """int32 [N], read-only: index into ``sources_meta`` (-1: unknown)."""
         return self._meta_array("source")
 
     @property
     def origin(self) -> np.ndarray:
-        """int32 [N, 2], (y, x) of each patch's top-left corner in its source image."""
+        """int32 [N, 2], read-only: (y, x) of each patch's top-left corner in its source image, in pixels."""
         return self._meta_array("origin")
 
     @property
     def category(self) -> np.ndarray:
-        """int16 [N], code into ``categories``."""
+        """int16 [N], read-only: code into ``categories``."""
         return self._meta_array("category")
 
     # -- patch reads ---------------------------------------------------------------------------------------------
@@ -304,32 +328,31 @@ class PatchStore:
         return idx
 
     def _fd(self, chunk: int) -> int:
-        """Read-only descriptor of a chunk file; a small per-thread LRU (threads never share descriptors, so
-        eviction cannot close one another thread is reading from; a forked child opens its own)."""
+        """Read-only descriptor of a chunk file, from a small per-thread LRU: threads never share descriptors, so
+        eviction cannot close one another thread is reading from. The cache closes its descriptors when dropped
+        (thread end, store garbage-collected, or replaced in a forked child, whose inherited copies are its own to
+        close)."""
         loc = self._local
         if getattr(loc, "pid", None) != os.getpid():
-            loc.pid, loc.fds = os.getpid(), _FdCache()
-        fds: _FdCache = loc.fds
+            loc.pid, loc.fds = os.getpid(), LRUCache(FD_CACHE_SIZE, on_evict=_close_quietly)
+        fds: LRUCache[int, int] = loc.fds
         fd = fds.get(chunk)
         if fd is not None:
-            fds.move_to_end(chunk)
             return fd
         f = self.path / "patches" / "c" / str(chunk) / "0" / "0" / "0"
         try:
             fd = os.open(f, os.O_RDONLY)
         except FileNotFoundError as e:
             raise StoreError(f"store {str(self.path)!r}: damaged: chunk file {f} is missing") from e
-        fds[chunk] = fd
-        if len(fds) > _FD_CACHE_SIZE:
-            _, old = fds.popitem(last=False)
-            os.close(old)
+        fds.put(chunk, fd)
         return fd
 
     def close(self) -> None:
-        """Close cached file descriptors of this thread (others close when their thread's cache is dropped)."""
+        """Close this thread's cached file descriptors (other threads' close when their cache is dropped); later
+        reads reopen them."""
         loc = self._local
         if getattr(loc, "pid", None) == os.getpid():
-            loc.fds.close_all()
+            loc.fds.clear()
 
     def __del__(self) -> None:
         try:
@@ -338,11 +361,32 @@ class PatchStore:
             pass
 
     def read(self, indices: Any, out: np.ndarray | None = None) -> np.ndarray:
-        """Patches at ``indices`` (any order, repeats allowed) as uint8 [n, P, P, 3] (NHWC, 0..255), in the order
-        given. ``out``: optional C-contiguous uint8 [n, P, P, 3] buffer to fill (e.g. pinned memory).
+        """Read patches by store index.
 
-        Fast path: positional reads of the raw chunk files, sorted by store index so each run of consecutive
-        indices is a single ``preadv`` scattering straight into ``out`` rows (no intermediate copies).
+        Reads the raw chunk files directly: indices are sorted so each run of consecutive indices within a chunk is
+        one ``preadv`` scattering straight into the rows of ``out`` (no intermediate copy). Stores in another
+        layout are read through zarr.
+
+        Parameters
+        ----------
+        indices : array_like of int
+            1-d store indices in 0..N-1, any order, repeats allowed.
+        out : numpy.ndarray, optional
+            C-contiguous uint8 [n, P, P, 3] buffer to fill (e.g. pinned memory); a new array when None.
+
+        Returns
+        -------
+        numpy.ndarray
+            uint8 [n, P, P, 3] (NHWC, RGB, 0..255), row k holding patch ``indices[k]``; ``out`` when given.
+
+        Raises
+        ------
+        ValueError
+            ``indices`` not a 1-d integer array, or ``out`` of the wrong shape, dtype or layout.
+        IndexError
+            An index outside 0..N-1.
+        StoreError
+            A chunk file is missing or truncated.
         """
         idx = self._check_indices(indices)
         n, P = len(idx), self.patch_size
@@ -382,13 +426,29 @@ class PatchStore:
         return out
 
     def views(self, indices: Any) -> list[np.ndarray] | None:
-        """Read-only uint8 [P, P, 3] views of the patches at ``indices`` straight into memory maps of the chunk
-        files (no copy: the page cache itself), in the order given; None when the store's layout does not allow it
-        (not the raw layout, or an incomplete store whose files still change). The maps live as long as any view
-        of them; the store keeps up to ``_MAP_CACHE_SIZE`` chunk maps per process.
+        """Zero-copy views of patches: arrays over memory maps of the chunk files (the page cache itself).
 
-        Why: a loader that copies each patch anyway (DALI copies every sample of a batch into its own buffers) then
-        reads with one copy instead of two (``read`` copies from the page cache with ``preadv``).
+        For a consumer that copies each patch anyway (DALI copies every sample of a batch into its own buffers):
+        one copy instead of the two of ``read`` plus that copy. The maps live as long as any view of them; the
+        store keeps up to ``MAP_CACHE_SIZE`` chunk maps per process.
+
+        Parameters
+        ----------
+        indices : array_like of int
+            1-d store indices in 0..N-1, any order, repeats allowed.
+
+        Returns
+        -------
+        list of numpy.ndarray or None
+            One read-only uint8 [P, P, 3] (HWC, RGB, 0..255) view per index, in the order given; None when the
+            layout does not allow views (not ``raw_layout``, or an incomplete store whose files still change).
+
+        Raises
+        ------
+        IndexError
+            An index outside 0..N-1.
+        StoreError
+            A chunk file is missing, empty or truncated.
         """
         if not (self._raw and self.complete):
             return None
@@ -407,47 +467,71 @@ class PatchStore:
         return out
 
     def _map(self, chunk: int) -> np.ndarray:
-        """The chunk file as a read-only uint8 array over a memory map (per-process LRU, like ``_fd``)."""
-        maps = self._maps
-        if maps.get("pid") != os.getpid():
-            maps.clear()
-            maps["pid"] = os.getpid()
-            maps["lru"] = OrderedDict()
-        lru: OrderedDict = maps["lru"]
-        flat = lru.get(chunk)
+        """The chunk file as a read-only uint8 array over a memory map, from a per-process LRU of ``MAP_CACHE_SIZE``
+        maps (a forked child maps again). An evicted map stays alive as long as a view of it does."""
+        if self._maps_pid != os.getpid():
+            self._maps_pid, self._maps = os.getpid(), LRUCache(MAP_CACHE_SIZE)
+        flat = self._maps.get(chunk)
         if flat is not None:
-            lru.move_to_end(chunk)
             return flat
         fd = self._fd(chunk)
         size = os.fstat(fd).st_size
         if size == 0:
             raise StoreError(f"store {str(self.path)!r}: damaged: chunk {chunk} is empty")
         flat = np.frombuffer(mmap.mmap(fd, size, access=mmap.ACCESS_READ), dtype=np.uint8)
-        lru[chunk] = flat
-        if len(lru) > _MAP_CACHE_SIZE:
-            lru.popitem(last=False)  # views still in use keep their map alive
+        self._maps.put(chunk, flat)
         return flat
 
     def read_range(self, start: int, stop: int) -> np.ndarray:
-        """Patches ``start..stop-1`` as uint8 [n, P, P, 3] (sequential read)."""
+        """Patches ``start`` to ``stop - 1`` as uint8 [stop - start, P, P, 3] (NHWC, RGB, 0..255).
+
+        Raises
+        ------
+        IndexError
+            Unless 0 <= start <= stop <= N.
+        """
         if not (0 <= start <= stop <= self.count):
             raise IndexError(f"read_range: [{start}, {stop}) out of range for a store of {self.count} patches")
         return self.read(np.arange(start, stop, dtype=np.int64))
 
     def read_all(self) -> np.ndarray:
-        """Every patch, uint8 [N, P, P, 3]."""
+        """Every patch, in store order.
+
+        Returns
+        -------
+        numpy.ndarray
+            uint8 [N, P, P, 3] (NHWC, RGB, 0..255); N x P x P x 3 bytes of memory.
+        """
         return self.read_range(0, self.count)
 
     def iter_chunks(self, batch: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield ``(start, patches)`` blocks in store order, ``batch`` patches at a time (default: one chunk)."""
+        """Yield ``(start, patches)`` blocks in store order: ``patches`` is uint8 [n, P, P, 3] (NHWC, 0..255) for
+        store indices ``start`` to ``start + n - 1``, ``batch`` patches at a time (default: one chunk)."""
         step = batch or self.chunk_patches
         for s in range(0, self.count, step):
             yield s, self.read_range(s, min(self.count, s + step))
 
 
 def open_store(path: str | os.PathLike, *, allow_incomplete: bool = False) -> PatchStore:
-    """Open a rainsweep store for reading. Raises StoreError for a path that is not a rainsweep store, a store of
-    another schema version, or an incomplete store (unless ``allow_incomplete``)."""
+    """Open a rainsweep store for reading.
+
+    Parameters
+    ----------
+    path : str, os.PathLike or PatchStore
+        The store folder (format: this module's docstring); an open ``PatchStore`` is returned as it is.
+    allow_incomplete : bool
+        Also open a store whose precompute is unfinished.
+
+    Returns
+    -------
+    PatchStore
+
+    Raises
+    ------
+    StoreError
+        The path is not a rainsweep store, is a store of another schema version, is incomplete (unless
+        ``allow_incomplete``) or is damaged.
+    """
     if isinstance(path, PatchStore):
         return path
     return PatchStore(path, allow_incomplete=allow_incomplete)
@@ -458,8 +542,22 @@ def open_store(path: str | os.PathLike, *, allow_incomplete: bool = False) -> Pa
 
 def create_layout(path: str | os.PathLike, patch_size: int, info: dict, *,
                   chunk_patches: int = CHUNK_PATCHES, capacity: int = 0):
-    """Create an empty store directory (group, arrays of length ``capacity``, attributes ``info``) and return
-    the zarr group. Used by ``write_store`` and by precompute, which grows the arrays as it goes."""
+    """Create an empty store folder and return its zarr group (used by ``write_store`` and by precompute, which
+    grows the arrays as it goes).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The folder to create (replaced if it exists).
+    patch_size : int
+        P, the patch side in pixels.
+    info : dict
+        The ``rainsweep`` attributes to set.
+    chunk_patches : int
+        Patches per chunk file of ``patches``.
+    capacity : int
+        Initial length N of every array.
+    """
     import zarr
 
     P = int(patch_size)
@@ -483,7 +581,8 @@ def writable(group, name: str):
 
 
 def write_meta(group, meta: dict[str, np.ndarray], n: int) -> None:
-    """Resize the metadata arrays to ``n`` rows and write them whole."""
+    """Resize the metadata arrays of ``group`` to ``n`` rows and write them whole from ``meta`` (name -> array,
+    see ``META_ARRAYS`` for dtypes and shapes)."""
     for name, (dtype, tail) in META_ARRAYS.items():
         arr = writable(group, name)
         arr.resize((n, *tail))
@@ -543,13 +642,45 @@ def write_store(path: str | os.PathLike, patches: np.ndarray, *, sharpness=None,
                 chunk_patches: int = CHUNK_PATCHES, overwrite: bool = False) -> PatchStore:
     """Create a complete store at ``path`` from in-memory arrays and return it opened.
 
-    ``patches``: uint8 [N, P, P, 3] (NHWC, 0..255, square patches). ``sharpness``/``complexity``: float64 [N]
-    (computed with engine.metrics when None). ``source``: int [N] (default -1, unknown), ``origin``: int [N, 2]
-    (y, x; default 0), ``category``: int codes [N] with ``categories`` names, or names [N] (default: all
-    "default"). ``sources_meta``: list of dicts describing the sources; ``params``: free-form dict recorded in
-    the attributes. The store is built in a temporary sibling directory and renamed into place, so a failure
-    never leaves a half-written store at ``path``. Raises FileExistsError if ``path`` exists (unless
-    ``overwrite``).
+    The store is built in a temporary sibling folder and renamed into place, so a failure never leaves a
+    half-written store at ``path``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The store folder to create.
+    patches : numpy.ndarray
+        uint8 [N, P, P, 3] (NHWC, RGB, 0..255), square patches.
+    sharpness, complexity : array_like of float, optional
+        [N] metrics on the 0..255 and 0..1 scales; computed with ``engine.metrics`` when None.
+    source : array_like of int, optional
+        [N] index into ``sources_meta`` (default -1, unknown).
+    origin : array_like of int, optional
+        [N, 2] (y, x) of each top-left corner in its source, pixels (default 0).
+    category : array_like, optional
+        [N] integer codes into ``categories``, or [N] names (codes then follow ``categories`` when given, else
+        the order of first appearance); default: every patch in category "default".
+    categories : list of str, optional
+        Category names; required with integer codes.
+    sources_meta : list of dict, optional
+        Descriptions of the sources, stored as the ``sources`` attribute.
+    params : dict, optional
+        Free-form arguments recorded as the ``params`` attribute.
+    chunk_patches : int
+        Patches per chunk file (>= 1).
+    overwrite : bool
+        Replace an existing store at ``path`` (removed only once the new one is complete).
+
+    Returns
+    -------
+    PatchStore
+
+    Raises
+    ------
+    FileExistsError
+        ``path`` exists and ``overwrite`` is False, or another writer created it meanwhile.
+    ValueError
+        Arrays of the wrong dtype or shape, or category codes outside ``categories``.
     """
     from engine.arrays import check_nhwc_uint8
 
@@ -581,19 +712,15 @@ def write_store(path: str | os.PathLike, patches: np.ndarray, *, sharpness=None,
         "rainsweep_version": rainsweep_version(),
         "run": {},
     }
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+
+    def build(tmp: Path) -> None:
         group = create_layout(tmp, h, {**info, "complete": False}, chunk_patches=chunk_patches, capacity=n)
         if n:
             writable(group, "patches")[:] = patches
         write_meta(group, meta, n)
         group.attrs[ATTR_KEY] = info
-        if path.exists():  # overwrite=True: replace only once the new store is complete
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    build_dir(path, build, replace=overwrite)  # with overwrite, the old store goes only once the new one is complete
     return open_store(path)
 
 
@@ -601,7 +728,8 @@ def write_store(path: str | os.PathLike, patches: np.ndarray, *, sharpness=None,
 # summary and verification
 
 def summarize(store: PatchStore) -> dict:
-    """Summary of a store for ``rainsweep info``: counts, sources, categories, metric quantiles."""
+    """Summary of a store for ``rainsweep info``: counts, sources, categories, metric quantiles (q0, q5, q25, q50,
+    q75, q95, q100) and sharpness-band counts (low < 50, medium 500..1000, high > 5000, on the 0..255 scale)."""
     info = store.attrs
     qs = [0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0]
     out: dict[str, Any] = {
@@ -630,11 +758,24 @@ def summarize(store: PatchStore) -> dict:
 
 
 def verify(path: str | os.PathLike, *, progress: bool = False) -> list[str]:
-    """Check a store end to end; return a list of problems (empty when it is sound).
+    """Check a store end to end.
 
     Reads every chunk of every array, checks that array lengths agree with the ``count`` attribute, that codes
     and indices lie in range, that metrics are finite, and that the patch and metadata bytes hash to the digests
     recorded at write time (catches lost, truncated or altered chunks).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The store folder.
+    progress : bool
+        Show a progress bar over chunks.
+
+    Returns
+    -------
+    list of str
+        One sentence per problem found; empty when the store is sound. A path that is not a store gives one
+        problem, not an exception.
     """
     problems: list[str] = []
     try:
