@@ -22,7 +22,8 @@ Every option is checked, and the data and model are built, before anything is wr
 ``--out`` folder behind. While training, rank 0 shows a progress line on stderr (step, loss, patches/s, data wait,
 ETA): redrawn in place on a terminal, one plain line at a time when stderr is a pipe (``demo``, ``sweep``, CI).
 
-Outputs under ``--out`` (rank 0 writes; every file is written under a temporary name and renamed):
+Outputs under ``--out`` (rank 0 writes; log.jsonl is appended to, every other file is written under a temporary name
+and renamed):
   config.json   the resolved configuration ("train_config": the options as given)
   log.jsonl     one line per ``--log-every`` steps: step, loss, lr, patches_per_s, data_wait (fraction of time
                 spent waiting for the loader); eval lines carry the held-out metrics
@@ -442,7 +443,8 @@ def evaluate(net: torch.nn.Module, held, device: torch.device, batch: int) -> tu
 
 
 def rain_ceiling(held) -> float:
-    """Mean E_R of the rainy input itself (an output that removes all rain scores this on the 0..255 scale)."""
+    """The E_R of a perfect output (the clean background): mean over images of the RMS of background - rainy over
+    the rain mask, on the 0..255 scale; the highest E_R a model can reach on this set."""
     return per_image_mean({"E_R": np.sqrt(
         (held.mask[..., None] * (held.rainy.astype(np.float64) - held.background) ** 2).sum(axis=(1, 2, 3))
         / np.maximum(held.mask.sum(axis=(1, 2)) * 3, 1))})["E_R"]

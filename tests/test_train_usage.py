@@ -7,16 +7,24 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from test_train import make_store
 
 import train
 from engine.data.select import select
+from engine.data.store import write_store
 
 N = 24  # patches in the fixture store
 BASE = ("--model", "resnet-s", "--batch", "4", "--test-count", "4", "--iters", "2", "--device", "cpu")
+
+
+def make_store(path: Path, n: int, seed: int = 0) -> Path:
+    """``n`` patches of 32 x 32 random 8 x 8 blocks, cut from ``n // 3`` source images."""
+    blocks = np.random.default_rng(seed).integers(0, 256, size=(n, 4, 4, 3), dtype=np.uint8)
+    write_store(path, blocks.repeat(8, axis=1).repeat(8, axis=2), source=np.arange(n) % max(1, n // 3))
+    return path
 
 
 @pytest.fixture(scope="module")
