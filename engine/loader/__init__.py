@@ -13,6 +13,8 @@ The package's modules, one job each:
 - ``batch``: the ``Batch`` type and ``finish_batch`` (rain and conversion on the batch's device).
 - ``reading``, ``resident``, ``dali``: getting uint8 NHWC patches from the store onto the device.
 - ``api``: ``Loader``, ``batches`` and its cache.
+- ``steps``: training steps on top of ``batches``: the global batch split over data-parallel ranks, small subsets
+  glued over loader epochs, resume at an ``(epoch, offset)`` position.
 """
 from __future__ import annotations
 
