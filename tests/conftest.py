@@ -12,17 +12,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-
-def real_gpu_available() -> bool:
-    """True when a real CUDA device is usable by CuPy (never under the simulator)."""
-    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
-        return False
-    try:
-        import cupy
-
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
+# True when a real CUDA device is usable by CuPy (never under the simulator); also imported by test modules.
+from engine.bench.machine import gpu_available as real_gpu_available  # noqa: E402
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
