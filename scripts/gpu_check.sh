@@ -57,9 +57,10 @@ else
   echo "== bench, loader: skipped (no GPU)"
 fi
 
+if [ "$gpu" = 1 ]; then where="GPU present"; else where="no GPU: GPU steps skipped"; fi
 if [ "${#failed[@]}" -eq 0 ]; then
-  echo "gpu_check: finished, every step passed ($([ "$gpu" = 1 ] && echo "GPU present" || echo "no GPU: GPU steps skipped")); logs in $out"
+  echo "gpu_check: finished, every step passed ($where); logs in $out"
 else
-  echo "gpu_check: finished with failures: ${failed[*]}; logs in $out"
+  echo "gpu_check: finished with failures: ${failed[*]} ($where); logs in $out"
   exit 1
 fi

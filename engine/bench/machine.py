@@ -17,7 +17,13 @@ MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": "1073741824", "MALLOC_MMAP_THRESHOLD_": 
 
 
 def gpu_available() -> bool:
-    """True when a real CUDA GPU is usable through CuPy (never under numba's CUDA simulator)."""
+    """Whether a real CUDA GPU is usable through CuPy.
+
+    Returns
+    -------
+    bool
+        False under numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``), without CuPy, a driver or a device.
+    """
     if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
         return False
     try:
@@ -29,7 +35,14 @@ def gpu_available() -> bool:
 
 
 def machine_info() -> dict:
-    """Where the numbers came from: CPU, thread pool, library versions, allocator settings, GPU."""
+    """Describe where the numbers come from.
+
+    Returns
+    -------
+    dict
+        ``platform, python, cpu_count, cpus_usable, cpu_model, numba_threads, malloc_env`` (the ``MALLOC_ENV``
+        variables as set), ``versions`` (library -> version or None) and ``gpu`` (device name or None).
+    """
     info: dict[str, Any] = {
         "platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
