@@ -1,8 +1,8 @@
 """pytest-benchmark set-up for ``bench/`` (not collected by the default test run: ``pytest bench/``).
 
-Unlike ``tests/``, nothing here switches on numba's CUDA simulator: GPU cases run on a real GPU or are skipped.
-Sizes come from the environment (``engine.bench.core.suite_settings``) so collection-time parametrization can use
-them:
+Unlike ``tests/``, nothing here switches on numba's CUDA simulator: tests marked ``gpu`` (the marker registered in
+pyproject.toml) run on a real GPU and are skipped without one. Sizes come from the environment
+(``engine.bench.core.suite_settings``) so collection-time parametrization can use them:
 
 - ``RAINSWEEP_BENCH_PATCHES`` (default 2048): CPU patches per timed call (128 x 128 x 3 uint8, built-in images).
 - ``RAINSWEEP_BENCH_GPU_PATCHES`` (default 65536): GPU patches per timed call (the CPU patches repeated).
@@ -18,6 +18,16 @@ import numpy as np
 import pytest
 
 from engine.bench.core import suite_settings, tile_patches
+from engine.bench.machine import gpu_available
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the ``gpu``-marked benchmarks when no real CUDA GPU is usable through CuPy, with the reason shown."""
+    if gpu_available():
+        return
+    skip = pytest.mark.skip(reason="needs a real CUDA GPU usable through CuPy")
+    for item in (i for i in items if i.get_closest_marker("gpu") is not None):
+        item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ shared machine hits all of them alike; the report gives the median rate over rou
 descheduled), and the ratios of ours to the peers computed per round then taken as the median (ratios are steadier
 than rates on a noisy machine).
 
-glibc's allocator settings of ``engine.bench.core.MALLOC_ENV`` stabilize the OpenCV peers; the script re-executes
+glibc's allocator settings of ``engine.bench.machine.MALLOC_ENV`` stabilize the OpenCV peers; the script re-executes
 itself with them when they are missing.
 """
 from __future__ import annotations
@@ -39,7 +39,8 @@ if __name__ == "__main__":
 
 import numpy as np  # noqa: E402
 
-from engine.bench.core import MALLOC_ENV, apply_threads  # noqa: E402
+from engine.bench.machine import MALLOC_ENV  # noqa: E402
+from engine.bench.timing import apply_threads  # noqa: E402
 
 
 def _load_baseline(directory: str):

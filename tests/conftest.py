@@ -12,22 +12,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-
-def real_gpu_available() -> bool:
-    """True when a real CUDA device is usable by CuPy (never under the simulator)."""
-    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
-        return False
-    try:
-        import cupy
-
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
+# True when a real CUDA device is usable by CuPy (never under the simulator): the same test as bench/conftest.py's.
+from engine.bench.machine import gpu_available  # noqa: E402
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked ``gpu`` need a real CUDA device: without one they are skipped, with the reason shown."""
-    if real_gpu_available():
+    if gpu_available():
         return
     skip = pytest.mark.skip(reason="needs a real CUDA GPU (run with RAINSWEEP_REAL_GPU=1 on a GPU machine)")
     for item in items:

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from engine.bench import core as B
+from engine.bench import timing as T
 from engine.data.builtin_images import builtin_patches, procedural_patches
 from engine.cli import main
 from engine.rain import PRESETS, RainSpec
@@ -164,7 +165,7 @@ class FakeClock:
 
 def test_measure_counts_and_rates(monkeypatch):
     clock = FakeClock()
-    monkeypatch.setattr(B.time, "perf_counter", clock)
+    monkeypatch.setattr(T.time, "perf_counter", clock)
     durations = iter([5.0, 0.5, 0.25, 1.0, 0.5, 0.5])  # warm-up first (slow: compiling), then repeats
     calls = []
 
@@ -172,7 +173,7 @@ def test_measure_counts_and_rates(monkeypatch):
         calls.append(1)
         clock.now += next(durations)
 
-    timing = B.measure(run, patches=100, seconds=2.0, min_repeats=3)
+    timing = T.measure(run, patches=100, seconds=2.0, min_repeats=3)
     # warm-up is off the clock; repeats continue until 2 s have passed: 0.5 + 0.25 + 1.0 + 0.5 = 2.25
     assert len(calls) == 5 and timing.repeats == 4
     assert timing.rates == [200.0, 400.0, 100.0, 200.0]
@@ -181,15 +182,15 @@ def test_measure_counts_and_rates(monkeypatch):
 
 def test_measure_min_repeats_and_bad_patches(monkeypatch):
     clock = FakeClock()
-    monkeypatch.setattr(B.time, "perf_counter", clock)
+    monkeypatch.setattr(T.time, "perf_counter", clock)
 
     def run():
         clock.now += 10.0  # each call alone exceeds `seconds`
 
-    timing = B.measure(run, patches=10, seconds=1.0, min_repeats=3)
+    timing = T.measure(run, patches=10, seconds=1.0, min_repeats=3)
     assert timing.repeats == 3 and timing.rates == [1.0, 1.0, 1.0]
     with pytest.raises(ValueError, match="patches"):
-        B.measure(run, patches=0)
+        T.measure(run, patches=0)
 
 
 def _fake_case(name, clock, durations, log, fail_at=None):
@@ -209,7 +210,7 @@ def _fake_case(name, clock, durations, log, fail_at=None):
 @pytest.mark.parametrize("interleave", [True, False])
 def test_run_cases_interleaved_and_sequential(monkeypatch, interleave):
     clock = FakeClock()
-    monkeypatch.setattr(B.time, "perf_counter", clock)
+    monkeypatch.setattr(T.time, "perf_counter", clock)
     log: list[str] = []
     cases = [_fake_case("a", clock, [9.0] + [1.0] * 10, log),
              B.Case("missing", "fake", "synthesis", "cpu", lambda p: None, requires=("no_such_module_xyz",)),
@@ -234,7 +235,7 @@ def test_run_cases_interleaved_and_sequential(monkeypatch, interleave):
 
 def _result(name, impl, task, preset, threads, rate):
     case = B.Case(name, impl, task, "cpu", build=lambda p: (lambda: None), preset=preset)
-    return B.Result(case, threads, B.Timing(10, [rate]))
+    return B.Result(case, threads, T.Timing(10, [rate]))
 
 
 def test_ratios_pair_same_task_threads_and_preset():
@@ -257,12 +258,12 @@ def test_ratios_pair_same_task_threads_and_preset():
 
 
 def test_parse_threads_and_presets():
-    n = B.all_threads()
-    assert B.parse_threads("1,all") == ([1] if n == 1 else [1, n])
-    assert B.parse_threads("all,1,all") == ([n] if n == 1 else [n, 1])
+    n = T.all_threads()
+    assert T.parse_threads("1,all") == ([1] if n == 1 else [1, n])
+    assert T.parse_threads("all,1,all") == ([n] if n == 1 else [n, 1])
     for bad in ("0", "x", "", f"{n + 1}"):
         with pytest.raises(ValueError, match="threads"):
-            B.parse_threads(bad)
+            T.parse_threads(bad)
     assert B.check_presets(["medium", " small"]) == ["medium", "small"]
     with pytest.raises(ValueError, match="valid presets: small, medium"):
         B.check_presets(["medium", "monsoon"])
@@ -271,9 +272,80 @@ def test_parse_threads_and_presets():
 def test_thread_limit_sets_and_restores():
     import numba
 
-    with B.thread_limit(1):
-        assert numba.get_num_threads() == 1 and B.current_threads() == 1
-    assert numba.get_num_threads() == B.all_threads()
+    with T.thread_limit(1):
+        assert numba.get_num_threads() == 1 and T.current_threads() == 1
+    assert numba.get_num_threads() == T.all_threads()
+
+
+def test_thread_limit_nests_and_restores_torch_opencv_and_environment(monkeypatch):
+    import cv2
+    import numba
+    import torch
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    before = (numba.get_num_threads(), cv2.getNumThreads(), torch.get_num_threads())
+    with T.thread_limit(2):
+        assert os.environ["OMP_NUM_THREADS"] == "2" and T.current_threads() == 2
+        assert (cv2.getNumThreads(), torch.get_num_threads()) == (2, 2)
+        with T.thread_limit(1):
+            assert (numba.get_num_threads(), cv2.getNumThreads(), torch.get_num_threads()) == (1, 1, 1)
+            assert os.environ["OMP_NUM_THREADS"] == "1" and T.current_threads() == 1
+        assert os.environ["OMP_NUM_THREADS"] == "2" and T.current_threads() == 2
+        assert (cv2.getNumThreads(), torch.get_num_threads()) == (2, 2)
+    assert (numba.get_num_threads(), cv2.getNumThreads(), torch.get_num_threads()) == before
+    assert os.environ["OMP_NUM_THREADS"] == "7"
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    with T.thread_limit(1):
+        pass
+    assert "OMP_NUM_THREADS" not in os.environ
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="threads"):
+            T.apply_threads(bad)
+
+
+def test_measure_counting_runner_with_cleanup_off_the_clock(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(T.time, "perf_counter", clock)
+    counts = iter([7, 10, 30, 20])  # warm-up first
+    cleaned = []
+
+    def run():
+        clock.now += 0.5
+        return next(counts)
+
+    def cleanup():
+        cleaned.append(1)
+        clock.now += 100.0  # slow, but not timed
+
+    timing = T.measure(run, None, seconds=1.0, min_repeats=3, max_repeats=None, cleanup=cleanup)
+    assert timing.rates == [20.0, 60.0, 40.0] and timing.median == 40.0
+    assert timing.counted == 60 and timing.timed_s == 1.5 and timing.warmup_s == 0.5
+    assert len(cleaned) == 4  # after the warm-up and after every repeat
+    with pytest.raises(ValueError, match="number of patches"):
+        T.measure(lambda: "done", None, seconds=0.0)
+
+
+def test_time_interleaved_drops_a_failing_runner(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(T.time, "perf_counter", clock)
+    order = []
+
+    def runner(name, fail_at=None):
+        def run():
+            order.append(name)
+            if order.count(name) == fail_at:
+                raise RuntimeError(f"{name} broke")
+            clock.now += 1.0
+        return run
+
+    timings = [T.Timing(4), T.Timing(4)]
+    errors = T.time_interleaved([runner("a"), runner("b", fail_at=2)], timings, seconds=3.0, min_repeats=2,
+                                max_repeats=None)
+    assert order == ["a", "b", "a", "b", "a"]
+    assert errors[0] is None and str(errors[1]) == "b broke"
+    assert timings[0].rates == [4.0] * 3 and timings[1].rates == [4.0]
+    with pytest.raises(ValueError, match="timings"):
+        T.time_interleaved([runner("c")], [], seconds=1.0)
 
 
 def test_suite_settings_from_environment():

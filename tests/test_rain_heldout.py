@@ -15,7 +15,7 @@ import pytest
 
 from engine.rain import PRESETS, TRAINING_PRESETS, RainSpec
 from kernels import rain_layered, rain_sparse, rng as R
-from conftest import real_gpu_available
+from engine.bench.machine import gpu_available as real_gpu_available
 
 FAMILIES = {"layered": rain_layered, "sparse": rain_sparse}
 HELDOUT = {"layered": "heldout-layered", "sparse": "heldout-sparse"}

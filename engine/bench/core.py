@@ -1,42 +1,34 @@
-"""Benchmark cases and the timing harness shared by ``rainsweep bench`` and the pytest-benchmark suites in ``bench/``.
+"""Benchmark cases of ``rainsweep bench`` and of the pytest-benchmark suite ``bench/test_bench_core.py``.
 
 A ``Case`` is one thing to time on a batch of background patches (uint8 NHWC ``[N, 128, 128, 3]``, 0..255):
 rainsweep's synthesis per rain preset, its sharpness and complexity metrics, and the peers (the authors' OpenCV
 generator, albumentations and kornia ``RandomRain``, OpenCV gray + Laplacian variance). ``Case.prepare(patches)``
 does everything that must stay outside the clock (device copies, tensor conversion, building transforms) and returns
-a zero-argument callable that processes the whole batch once and returns only when the work is finished (GPU cases
-synchronize). ``measure`` warms that callable up (numba compiles on the first call), repeats it and reports the
-median rate in patches per second.
+a zero-argument runner that processes the whole batch once and returns only when the work is finished (GPU cases
+synchronize). ``run_cases`` times the runners with ``engine.bench.timing`` (warm-up off the clock, interleaved
+repeats, median patches per second) under one thread limit for ours and the peers alike. GPU cases run on CuPy
+arrays already on the device.
 
-Thread settings (``thread_limit``) apply to numba, OpenCV and torch together, so "1 thread" means one thread for
-ours and for every peer. GPU cases run on CuPy arrays already on the device.
-
-For stable OpenCV / kornia numbers run with ``MALLOC_TRIM_THRESHOLD_=1073741824 MALLOC_MMAP_THRESHOLD_=33554432``
-(glibc's allocator otherwise returns and re-faults large buffers on every call; DESIGN 4 measured ~2x swings).
+For stable OpenCV / kornia numbers run with ``MALLOC_TRIM_THRESHOLD_=1073741824 MALLOC_MMAP_THRESHOLD_=33554432``:
+glibc's allocator otherwise returns large buffers to the system after each call and page-faults them back in on
+the next, which makes the peers' rates swing by up to 2x from run to run.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib.util
-import math
 import os
-import platform
-import statistics
-import sys
-import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-#: The environment variables that stabilize glibc's allocator for the peers (DESIGN 4).
-MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": "1073741824", "MALLOC_MMAP_THRESHOLD_": "33554432"}
+from engine.bench.timing import Runner, Timing, current_threads, thread_limit, time_interleaved, warm_up
 
-#: Batch size of the kornia peer (it works on batched tensors; DESIGN 4 measured it at 64).
+#: Batch size of the kornia peer (it works on batched float NCHW tensors).
 KORNIA_BATCH = 64
 
-Runner = Callable[[], Any]
-
+#: ``Case.impl`` of rainsweep's own cases.
 OURS = "rainsweep"
 
 
@@ -44,17 +36,26 @@ OURS = "rainsweep"
 class Case:
     """One benchmark case.
 
-    Attributes:
-        name: unique id, e.g. ``"synthesize[medium]"``, ``"authors-opencv[medium]"``, ``"sharpness"``.
-        impl: ``"rainsweep"`` or the peer's name (``"authors-opencv"``, ``"albumentations"``, ``"kornia"``,
-            ``"opencv"``).
-        task: ``"synthesis"``, ``"sharpness"`` or ``"complexity"``.
-        device: ``"cpu"`` or ``"gpu"``.
-        preset: rain preset for synthesis cases that follow a ``RainSpec`` (None for peers with their own rain).
-        outputs: what one call produces per patch, e.g. ``"rain+rainy+mask"`` or ``"rainy only"``.
-        requires: importable modules the case needs; a missing one makes the case unavailable (skipped).
-        note: caveat shown beside the number.
-        build: ``build(patches) -> runner``; see the module docstring.
+    Attributes
+    ----------
+    name : str
+        Unique id, e.g. ``"synthesize[medium]"``, ``"authors-opencv[medium]"``, ``"sharpness"``.
+    impl : str
+        ``OURS`` or the peer's name (``"authors-opencv"``, ``"albumentations"``, ``"kornia"``, ``"opencv"``).
+    task : str
+        ``"synthesis"``, ``"sharpness"`` or ``"complexity"``.
+    device : str
+        ``"cpu"`` or ``"gpu"``.
+    build : callable
+        ``build(patches) -> runner``; see the module docstring.
+    preset : str or None
+        Rain preset for synthesis cases that follow a ``RainSpec`` (None for peers with their own rain).
+    outputs : str
+        What one call produces per patch, e.g. ``"rain+rainy+mask"`` or ``"rainy only"``.
+    requires : tuple of str
+        Importable modules the case needs; a missing one makes the case unavailable (skipped).
+    note : str
+        Caveat shown beside the number.
     """
 
     name: str
@@ -68,29 +69,30 @@ class Case:
     note: str = ""
 
     def missing(self) -> list[str]:
-        """Modules in ``requires`` that cannot be imported here (empty list: the case can run)."""
+        """Modules in ``requires`` that cannot be imported here.
+
+        Returns
+        -------
+        list of str
+            Empty when the case can run.
+        """
         return [m for m in self.requires if not _importable(m)]
 
     def prepare(self, patches: np.ndarray) -> Runner:
-        """Runner that processes all of ``patches`` once per call (preparation happens here, off the clock)."""
+        """Build the runner (preparation happens here, off the clock).
+
+        Parameters
+        ----------
+        patches : numpy.ndarray
+            uint8 NHWC ``[N, H, W, 3]``, 0..255.
+
+        Returns
+        -------
+        Runner
+            Processes all N patches once per call and returns the case's outputs (see ``bench/test_bench_core.py``
+            for what each case returns).
+        """
         return self.build(patches)
-
-
-@dataclass
-class Timing:
-    """Result of ``measure``: rates in patches per second, one per timed repeat."""
-
-    patches: int
-    rates: list[float] = field(default_factory=list)
-    warmup_s: float = 0.0
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.rates) if self.rates else math.nan
-
-    @property
-    def repeats(self) -> int:
-        return len(self.rates)
 
 
 def _importable(module: str) -> bool:
@@ -100,95 +102,24 @@ def _importable(module: str) -> bool:
         return False
 
 
-# ---- threads -------------------------------------------------------------------------------------------------------
-
-_current_threads: int | None = None
-
-
-def all_threads() -> int:
-    """The number of threads "all" means: numba's thread pool size (the CPUs this process may use)."""
-    import numba
-
-    return int(numba.config.NUMBA_NUM_THREADS)
-
-
-def parse_threads(text: str) -> list[int]:
-    """``"1,all"`` -> ``[1, all_threads()]`` (duplicates removed, order kept)."""
-    out: list[int] = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        if part == "all":
-            n = all_threads()
-        else:
-            try:
-                n = int(part)
-            except ValueError:
-                raise ValueError(f"threads: {part!r} is not a positive integer or 'all' (e.g. '1,all')") from None
-            if not 1 <= n <= all_threads():
-                raise ValueError(f"threads: {n} is outside 1..{all_threads()} (numba's thread pool size)")
-        if n not in out:
-            out.append(n)
-    if not out:
-        raise ValueError(f"threads: expected a comma-separated list like '1,all', got {text!r}")
-    return out
-
-
-def apply_threads(n: int) -> None:
-    """Set numba's, OpenCV's and (if loaded) torch's thread counts to ``n``."""
-    global _current_threads
-    import numba
-
-    numba.set_num_threads(n)
-    if _importable("cv2"):
-        import cv2
-
-        cv2.setNumThreads(n)
-    if "torch" in sys.modules:  # importing torch only to set its threads would cost seconds for nothing
-        sys.modules["torch"].set_num_threads(n)
-    _current_threads = n
-
-
-@contextlib.contextmanager
-def thread_limit(n: int) -> Iterator[int]:
-    """Run the block with ``n`` threads for numba, OpenCV and torch; restores "all" afterwards."""
-    apply_threads(n)
-    try:
-        yield n
-    finally:
-        apply_threads(all_threads())
-
-
-def current_threads() -> int:
-    return _current_threads if _current_threads is not None else all_threads()
-
-
-# ---- timing --------------------------------------------------------------------------------------------------------
-
-def measure(run: Runner, patches: int, seconds: float = 1.0, min_repeats: int = 3, max_repeats: int = 30,
-            warmup: int = 1) -> Timing:
-    """Time ``run`` (which processes ``patches`` patches per call): ``warmup`` untimed calls (compilation, caches),
-    then repeats until ``seconds`` have passed and at least ``min_repeats`` were made (at most ``max_repeats``).
-    Returns every repeat's rate; report ``Timing.median``."""
-    if patches <= 0:
-        raise ValueError(f"patches: expected a positive patch count, got {patches}")
-    timing = Timing(patches)
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        run()
-    timing.warmup_s = time.perf_counter() - t0
-    start = time.perf_counter()
-    while timing.repeats < max_repeats and (timing.repeats < min_repeats or time.perf_counter() - start < seconds):
-        t = time.perf_counter()
-        run()
-        timing.rates.append(patches / max(time.perf_counter() - t, 1e-12))
-    return timing
-
-
 # ---- our cases -----------------------------------------------------------------------------------------------------
 
 def _keys(n: int) -> np.ndarray:
     return np.arange(n, dtype=np.int64)
+
+
+def _on_gpu(patches: np.ndarray, fn: Callable[[Any], Any]) -> Runner:
+    """Runner of ``fn`` on a CuPy copy of ``patches`` made here, off the clock; it waits for the device."""
+    import cupy
+
+    data = cupy.asarray(patches)
+    sync = cupy.cuda.Device().synchronize
+
+    def run() -> Any:
+        out = fn(data)
+        sync()
+        return out
+    return run
 
 
 def _ours_synth(preset: str, device: str) -> Callable[[np.ndarray], Runner]:
@@ -200,16 +131,7 @@ def _ours_synth(preset: str, device: str) -> Callable[[np.ndarray], Runner]:
         keys = _keys(len(patches))
         if device == "cpu":
             return lambda: synthesize(patches, spec, seed=0, keys=keys, backend="cpu")
-        import cupy
-
-        data = cupy.asarray(patches)
-        sync = cupy.cuda.Device().synchronize
-
-        def run() -> Any:
-            out = synthesize(data, spec, seed=0, keys=keys, backend="cuda")
-            sync()
-            return out
-        return run
+        return _on_gpu(patches, lambda data: synthesize(data, spec, seed=0, keys=keys, backend="cuda"))
     return build
 
 
@@ -220,16 +142,7 @@ def _ours_metric(name: str, device: str) -> Callable[[np.ndarray], Runner]:
         fn = getattr(metrics, name)
         if device == "cpu":
             return lambda: fn(patches, backend="cpu")
-        import cupy
-
-        data = cupy.asarray(patches)
-        sync = cupy.cuda.Device().synchronize
-
-        def run() -> Any:
-            out = fn(data, backend="cuda")
-            sync()
-            return out
-        return run
+        return _on_gpu(patches, lambda data: fn(data, backend="cuda"))
     return build
 
 
@@ -287,7 +200,7 @@ def _opencv_laplacian(precision: str) -> Callable[[np.ndarray], Runner]:
         import cv2
 
         if precision == "f64":
-            # Exactly DESIGN 3's definition: float64 BT.601 gray, Laplacian in CV_64F, variance.
+            # The definition of ``engine.metrics.sharpness``: float64 BT.601 gray, Laplacian in CV_64F, variance.
             def one(p: np.ndarray) -> float:
                 return float(cv2.Laplacian(cv2.transform(p.astype(np.float64), _BT601), cv2.CV_64F).var())
         else:
@@ -306,6 +219,17 @@ METRIC = "float64 per patch"
 
 
 def our_cpu_cases(presets: Sequence[str]) -> list[Case]:
+    """rainsweep's CPU cases: ``synthesize[preset]`` per preset, then ``sharpness`` and ``complexity``.
+
+    Parameters
+    ----------
+    presets : sequence of str
+        Rain presets (``engine.rain.PRESETS``).
+
+    Returns
+    -------
+    list of Case
+    """
     cases = [Case(f"synthesize[{p}]", OURS, "synthesis", "cpu", _ours_synth(p, "cpu"), preset=p, outputs=FULL,
                   requires=("engine.synth",)) for p in presets]
     cases += [Case(m, OURS, m, "cpu", _ours_metric(m, "cpu"), outputs=METRIC) for m in ("sharpness", "complexity")]
@@ -313,6 +237,18 @@ def our_cpu_cases(presets: Sequence[str]) -> list[Case]:
 
 
 def peer_cpu_cases(presets: Sequence[str]) -> list[Case]:
+    """The peers' CPU cases: the authors' generator per preset, albumentations, kornia, OpenCV Laplacian variance.
+
+    Parameters
+    ----------
+    presets : sequence of str
+        Rain presets for the authors' generator (the other peers bring their own rain).
+
+    Returns
+    -------
+    list of Case
+        Cases whose library is not installed report it through ``Case.missing``.
+    """
     cases = [Case(f"authors-opencv[{p}]", "authors-opencv", "synthesis", "cpu", _authors_opencv(p), preset=p,
                   outputs=FULL, requires=("cv2", "kernels.authors_generator"),
                   note="per patch, OpenCV filter2D") for p in presets]
@@ -332,6 +268,17 @@ def peer_cpu_cases(presets: Sequence[str]) -> list[Case]:
 
 
 def gpu_cases(presets: Sequence[str]) -> list[Case]:
+    """rainsweep's GPU cases on CuPy arrays: ``synthesize[preset]`` per preset, ``sharpness``, ``complexity``.
+
+    Parameters
+    ----------
+    presets : sequence of str
+        Rain presets.
+
+    Returns
+    -------
+    list of Case
+    """
     cases = [Case(f"synthesize[{p}]", OURS, "synthesis", "gpu", _ours_synth(p, "gpu"), preset=p, outputs=FULL,
                   requires=("engine.synth", "cupy")) for p in presets]
     cases += [Case(m, OURS, m, "gpu", _ours_metric(m, "gpu"), outputs=METRIC, requires=("cupy",))
@@ -339,20 +286,24 @@ def gpu_cases(presets: Sequence[str]) -> list[Case]:
     return cases
 
 
-def gpu_available() -> bool:
-    """True when a real CUDA GPU is usable through CuPy (never under numba's CUDA simulator)."""
-    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
-        return False
-    try:
-        import cupy
-
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:  # no driver, no device, or a broken install: all mean "no GPU" here
-        return False
-
-
 def check_presets(names: Sequence[str]) -> list[str]:
-    """Validate preset names; an unknown one raises a ValueError listing the valid presets."""
+    """Validate rain preset names.
+
+    Parameters
+    ----------
+    names : sequence of str
+        Preset names; surrounding blanks are stripped and empty names dropped.
+
+    Returns
+    -------
+    list of str
+        The stripped names.
+
+    Raises
+    ------
+    ValueError
+        For no names or an unknown one; the message lists the valid presets.
+    """
     from engine.rain import PRESETS
 
     names = [n.strip() for n in names if n.strip()]
@@ -365,7 +316,20 @@ def check_presets(names: Sequence[str]) -> list[str]:
 
 
 def tile_patches(patches: np.ndarray, n: int) -> np.ndarray:
-    """``n`` patches made by repeating ``patches`` (for large GPU batches built from a few distinct images)."""
+    """Repeat ``patches`` to ``n`` patches (large GPU batches built from a few distinct images).
+
+    Parameters
+    ----------
+    patches : numpy.ndarray
+        ``[M, ...]``, M at least 1.
+    n : int
+        Patches wanted.
+
+    Returns
+    -------
+    numpy.ndarray
+        Contiguous ``[n, ...]``: patch ``i`` is ``patches[i % M]``.
+    """
     reps = -(-n // len(patches))
     return np.ascontiguousarray(np.concatenate([patches] * reps)[:n])
 
@@ -374,7 +338,19 @@ def tile_patches(patches: np.ndarray, n: int) -> np.ndarray:
 
 @dataclass
 class Result:
-    """One measured (or skipped) case."""
+    """One measured (or skipped) case.
+
+    Attributes
+    ----------
+    case : Case
+        What was timed.
+    threads : int or None
+        The thread limit it ran under (None: GPU cases, threads left alone).
+    timing : Timing or None
+        The rates; None when skipped.
+    skipped : str
+        Why the case did not run (empty when it did).
+    """
 
     case: Case
     threads: int | None
@@ -382,6 +358,7 @@ class Result:
     skipped: str = ""
 
     def as_dict(self) -> dict:
+        """The JSON row of ``rainsweep bench --json`` (rates in patches/s; None where skipped)."""
         c, t = self.case, self.timing
         return {
             "case": c.name, "impl": c.impl, "task": c.task, "device": c.device, "preset": c.preset,
@@ -396,19 +373,45 @@ class Result:
 def run_cases(cases: Sequence[Case], patches: np.ndarray, threads: int | None, seconds: float,
               min_repeats: int = 3, max_repeats: int = 30, interleave: bool | None = None,
               progress: Callable[[str], None] | None = None) -> list[Result]:
-    """Measure each case on ``patches`` with ``threads`` threads (None: leave threads alone, e.g. GPU cases).
+    """Measure each case on ``patches``.
 
-    Every case is prepared and warmed up off the clock. With ``interleave`` (default: when ``threads`` is given,
-    i.e. CPU runs) the cases are then timed in turns, one repeat each per round, until each has ``seconds`` of
-    timed work and ``min_repeats`` repeats: load from other processes then falls on ours and the peers alike, so
-    the ratios stay fair on a shared machine. Otherwise case after case (GPU runs: one case's device buffers at a
-    time). A case whose module is missing or that raises is reported as skipped with the reason."""
+    Every case is prepared and warmed up off the clock. With ``interleave`` the cases are then timed in turns, one
+    repeat each per round (``engine.bench.timing.time_interleaved``), until each has ``seconds`` of timed work and
+    ``min_repeats`` repeats: load from other processes then falls on ours and the peers alike, so the ratios stay
+    fair on a shared machine. Otherwise case after case, each prepared just before it is timed (GPU runs: one
+    case's device buffers at a time).
+
+    Parameters
+    ----------
+    cases : sequence of Case
+        What to time.
+    patches : numpy.ndarray
+        uint8 NHWC ``[N, H, W, 3]``, 0..255; every runner processes all N per call.
+    threads : int or None
+        Thread limit for numba, OpenCV and torch (``engine.bench.timing.thread_limit``); None leaves the threads
+        alone (GPU cases).
+    seconds : float
+        Minimum timed wall-clock seconds per case.
+    min_repeats, max_repeats : int
+        Bounds on the timed repeats per case.
+    interleave : bool, optional
+        Time the cases in turns; default: when ``threads`` is given (CPU runs).
+    progress : callable, optional
+        Called with a line naming each case before it is prepared.
+
+    Returns
+    -------
+    list of Result
+        One per case, in order. A case whose module is missing or that raises is reported as skipped with the
+        reason; the other cases go on.
+    """
     if interleave is None:
         interleave = threads is not None
     n = len(patches)
     results: list[Result | None] = [None] * len(cases)
 
-    def prepare(i: int, case: Case) -> tuple[Runner, Timing] | None:
+    def prepare(i: int) -> tuple[Runner, Timing] | None:
+        case = cases[i]
         missing = case.missing()
         if missing:
             results[i] = Result(case, threads, skipped=f"not installed: {', '.join(missing)}")
@@ -417,58 +420,51 @@ def run_cases(cases: Sequence[Case], patches: np.ndarray, threads: int | None, s
             progress(f"{case.name} ({case.device}, {threads or '-'} threads)")
         try:
             run = case.prepare(patches)
-            t0 = time.perf_counter()
-            run()  # warm-up: numba compiles, caches fill, allocators settle
-            return run, Timing(n, warmup_s=time.perf_counter() - t0)
+            return run, Timing(n, warmup_s=warm_up(run))
         except Exception as err:  # one broken peer must not lose the other numbers; the reason is reported
-            results[i] = Result(case, threads, skipped=f"failed: {type(err).__name__}: {err}")
+            results[i] = Result(case, threads, skipped=_failed(err))
             return None
 
-    ctx = thread_limit(threads) if threads is not None else contextlib.nullcontext()
-    with ctx:
-        if not interleave:
-            for i, case in enumerate(cases):
-                prepared = prepare(i, case)
-                if prepared is None:
-                    continue
-                run, warm = prepared
-                try:
-                    timing = measure(run, n, seconds=seconds, min_repeats=min_repeats, max_repeats=max_repeats,
-                                     warmup=0)
-                except Exception as err:
-                    results[i] = Result(case, threads, skipped=f"failed: {type(err).__name__}: {err}")
-                    continue
-                timing.warmup_s = warm.warmup_s
-                results[i] = Result(case, threads, timing)
+    def time_group(prepared: dict[int, tuple[Runner, Timing]]) -> None:
+        order = list(prepared)
+        errors = time_interleaved([prepared[i][0] for i in order], [prepared[i][1] for i in order], seconds,
+                                  min_repeats, max_repeats)
+        for i, err in zip(order, errors):
+            results[i] = Result(cases[i], threads, skipped=_failed(err)) if err else \
+                Result(cases[i], threads, prepared[i][1])
+
+    with thread_limit(threads) if threads is not None else contextlib.nullcontext():
+        if interleave:
+            time_group({i: p for i in range(len(cases)) if (p := prepare(i)) is not None})
         else:
-            live: dict[int, tuple[Runner, Timing]] = {}
-            for i, case in enumerate(cases):
-                prepared = prepare(i, case)
+            for i in range(len(cases)):
+                prepared = prepare(i)
                 if prepared is not None:
-                    live[i] = prepared
-            spent = dict.fromkeys(live, 0.0)
-            while live:
-                for i in list(live):
-                    run, timing = live[i]
-                    t = time.perf_counter()
-                    try:
-                        run()
-                    except Exception as err:
-                        results[i] = Result(cases[i], threads, skipped=f"failed: {type(err).__name__}: {err}")
-                        del live[i]
-                        continue
-                    dt = time.perf_counter() - t
-                    timing.rates.append(n / max(dt, 1e-12))
-                    spent[i] += dt
-                    if timing.repeats >= max_repeats or (timing.repeats >= min_repeats and spent[i] >= seconds):
-                        results[i] = Result(cases[i], threads, timing)
-                        del live[i]
+                    time_group({i: prepared})
+                del prepared
     return [r for r in results if r is not None]
 
 
+def _failed(err: BaseException) -> str:
+    return f"failed: {type(err).__name__}: {err}"
+
+
 def ratios(results: Sequence[Result]) -> list[dict]:
-    """Ours against each peer of the same task, device CPU, same thread count: ``ours / peer`` patches/s.
-    Synthesis peers that follow a preset (the authors' generator) are compared with the same preset only."""
+    """Ours against each peer of the same task, on the CPU, at the same thread count.
+
+    Synthesis peers that follow a preset (the authors' generator) are compared with the same preset only.
+
+    Parameters
+    ----------
+    results : sequence of Result
+        Skipped results are ignored.
+
+    Returns
+    -------
+    list of dict
+        Rows ``{ours, peer, threads, ours_patches_per_s, peer_patches_per_s, ratio}``; ``ratio`` is
+        ``ours / peer`` of the median patches/s.
+    """
     done = [r for r in results if r.timing is not None]
     out = []
     for ours in (r for r in done if r.case.impl == OURS and r.case.device == "cpu"):
@@ -484,62 +480,21 @@ def ratios(results: Sequence[Result]) -> list[dict]:
     return out
 
 
-def machine_info() -> dict:
-    """Where the numbers came from: CPU, thread pool, library versions, allocator settings, GPU."""
-    info: dict[str, Any] = {
-        "platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "cpu_model": _cpu_model(), "numba_threads": all_threads(),
-        "malloc_env": {k: os.environ.get(k) for k in MALLOC_ENV},
-        "versions": {},
-    }
-    for mod in ("numpy", "numba", "cv2", "albumentations", "kornia", "torch", "cupy", "scikit-image"):
-        info["versions"][mod] = _version(mod)
-    info["gpu"] = _gpu_name() if gpu_available() else None
-    return info
-
-
-def _version(mod: str) -> str | None:
-    from importlib import metadata
-
-    dist = {"cv2": "opencv-python-headless", "scikit-image": "scikit-image", "cupy": "cupy-cuda12x"}.get(mod, mod)
-    if mod in sys.modules and hasattr(sys.modules[mod], "__version__"):
-        return str(sys.modules[mod].__version__)
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        if mod == "cupy":
-            for alt in ("cupy-cuda13x", "cupy-cuda11x", "cupy"):
-                with contextlib.suppress(metadata.PackageNotFoundError):
-                    return metadata.version(alt)
-        if mod == "cv2":
-            for alt in ("opencv-python", "opencv-contrib-python"):
-                with contextlib.suppress(metadata.PackageNotFoundError):
-                    return metadata.version(alt)
-        return None
-
-
-def _cpu_model() -> str | None:
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return platform.processor() or None
-
-
-def _gpu_name() -> str | None:
-    with contextlib.suppress(Exception):
-        import cupy
-
-        name = cupy.cuda.runtime.getDeviceProperties(0)["name"]
-        return name.decode() if isinstance(name, bytes) else str(name)
-    return None
-
-
 @dataclass(frozen=True)
 class SuiteSettings:
-    """Sizes of the pytest-benchmark suites in ``bench/``, read from the environment by ``suite_settings``."""
+    """Sizes of the pytest-benchmark suites in ``bench/``, read from the environment by ``suite_settings``.
+
+    Attributes
+    ----------
+    patches : int
+        CPU patches per timed call.
+    gpu_patches : int
+        GPU patches per timed call.
+    rounds : int
+        Timed rounds per case.
+    presets : tuple of str
+        Rain presets of the synthesis cases.
+    """
 
     patches: int = 2048
     gpu_patches: int = 65536
@@ -548,8 +503,24 @@ class SuiteSettings:
 
 
 def suite_settings(environ: dict[str, str] | None = None) -> SuiteSettings:
-    """``RAINSWEEP_BENCH_PATCHES``, ``RAINSWEEP_BENCH_GPU_PATCHES``, ``RAINSWEEP_BENCH_ROUNDS`` (positive integers)
-    and ``RAINSWEEP_BENCH_PRESETS`` (comma-separated presets); unset ones keep ``SuiteSettings``' defaults."""
+    """Read the suite sizes from the environment.
+
+    Parameters
+    ----------
+    environ : dict, optional
+        Variables to read (default ``os.environ``): ``RAINSWEEP_BENCH_PATCHES``, ``RAINSWEEP_BENCH_GPU_PATCHES``,
+        ``RAINSWEEP_BENCH_ROUNDS`` (positive integers) and ``RAINSWEEP_BENCH_PRESETS`` (comma-separated presets).
+
+    Returns
+    -------
+    SuiteSettings
+        Unset variables keep ``SuiteSettings``' defaults.
+
+    Raises
+    ------
+    ValueError
+        For a value that is not a positive integer or an unknown preset, naming the variable.
+    """
     env = os.environ if environ is None else environ
     base = SuiteSettings()
     values: dict[str, Any] = {}
@@ -566,5 +537,8 @@ def suite_settings(environ: dict[str, str] | None = None) -> SuiteSettings:
             raise ValueError(f"{var}: expected a positive integer, got {text!r}")
     presets = env.get("RAINSWEEP_BENCH_PRESETS", "").strip()
     if presets:
-        values["presets"] = tuple(check_presets(presets.split(",")))
+        try:
+            values["presets"] = tuple(check_presets(presets.split(",")))
+        except ValueError as err:
+            raise ValueError(f"RAINSWEEP_BENCH_PRESETS: {err}") from None
     return SuiteSettings(**{**base.__dict__, **values})

@@ -1,10 +1,12 @@
 """Loader throughput: patches/s that ``engine.loader`` delivers in each mode, with on-the-fly rain.
 
-``run_loader_bench`` is what ``rainsweep bench --loader`` and ``bench/test_bench_loader.py`` call. A measurement
-builds one ``Loader``, runs a warm-up (JIT compiles, DALI start, resident load, page cache), then iterates epochs
-for ``seconds`` and counts delivered patches; with a GPU it synchronizes before reading the clock. Every batch
-is complete when counted: background and rainy NCHW, rain and mask N1HW on the device, in the row's ``dtype``
-(float32 0..1, or uint8 0..255 which a trainer converts on its GPU with ``engine.loader.to_unit``).
+``run_loader_bench`` is what ``rainsweep bench --loader`` and ``scripts/gpu_check.sh`` call. A measurement builds
+one ``Loader`` under ``engine.bench.timing.thread_limit``, takes a first batch off the clock (JIT compiles, DALI
+start, resident load, page cache), then times repeats of ``REPEAT_PATCHES`` patches drawn from epoch after epoch
+with ``engine.bench.timing.measure`` and reports the median rate; with a GPU each repeat synchronizes before the
+clock is read. Every batch is complete when counted: background and rainy NCHW, rain and mask N1HW on the device,
+in the row's ``dtype`` (float32 0..1, or uint8 0..255 which a trainer converts on its GPU with
+``engine.loader.to_unit``).
 
 Default batch 256: per-patch costs fall up to ~256 (per-batch Python and parallel-region overhead spread over
 more patches) and are flat beyond; 512 doubles the pooled host memory (a float32 batch of 256 is 117 MB).
@@ -12,6 +14,7 @@ more patches) and are flat beyond; 512 doubles the pooled host memory (a float32
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import tempfile
 import time
@@ -19,28 +22,32 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-import kernels  # noqa: F401 - sets OMP_WAIT_POLICY before cpu_threads starts numba's thread pool
+from engine.bench.timing import measure as time_runner
+from engine.bench.timing import thread_limit
 
-
-@contextlib.contextmanager
-def cpu_threads(n: int) -> Iterator[None]:
-    """Limit torch and numba to ``n`` threads inside the block."""
-    import numba
-    import torch
-
-    old_t, old_n = torch.get_num_threads(), numba.get_num_threads()
-    torch.set_num_threads(n)
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old_t)
-        numba.set_num_threads(old_n)
+#: Patches per timed repeat (rounded up to whole batches): long enough to span several batches, short enough that
+#: a large store gives several repeats within the measurement's seconds.
+REPEAT_PATCHES = 2048
 
 
 @contextlib.contextmanager
 def synthetic_store(patches: int = 4096, patch_size: int = 128, seed: int = 0) -> Iterator[str]:
-    """A temporary store of random uint8 patches (rain cost does not depend on content), page-cached by writing."""
+    """A temporary store of random patches, page-cached by writing it (rain cost does not depend on content).
+
+    Parameters
+    ----------
+    patches : int
+        Patches in the store, uint8 ``[patch_size, patch_size, 3]``, 0..255.
+    patch_size : int
+        Patch side in pixels.
+    seed : int
+        Seed of the random content.
+
+    Yields
+    ------
+    str
+        The store's path; the store is deleted when the block ends.
+    """
     from engine.data.store import write_store
 
     rng = np.random.default_rng(seed)
@@ -52,51 +59,76 @@ def synthetic_store(patches: int = 4096, patch_size: int = 128, seed: int = 0) -
         yield path
 
 
+def _batches(loader: Any, first_epoch: int) -> Iterator[Any]:
+    """The loader's batches, epoch after epoch from ``first_epoch`` on, without end."""
+    for epoch in itertools.count(first_epoch):
+        yield from loader.epoch(epoch)
+
+
 def measure(store: Any, mode: str, batch_size: int = 256, seconds: float = 2.0, threads: int = 2,
             device: str = "cpu", rain: Any = "medium", workers: int | None = None, subset: Any = None,
             seed: int = 0, dtype: str = "float32") -> dict:
-    """One measurement row: patches/s of ``Loader(...).epoch(e)`` iterated for about ``seconds``."""
-    import torch
+    """One measurement row: median patches/s of ``Loader(...)`` batches over about ``seconds`` of timed repeats.
+
+    Parameters
+    ----------
+    store : str or engine.data.store.PatchStore
+        The store to load.
+    mode : str
+        Loader mode ("resident", "dali", "auto").
+    batch_size : int
+        Patches per batch.
+    seconds : float
+        Minimum timed seconds (at least 3 repeats of ``REPEAT_PATCHES`` patches).
+    threads : int
+        torch / numba / OpenCV threads (``thread_limit``) and the loader's DALI CPU threads.
+    device : str
+        "cpu" or "cuda".
+    rain : RainSpec, str or None
+        On-the-fly rain.
+    workers : int or None
+        DALI reader processes (None: the loader's default).
+    subset, seed, dtype
+        Passed to ``Loader``.
+
+    Returns
+    -------
+    dict
+        ``case, mode, device, threads, workers, batch_size, dtype, rain, subset, patches`` (counted in timed
+        repeats), ``seconds`` (timed), ``patches_per_s`` (median over repeats), ``patches_per_cpu_s`` (median per CPU
+        second of this process, all its threads, not DALI worker processes: on a shared machine patches per
+        CPU-second x cores estimates the rate the machine alone would give) and ``setup_s``.
+    """
+    import torch  # before thread_limit, so that it limits torch's threads too
 
     from engine.loader import Loader
 
-    with cpu_threads(threads):
+    with thread_limit(threads):
         t0 = time.perf_counter()
         loader = Loader(store, subset=subset, batch_size=batch_size, rain=rain, seed=seed, device=device,
                         mode=mode, workers=workers, threads=threads, dtype=dtype)
+        batches = _batches(loader, 0)
         try:
-            it = loader.epoch(0)
-            first = next(it)  # compile kernels, start DALI, load resident data
-            del first
-            it.close()
+            next(batches)  # compile kernels, start DALI, load resident data
             setup = time.perf_counter() - t0
             cuda = loader.device.type == "cuda"
-            n, epoch = 0, 1
-            cpu0 = time.process_time()
-            start = time.perf_counter()
-            elapsed = 0.0
-            while elapsed < seconds:
-                for b in loader.epoch(epoch):
-                    n += len(b)
-                    if time.perf_counter() - start >= seconds:
-                        break
-                epoch += 1
+            steps = max(1, -(-REPEAT_PATCHES // batch_size))
+
+            def repeat() -> int:
+                n = sum(len(b) for b in itertools.islice(batches, steps))
                 if cuda:
                     torch.cuda.synchronize(loader.device)
-                elapsed = time.perf_counter() - start
-            if cuda:
-                torch.cuda.synchronize(loader.device)
-            elapsed = time.perf_counter() - start
-            cpu = time.process_time() - cpu0
+                return n
+
+            timing = time_runner(repeat, None, seconds=seconds, max_repeats=None, warmup=0)
             row = dict(case="loader", mode=loader.mode, device=str(loader.device), threads=threads,
                        workers=getattr(loader._dali, "workers", "-") if loader.mode == "dali" else "-",
-                       batch_size=batch_size, dtype=loader.dtype, rain=loader.rain.name if loader.rain is not None else "none",
-                       subset=int(loader.indices.size), patches=n, seconds=round(elapsed, 3),
-                       patches_per_s=n / elapsed if elapsed > 0 else float("nan"),
-                       # CPU seconds of this process (all its threads; not DALI worker processes): on a shared
-                       # machine patches per CPU-second x cores estimates the rate the machine alone would give
-                       patches_per_cpu_s=n / cpu if cpu > 0 else float("nan"), setup_s=round(setup, 3))
+                       batch_size=batch_size, dtype=loader.dtype,
+                       rain=loader.rain.name if loader.rain is not None else "none",
+                       subset=int(loader.indices.size), patches=timing.counted, seconds=round(timing.timed_s, 3),
+                       patches_per_s=timing.median, patches_per_cpu_s=timing.cpu_median, setup_s=round(setup, 3))
         finally:
+            batches.close()
             loader.close()
     return row
 
@@ -108,19 +140,38 @@ def run_loader_bench(store: Any = None, modes: Sequence[str] = ("resident", "dal
                      dtypes: Sequence[str] = ("float32", "bfloat16", "uint8")) -> list[dict]:
     """Loader patches/s in each mode (and DALI worker count), with on-the-fly ``rain`` (default medium).
 
-    Args:
-        store: a store path; None builds a temporary page-cached store of ``patches`` random 128 x 128 patches.
-        modes: loader modes to measure ("resident", "dali", "auto").
-        batch_size, seconds, threads: per measurement (threads: torch / numba / DALI CPU threads; a list
-            measures each).
-        device: "cpu" or "cuda"; None: CPU rows, plus CUDA rows when ``gpu`` is true or (None) a GPU is usable.
-        workers: DALI reader processes per dali row (None: the loader's default; 0: in the main process).
-        dtypes: batch dtypes measured (``engine.loader.DTYPES``): float32 is the default batch, bfloat16 the same
-            values in half the bytes (for bf16 training), uint8 the raw batch a GPU trainer converts itself (no host
-            float conversion).
+    Parameters
+    ----------
+    store : str, optional
+        A store path; None builds a temporary page-cached store of ``patches`` random 128 x 128 patches.
+    modes : sequence of str
+        Loader modes to measure ("resident", "dali", "auto").
+    batch_size : int
+        Patches per batch.
+    seconds : float
+        Minimum timed seconds per measurement.
+    threads : int or sequence of int
+        torch / numba / OpenCV / DALI CPU threads; a list measures each.
+    device : str, optional
+        "cpu" or "cuda"; None: CPU rows, plus CUDA rows when ``gpu`` is true or (None) a GPU is usable.
+    patches : int
+        Size of the temporary store when ``store`` is None.
+    gpu : bool, optional
+        See ``device``.
+    rain : RainSpec, str or None
+        On-the-fly rain.
+    workers : sequence of int or None
+        DALI reader processes per dali row (None: the loader's default; 0: in the main process).
+    dtypes : sequence of str
+        Batch dtypes measured (``engine.loader.DTYPES``): float32 is the default batch, bfloat16 the same values in
+        half the bytes (for bf16 training), uint8 the raw batch a GPU trainer converts itself (no host float
+        conversion).
 
-    Returns one dict per measurement (``patches_per_s`` is the figure, ``patches_per_cpu_s`` the rate per CPU-second
-    of this process; rows that cannot run carry ``skipped``).
+    Returns
+    -------
+    list of dict
+        One row per measurement (see ``measure``); rows that cannot run carry ``skipped`` and
+        ``patches_per_s`` None.
     """
     import torch
 

@@ -1,60 +1,43 @@
-"""Store benchmarks as plain functions (used by bench/test_bench_store.py and callable from ``rainsweep bench``):
-store write rate, sequential and random read rates, and precompute's ingest rate (cut + both metrics + store
-write, from decoded images) on one core. Rates are patches/s; patches are 128 x 128 x 3 uint8 unless stated."""
+"""Store benchmarks as plain functions, used by ``bench/test_bench_store.py`` and ``python -m engine.bench.store``.
+
+Store write rate, sequential and random read rates, and precompute's ingest rate (cut + both metrics + store write,
+from decoded images) on one core. Rates are patches/s, the median over repeats of ``engine.bench.timing.measure``;
+patches are uint8 NHWC ``[N, 128, 128, 3]`` (0..255) unless stated.
+"""
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run numba kernels on one thread (per-core figures), restoring the previous count afterwards."""
-    try:
-        import numba
-    except ImportError:  # pragma: no cover
-        yield
-        return
-    old = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(old)
+from engine.bench.timing import measure, thread_limit
 
 
 @dataclass
 class Rate:
-    """Median patches per wall-clock second, and per CPU second of this process (all its threads): on a shared,
-    oversubscribed machine the second is the honest per-core figure."""
+    """Median rates of one store benchmark.
+
+    Attributes
+    ----------
+    wall : float
+        Patches per wall-clock second.
+    cpu : float
+        Patches per CPU second of this process (all its threads): on a shared, oversubscribed machine the honest
+        per-core figure.
+    """
 
     wall: float
     cpu: float
 
 
-def _rate(fn: Callable[[], int], seconds: float, min_repeats: int = 3,
-          cleanup: Callable[[], None] | None = None) -> Rate:
-    """Median rates of ``fn`` (returns how many patches it handled) over >= min_repeats calls and >= seconds;
-    ``cleanup`` runs after each call, off the clock (deleting a written store is not part of writing it)."""
-    fn()  # warm-up: page cache, numba compilation, file descriptors
-    if cleanup:
-        cleanup()
-    wall, cpu, t_end = [], [], time.perf_counter() + seconds
-    while len(wall) < min_repeats or time.perf_counter() < t_end:
-        t, c = time.perf_counter(), time.process_time()
-        n = fn()
-        wall.append(n / (time.perf_counter() - t))
-        cpu.append(n / max(time.process_time() - c, 1e-9))
-        if cleanup:
-            cleanup()
-    return Rate(float(np.median(wall)), float(np.median(cpu)))
+def _rate(fn: Callable[[], int], seconds: float, cleanup: Callable[[], None] | None = None) -> Rate:
+    """Median rates of ``fn`` (returns how many patches it handled) over at least 3 calls and ``seconds``."""
+    timing = measure(fn, None, seconds=seconds, max_repeats=None, cleanup=cleanup)
+    return Rate(timing.median, timing.cpu_median)
 
 
 def _remover(folder: str) -> Callable[[], None]:
@@ -66,11 +49,26 @@ def _remover(folder: str) -> Callable[[], None]:
 
 
 def random_patches(n: int, size: int = 128, seed: int = 0) -> np.ndarray:
+    """Uniform random patches, uint8 NHWC ``[n, size, size, 3]``, 0..255 (store costs do not depend on content)."""
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
 def bench_write(patches: np.ndarray, folder: str, seconds: float = 1.0) -> Rate:
-    """write_store rate (metrics given, so only the store is timed)."""
+    """Rate of ``write_store`` (metrics given, so only the store is timed).
+
+    Parameters
+    ----------
+    patches : numpy.ndarray
+        uint8 NHWC ``[N, H, W, 3]``, 0..255.
+    folder : str
+        Where the stores are written (each is deleted after its call, off the clock).
+    seconds : float
+        Minimum timed seconds.
+
+    Returns
+    -------
+    Rate
+    """
     from engine.data.store import write_store
 
     zeros = np.zeros(len(patches))
@@ -84,8 +82,26 @@ def bench_write(patches: np.ndarray, folder: str, seconds: float = 1.0) -> Rate:
     return _rate(run, seconds, cleanup=_remover(folder))
 
 
-def bench_reads(store, batch: int = 256, seconds: float = 1.0, seed: int = 0) -> dict[str, Rate]:
-    """PatchStore.read rates: sequential batches in store order and batches of random indices (page-cached)."""
+def bench_reads(store: Any, batch: int = 256, seconds: float = 1.0, seed: int = 0) -> dict[str, Rate]:
+    """Read rates of a page-cached ``PatchStore``.
+
+    Parameters
+    ----------
+    store : engine.data.store.PatchStore
+        The store to read.
+    batch : int
+        Patches per read.
+    seconds : float
+        Minimum timed seconds per case.
+    seed : int
+        Seed of the random indices.
+
+    Returns
+    -------
+    dict of str to Rate
+        ``sequential`` (``read_range`` in store order), ``random`` (``read`` of random indices) and
+        ``zarr_sequential`` (plain zarr slicing in store order).
+    """
     rng = np.random.default_rng(seed)
     n = store.count
     pos = [0]
@@ -108,39 +124,96 @@ def bench_reads(store, batch: int = 256, seconds: float = 1.0, seed: int = 0) ->
 
 
 def decoded_images() -> list[np.ndarray]:
-    """Decoded pictures for the ingest benchmark: scikit-image's bundled set plus 16 procedural images."""
+    """Decoded pictures for the ingest benchmark.
+
+    Returns
+    -------
+    list of numpy.ndarray
+        scikit-image's bundled set plus 16 procedural 512 x 512 images, uint8 RGB ``[H, W, 3]``, 0..255.
+    """
     from engine.data.sources import decode_item, discover
 
     items = discover(["builtin:skimage", "builtin:procedural?images=16&size=512"])
     return [d.rgb for d in (decode_item(it) for it in items) if d.rgb is not None]
 
 
-def bench_ingest(images: list[np.ndarray], folder: str, patch: int = 128, stride: int = 128,
-                 seconds: float = 1.0) -> Rate:
-    """Precompute's work after decoding, on the calling thread: cut patches, sharpness and complexity, write the
-    store (chunks, digests, metadata). Patches/s."""
+def ingest_images(images: list[np.ndarray], path: str | os.PathLike, patch: int = 128, stride: int = 128) -> int:
+    """Precompute's work after decoding, on the calling thread: cut patches, sharpness and complexity, write a store.
+
+    Parameters
+    ----------
+    images : list of numpy.ndarray
+        Decoded pictures, uint8 RGB ``[H, W, 3]``, 0..255.
+    path : str or os.PathLike
+        The store to write.
+    patch, stride : int
+        Patch size and stride in pixels.
+
+    Returns
+    -------
+    int
+        Patches written.
+    """
     from engine.data.precompute import measure_patches
     from engine.data.store import write_store
 
+    parts = [measure_patches(im, patch, stride) for im in images]
+    parts = [p for p in parts if len(p["patches"])]
+    write_store(path, np.concatenate([p["patches"] for p in parts]),
+                sharpness=np.concatenate([p["sharpness"] for p in parts]),
+                complexity=np.concatenate([p["complexity"] for p in parts]),
+                origin=np.concatenate([p["origins"] for p in parts]))
+    return sum(len(p["patches"]) for p in parts)
+
+
+def bench_ingest(images: list[np.ndarray], folder: str, patch: int = 128, stride: int = 128,
+                 seconds: float = 1.0) -> Rate:
+    """Rate of ``ingest_images`` (cut, sharpness, complexity, store write; chunks, digests, metadata).
+
+    Parameters
+    ----------
+    images : list of numpy.ndarray
+        Decoded pictures, uint8 RGB ``[H, W, 3]``, 0..255.
+    folder : str
+        Where the stores are written (each is deleted after its call, off the clock).
+    patch, stride : int
+        Patch size and stride in pixels.
+    seconds : float
+        Minimum timed seconds.
+
+    Returns
+    -------
+    Rate
+    """
     k = [0]
 
     def run() -> int:
-        parts = [measure_patches(im, patch, stride) for im in images]
-        parts = [p for p in parts if len(p["patches"])]
         k[0] += 1
-        path = os.path.join(folder, f"i{k[0]}.zarr")
-        write_store(path, np.concatenate([p["patches"] for p in parts]),
-                    sharpness=np.concatenate([p["sharpness"] for p in parts]),
-                    complexity=np.concatenate([p["complexity"] for p in parts]),
-                    origin=np.concatenate([p["origins"] for p in parts]))
-        return sum(len(p["patches"]) for p in parts)
+        return ingest_images(images, os.path.join(folder, f"i{k[0]}.zarr"), patch, stride)
 
     return _rate(run, seconds, cleanup=_remover(folder))
 
 
 def bench_precompute(folder: str, sources: list[str] | None = None, workers: int = 1, patch: int = 128,
                      stride: int = 128) -> float:
-    """End-to-end ``precompute`` (decode included) on built-in sources; one run after a warm-up run."""
+    """End-to-end ``precompute`` (decoding included) on built-in sources: one run after a warm-up run.
+
+    Parameters
+    ----------
+    folder : str
+        Where the stores are written.
+    sources : list of str, optional
+        Source specs (default ``["builtin:skimage"]``).
+    workers : int
+        precompute's worker processes.
+    patch, stride : int
+        Patch size and stride in pixels.
+
+    Returns
+    -------
+    float
+        Patches/s that precompute reports.
+    """
     from engine.data.precompute import precompute
 
     sources = sources or ["builtin:skimage"]
@@ -153,8 +226,26 @@ def bench_precompute(folder: str, sources: list[str] | None = None, workers: int
 
 def run_store_bench(patches: int = 4096, patch_size: int = 128, seconds: float = 1.0, batch: int = 256,
                     ingest: bool = True) -> list[dict]:
-    """All store cases, numba on one thread, in a temporary folder: rows {case, patches_per_s,
-    patches_per_cpu_s, note}."""
+    """All store cases on one thread (``thread_limit(1)``), in a temporary folder.
+
+    Parameters
+    ----------
+    patches : int
+        Patches in the written and read stores.
+    patch_size : int
+        Patch side in pixels.
+    seconds : float
+        Minimum timed seconds per case.
+    batch : int
+        Patches per read.
+    ingest : bool
+        Also time precompute's ingest from decoded images.
+
+    Returns
+    -------
+    list of dict
+        Rows ``{case, patches_per_s, patches_per_cpu_s, note}``.
+    """
     from engine.data.store import write_store
 
     rows: list[dict] = []
@@ -162,7 +253,7 @@ def run_store_bench(patches: int = 4096, patch_size: int = 128, seconds: float =
     def row(case: str, r: Rate, note: str) -> None:
         rows.append({"case": case, "patches_per_s": r.wall, "patches_per_cpu_s": r.cpu, "note": note})
 
-    with tempfile.TemporaryDirectory(prefix="rainsweep-store-bench-") as tmp, one_thread():
+    with tempfile.TemporaryDirectory(prefix="rainsweep-store-bench-") as tmp, thread_limit(1):
         data = random_patches(patches, patch_size)
         row("store write", bench_write(data, tmp, seconds), f"{patches} patches, write_store")
         store = write_store(os.path.join(tmp, "r.zarr"), data, sharpness=np.zeros(patches),

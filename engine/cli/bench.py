@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-import json
 import math
 import os
 import time
@@ -11,7 +10,10 @@ from typing import Any, Sequence
 
 import click
 
+from engine.atomic import atomic_write_json
 from engine.bench import core as B
+from engine.bench.machine import MALLOC_ENV, gpu_available, machine_info
+from engine.bench.timing import parse_threads
 
 
 @click.command()
@@ -44,7 +46,8 @@ def bench(presets: str, patches: int, threads: str, gpu: bool | None, gpu_patche
     median of the repeats is reported.
 
     \b
-    For stable OpenCV and kornia numbers set glibc's allocator thresholds before starting (DESIGN 4):
+    For stable OpenCV and kornia numbers set glibc's allocator thresholds before starting (otherwise it returns and
+    re-faults the peers' large buffers on every call):
       MALLOC_TRIM_THRESHOLD_=1073741824 MALLOC_MMAP_THRESHOLD_=33554432 rainsweep bench
     """
     try:
@@ -52,20 +55,20 @@ def bench(presets: str, patches: int, threads: str, gpu: bool | None, gpu_patche
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--presets") from None
     try:
-        thread_counts = B.parse_threads(threads)
+        thread_counts = parse_threads(threads)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--threads") from None
-    has_gpu = B.gpu_available()
+    has_gpu = gpu_available()
     if gpu is None:
         gpu = has_gpu
     elif gpu and not has_gpu:
         raise click.UsageError("--gpu: no CUDA GPU is usable through CuPy here (use --no-gpu)")
     if loader and importlib.util.find_spec("engine.bench.loader") is None:
-        raise click.UsageError("--loader needs engine/loader_bench.py (run_loader_bench), which is not in this "
+        raise click.UsageError("--loader needs engine.bench.loader (run_loader_bench), which is not in this "
                                "checkout")
-    if any(os.environ.get(k) != v for k, v in B.MALLOC_ENV.items()):
+    if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
         click.echo("note: allocator thresholds not set; for stable peer numbers run with "
-                   + " ".join(f"{k}={v}" for k, v in B.MALLOC_ENV.items()), err=True)
+                   + " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items()), err=True)
 
     from engine.data.builtin_images import builtin_patches
 
@@ -91,7 +94,7 @@ def bench(presets: str, patches: int, threads: str, gpu: bool | None, gpu_patche
         click.echo(format_rows(loader_rows, "loader"))
     if json_path:
         doc = {
-            "machine": B.machine_info(),
+            "machine": machine_info(),
             "settings": {"presets": preset_names, "patches": patches, "patch_shape": [128, 128, 3],
                          "threads": thread_counts, "gpu": bool(gpu), "gpu_patches": gpu_patches if gpu else None,
                          "peers": peers, "seconds": seconds, "started_utc": _utc(started),
@@ -100,13 +103,20 @@ def bench(presets: str, patches: int, threads: str, gpu: bool | None, gpu_patche
             "ratios": ratio_rows,
             "loader": loader_rows if loader else None,
         }
-        _write_json_atomic(json_path, doc)
+        atomic_write_json(json_path, _finite(doc), indent=2, default=_json_default, allow_nan=False)
         click.echo(f"wrote {json_path}", err=True)
 
 
 def _run_loader(seconds: float, gpu: bool, threads: list[int]) -> list[dict]:
-    """The loader helper's cases (engine.bench.loader.run_loader_bench) with this run's time, GPU and threads.
-    --patches is not passed on: there it means the size of the temporary store, not a batch."""
+    """Run ``engine.bench.loader.run_loader_bench`` with this run's seconds, GPU choice and thread counts.
+
+    ``--patches`` is not passed on: there it means the size of the temporary store, not a batch.
+
+    Returns
+    -------
+    list of dict
+        The loader rows.
+    """
     from engine.bench.loader import run_loader_bench
 
     # Pass only the arguments its signature takes, so either side can grow options independently.
@@ -134,7 +144,18 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]
 
 
 def format_results(results: Sequence[B.Result]) -> str:
-    """The on-screen table: one row per case and thread count (patches/s is the median of the repeats)."""
+    """The on-screen table of the synthesis and metric cases.
+
+    Parameters
+    ----------
+    results : sequence of engine.bench.core.Result
+        Measured and skipped cases.
+
+    Returns
+    -------
+    str
+        One row per case and thread count; patches/s is the median of the repeats, min..max their spread.
+    """
     rows = []
     for r in results:
         d = r.as_dict()
@@ -147,14 +168,36 @@ def format_results(results: Sequence[B.Result]) -> str:
 
 
 def format_ratios(rows: Sequence[dict]) -> str:
-    """Ours / peer, same task, threads and patches."""
+    """The on-screen table of ``engine.bench.core.ratios`` rows: ours / peer, same task, threads and patches.
+
+    Parameters
+    ----------
+    rows : sequence of dict
+        Rows of ``ratios``.
+
+    Returns
+    -------
+    str
+    """
     body = [[r["ours"], r["peer"], str(r["threads"]), _rate(r["ours_patches_per_s"]), _rate(r["peer_patches_per_s"]),
              f"{r['ratio']:.2f}x"] for r in rows]
     return _table(["ours", "peer", "threads", "ours/s", "peer/s", "ratio"], body, right={2, 3, 4, 5})
 
 
 def format_rows(rows: Sequence[dict], title: str) -> str:
-    """Generic table of dict rows (the loader cases), columns in first-seen key order."""
+    """A table of dict rows (the loader cases), columns in first-seen key order.
+
+    Parameters
+    ----------
+    rows : sequence of dict
+        The rows; a missing key leaves its cell empty.
+    title : str
+        Printed above the table.
+
+    Returns
+    -------
+    str
+    """
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
@@ -170,24 +213,8 @@ def _utc(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def _write_json_atomic(path: str, doc: dict) -> None:
-    """Write to a temporary name beside ``path`` and rename, so a reader never sees half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(_finite(doc), f, indent=2, default=_json_default, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _finite(x: Any) -> Any:
-    """NaN / inf -> None, recursively, so the file is strict JSON."""
+    """Replace NaN and infinities by None, recursively, so the file is strict JSON."""
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, dict):
@@ -205,3 +232,7 @@ def _json_default(x: Any) -> Any:
     if isinstance(x, np.ndarray):
         return x.tolist()
     return str(x)
+
+
+if __name__ == "__main__":  # python -m engine.cli.bench (same options as `rainsweep bench`)
+    bench()
