@@ -122,7 +122,7 @@ def measure(store: Any, mode: str, batch_size: int = 256, seconds: float = 2.0, 
 
             timing = time_runner(repeat, None, seconds=seconds, max_repeats=None, warmup=0)
             row = dict(case="loader", mode=loader.mode, device=str(loader.device), threads=threads,
-                       workers=getattr(loader._dali, "workers", "-") if loader.mode == "dali" else "-",
+                       workers=loader.dali_workers if loader.mode == "dali" else "-",
                        batch_size=batch_size, dtype=loader.dtype,
                        rain=loader.rain.name if loader.rain is not None else "none",
                        subset=int(loader.indices.size), patches=timing.counted, seconds=round(timing.timed_s, 3),
