@@ -68,12 +68,13 @@ def sweep(store: str, counts: str, rains: str, model_names: str, iters: int, out
 @click.option("--iters", default=600, type=click.IntRange(1), help="Training steps.")
 @click.option("--model", default="resnet-s", help="Model (a small one trains in minutes on a CPU).")
 @click.option("--count", default=32, type=click.IntRange(1), help="Training background patches.")
-def demo(out: str, iters: int, model: str, count: int) -> None:
+@click.option("--patch", default=64, type=click.IntRange(16), help="Patch side in pixels (of a new store).")
+def demo(out: str, iters: int, model: str, count: int, patch: int) -> None:
     """Build a small store from built-in images, train a small model on CPU, score it on held-out rain."""
     from engine.experiments.demo import DemoError, run_demo
 
     _check_models([model])
     try:
-        run_demo(out, iters=iters, model=model, count=count, echo=click.echo)
+        run_demo(out, iters=iters, model=model, count=count, patch=patch, echo=click.echo)
     except DemoError as err:
         raise click.ClickException(str(err)) from None

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-_ROOT = Path(__file__).resolve().parents[2]
+from engine.experiments.train_command import absolute, train_env, train_module_argv
 
 #: Defaults sized for about 3-5 minutes on 2 CPU cores.
 PATCH = 64
@@ -54,20 +54,20 @@ def run_demo(out: str | os.PathLike = "rainsweep-demo", iters: int = ITERS, mode
              patch: int = PATCH, rain: str = "medium", test_rain: str = "heldout-layered",
              python: str = sys.executable, echo: Callable[[str], None] = print) -> dict:
     """Run the demo into ``out``; returns the metrics dict (also in ``out/run/metrics.json``)."""
-    out = Path(out)
+    out = absolute(out)
     out.mkdir(parents=True, exist_ok=True)
     store = build_store(out / "store", patch, echo)
     run = out / "run"
     if not (run / "metrics.json").exists():
-        cmd = [python, "-m", "train", "--store", str(store), "--count", str(count), "--rain", rain,
+        cmd = [*train_module_argv(python), "--store", str(store), "--count", str(count), "--rain", rain,
                "--test-rain", test_rain, "--model", model, "--iters", str(iters), "--batch", "16",
                "--device", "cpu", "--log-every", "25", "--ckpt-every", "100", "--test-count", "32",
                "--out", str(run)]
         if (run / "ckpt.pt").exists():
             cmd.append("--resume")
         echo(f"training {model} for {iters} steps on {count} backgrounds with {rain} rain (CPU) ...")
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")])))
-        proc = subprocess.run(cmd, cwd=_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        env = train_env(python)
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         run.mkdir(parents=True, exist_ok=True)
         (run / "train.out").write_text(proc.stdout)
         if proc.returncode != 0 or not (run / "metrics.json").exists():

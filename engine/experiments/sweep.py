@@ -34,12 +34,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from engine.experiments.train_command import absolute, absolute_path_options, train_env, train_module_argv
+
 #: Metric columns of results.csv, in order.
 METRICS = ("E_R", "E_B", "rain_residual", "PSNR", "E_R_ceiling")
 #: Configuration columns of results.csv, in order.
 CONFIG = ("run", "model", "rain", "count", "seed", "iters", "status")
-
-_ROOT = Path(__file__).resolve().parents[2]  # repository root: where train.py lives
 
 
 class SweepError(ValueError):
@@ -84,7 +84,7 @@ def plan(models: Sequence[str], rains: Sequence[str], counts: Sequence[int], see
 def train_command(cfg: RunConfig, store: str, out: Path, iters: int, extra: Sequence[str], python: str,
                   resume: bool) -> list[str]:
     """The ``python -m train`` command line of one run."""
-    cmd = [python, "-m", "train", "--store", store, "--count", str(cfg.count), "--rain", cfg.rain,
+    cmd = [*train_module_argv(python), "--store", store, "--count", str(cfg.count), "--rain", cfg.rain,
            "--model", cfg.model, "--iters", str(iters), "--seed", str(cfg.seed), "--out", str(out), *extra]
     return cmd + ["--resume"] if resume else cmd
 
@@ -99,11 +99,11 @@ def run_one(cfg: RunConfig, store: str, out_dir: Path, iters: int, extra: Sequen
         resume = (run_dir / "ckpt.pt").exists()
         run_dir.mkdir(parents=True, exist_ok=True)
         cmd = train_command(cfg, store, run_dir, iters, extra, python, resume)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")])))
+        env = train_env(python)
         with open(run_dir / "train.out", "a") as log:
             log.write("$ " + " ".join(cmd) + "\n")
             log.flush()
-            proc = subprocess.run(cmd, cwd=_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         status = "trained" if proc.returncode == 0 and metrics_path.exists() else f"failed (exit {proc.returncode})"
     else:
         status = "skipped (finished)"
@@ -231,7 +231,7 @@ def sweep(store: str | os.PathLike, counts: Sequence[int], rains: Sequence[str],
     """
     from engine.data.store import open_store
 
-    store = str(Path(store).resolve())
+    store = str(absolute(store))
     st = open_store(store)
     too_big = [c for c in counts if c >= st.count]
     if too_big:
@@ -239,7 +239,8 @@ def sweep(store: str | os.PathLike, counts: Sequence[int], rains: Sequence[str],
                          f"must stay out of training for the held-out set; use smaller counts or a larger store")
     if jobs < 1:
         raise SweepError(f"jobs: expected >= 1, got {jobs}")
-    out_dir = Path(out)
+    out_dir = absolute(out)
+    extra = absolute_path_options(extra)
     out_dir.mkdir(parents=True, exist_ok=True)
     configs = plan(models, rains, counts, seeds)
     # Every run is scored on the same held-out patches: those outside the largest (nested) training selection.
