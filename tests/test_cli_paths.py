@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from engine.cli.train import demo, sweep
 from engine.data.store import write_store
 from engine.experiments.sweep import METRICS
-from engine.experiments.train_command import ROOT, absolute_path_options, train_env, train_module_argv
+from engine.experiments.train_command import (ROOT, TrainRun, absolute_path_options, train_argv, train_env,
+                                              train_module_argv)
 
 
 def tiny_store(path: Path, seed: int) -> Path:
@@ -31,6 +32,22 @@ def test_path_options_become_absolute(tmp_path: Path, monkeypatch: pytest.Monkey
     assert absolute_path_options(args) == ["--batch", "4", "--test-store", str(tmp_path / "t.zarr"),
                                            f"--subset={tmp_path / 'sub' / 'a.json'}", "--lr", "1e-4",
                                            "--out", str(tmp_path.parent / "o")]
+
+
+def test_train_argv_spells_every_field(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    run = TrainRun(store="s.zarr", out="runs/a", model="resnet-s", rain="small", iters=7, count=8, subset="sub.json",
+                   seed=3, test_rain="large", test_store="t.zarr", extra=("--batch", "4", "--test-store=u.zarr"),
+                   resume=True)
+    assert train_argv(run, python="py") == [
+        "py", "-P", "-m", "train", "--store", str(tmp_path / "s.zarr"), "--subset", str(tmp_path / "sub.json"),
+        "--count", "8", "--rain", "small", "--test-rain", "large", "--test-store", str(tmp_path / "t.zarr"),
+        "--model", "resnet-s", "--iters", "7", "--seed", "3", "--out", str(tmp_path / "runs" / "a"),
+        "--batch", "4", f"--test-store={tmp_path / 'u.zarr'}", "--resume"]
+    bare = TrainRun(store=tmp_path / "s.zarr", out=tmp_path / "o", model="unet", rain="medium", iters=1)
+    assert train_argv(bare, python="py") == ["py", "-P", "-m", "train", "--store", str(tmp_path / "s.zarr"),
+                                             "--rain", "medium", "--model", "unet", "--iters", "1", "--seed", "0",
+                                             "--out", str(tmp_path / "o")]
 
 
 def test_train_env_finds_this_trainer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -52,12 +52,10 @@ def sweep(store: str, counts: str, rains: str, model_names: str, iters: int, out
     _check_models(model_list)
     _check_rains(rain_list, "--rain")
     _check_rains([test_rain], "--test-rain")
-    extra = ["--batch", str(batch), "--test-rain", test_rain, "--device", device, *train_args]
-    if test_store:
-        extra += ["--test-store", test_store]
+    extra = ["--batch", str(batch), "--device", device, *train_args]
     try:
         rows = sw.sweep(store, count_list, rain_list, model_list, iters, out, seeds=seed_list, extra=extra,
-                        jobs=jobs, test_rain=test_rain, echo=click.echo)
+                        jobs=jobs, test_rain=test_rain, test_store=test_store, echo=click.echo)
     except sw.SweepError as err:
         raise click.ClickException(str(err)) from None
     click.echo(f"{len(rows)} runs; results: {out}/results.csv, {out}/results.json; figures: {out}/figures/")

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from engine.experiments.train_command import absolute, train_env, train_module_argv
+from engine.experiments.train_command import TrainRun, absolute, train_argv, train_env
 
 #: Defaults sized for about 3-5 minutes on 2 CPU cores.
 PATCH = 64
@@ -59,15 +59,11 @@ def run_demo(out: str | os.PathLike = "rainsweep-demo", iters: int = ITERS, mode
     store = build_store(out / "store", patch, echo)
     run = out / "run"
     if not (run / "metrics.json").exists():
-        cmd = [*train_module_argv(python), "--store", str(store), "--count", str(count), "--rain", rain,
-               "--test-rain", test_rain, "--model", model, "--iters", str(iters), "--batch", "16",
-               "--device", "cpu", "--log-every", "25", "--ckpt-every", "100", "--test-count", "32",
-               "--out", str(run)]
-        if (run / "ckpt.pt").exists():
-            cmd.append("--resume")
+        extra = ("--batch", "16", "--device", "cpu", "--log-every", "25", "--ckpt-every", "100", "--test-count", "32")
+        cmd = train_argv(TrainRun(store=store, out=run, model=model, rain=rain, iters=iters, count=count,
+                                  test_rain=test_rain, extra=extra, resume=(run / "ckpt.pt").exists()), python)
         echo(f"training {model} for {iters} steps on {count} backgrounds with {rain} rain (CPU) ...")
-        env = train_env(python)
-        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.run(cmd, env=train_env(python), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         run.mkdir(parents=True, exist_ok=True)
         (run / "train.out").write_text(proc.stdout)
         if proc.returncode != 0 or not (run / "metrics.json").exists():

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from engine.experiments.train_command import absolute, absolute_path_options, train_env, train_module_argv
+from engine.experiments.train_command import TrainRun, absolute, train_argv, train_env
 
 #: Metric columns of results.csv, in order.
 METRICS = ("E_R", "E_B", "rain_residual", "PSNR", "E_R_ceiling")
@@ -81,29 +81,23 @@ def plan(models: Sequence[str], rains: Sequence[str], counts: Sequence[int], see
     return [RunConfig(m, r, c, s) for m in models for r in rains for c in counts for s in seeds]
 
 
-def train_command(cfg: RunConfig, store: str, out: Path, iters: int, extra: Sequence[str], python: str,
-                  resume: bool) -> list[str]:
-    """The ``python -m train`` command line of one run."""
-    cmd = [*train_module_argv(python), "--store", store, "--count", str(cfg.count), "--rain", cfg.rain,
-           "--model", cfg.model, "--iters", str(iters), "--seed", str(cfg.seed), "--out", str(out), *extra]
-    return cmd + ["--resume"] if resume else cmd
-
-
-def run_one(cfg: RunConfig, store: str, out_dir: Path, iters: int, extra: Sequence[str] = (),
-            python: str = sys.executable) -> dict:
+def run_one(cfg: RunConfig, store: str | os.PathLike, out_dir: Path, iters: int, extra: Sequence[str] = (),
+            python: str = sys.executable, test_rain: str | None = None,
+            test_store: str | os.PathLike | None = None) -> dict:
     """Train one configuration unless it is finished; returns its results row."""
-    run_dir = out_dir / "runs" / cfg.name
+    run_dir = absolute(out_dir) / "runs" / cfg.name
     metrics_path = run_dir / "metrics.json"
     status = "done"
     if not metrics_path.exists():
-        resume = (run_dir / "ckpt.pt").exists()
+        run = TrainRun(store=store, out=run_dir, model=cfg.model, rain=cfg.rain, iters=iters, count=cfg.count,
+                       seed=cfg.seed, test_rain=test_rain, test_store=test_store, extra=tuple(extra),
+                       resume=(run_dir / "ckpt.pt").exists())
         run_dir.mkdir(parents=True, exist_ok=True)
-        cmd = train_command(cfg, store, run_dir, iters, extra, python, resume)
-        env = train_env(python)
+        cmd = train_argv(run, python)
         with open(run_dir / "train.out", "a") as log:
             log.write("$ " + " ".join(cmd) + "\n")
             log.flush()
-            proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.run(cmd, env=train_env(python), stdout=log, stderr=subprocess.STDOUT)
         status = "trained" if proc.returncode == 0 and metrics_path.exists() else f"failed (exit {proc.returncode})"
     else:
         status = "skipped (finished)"
@@ -217,8 +211,8 @@ def _rain_order(name: str) -> tuple:
 
 def sweep(store: str | os.PathLike, counts: Sequence[int], rains: Sequence[str], models: Sequence[str],
           iters: int, out: str | os.PathLike, seeds: Sequence[int] = (0,), extra: Sequence[str] = (),
-          jobs: int = 1, test_rain: str = "", python: str = sys.executable,
-          echo: Callable[[str], None] = print) -> list[dict]:
+          jobs: int = 1, test_rain: str = "", test_store: str | os.PathLike | None = None,
+          python: str = sys.executable, echo: Callable[[str], None] = print) -> list[dict]:
     """Run every configuration (skipping finished ones), then write results and figures.
 
     Args:
@@ -240,17 +234,16 @@ def sweep(store: str | os.PathLike, counts: Sequence[int], rains: Sequence[str],
     if jobs < 1:
         raise SweepError(f"jobs: expected >= 1, got {jobs}")
     out_dir = absolute(out)
-    extra = absolute_path_options(extra)
     out_dir.mkdir(parents=True, exist_ok=True)
     configs = plan(models, rains, counts, seeds)
     # Every run is scored on the same held-out patches: those outside the largest (nested) training selection.
-    if not any(str(a).startswith(("--test-store", "--heldout-exclude-count")) for a in extra):
+    if test_store is None and not any(str(a).startswith(("--test-store", "--heldout-exclude-count")) for a in extra):
         extra = [*extra, "--heldout-exclude-count", str(max(counts))]
     rows: list[dict | None] = [None] * len(configs)
     lock = threading.Lock()
 
     def work(i: int) -> None:
-        row = run_one(configs[i], store, out_dir, iters, extra, python)
+        row = run_one(configs[i], store, out_dir, iters, extra, python, test_rain or None, test_store)
         with lock:
             rows[i] = row
             metrics = "" if row.get("E_R") is None else f"  E_R {row['E_R']:.2f}  E_B {row['E_B']:.2f}"

@@ -1,4 +1,4 @@
-"""How sweeps and the demo start ``train.py``: the interpreter, its module path and the run's paths.
+"""The one place that builds a ``train.py`` command line: ``TrainRun`` describes a run, ``train_argv`` spells it.
 
 A training run is a ``python -P -m train ...`` subprocess that keeps the caller's working directory, and every
 path in its command line is absolute (resolved against the caller's working directory), so ``--out sweeps/s1``
@@ -11,6 +11,7 @@ import functools
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -52,6 +53,89 @@ def absolute_path_options(args: Sequence[str]) -> list[str]:
             out.append(a)
             take = a in PATH_OPTIONS
     return out
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """One training run of ``train.py``. Paths are made absolute (against the current working directory) here.
+
+    Attributes
+    ----------
+    store : Path
+        Patch store of the training backgrounds (and of the held-out ones without ``test_store``).
+    out : Path
+        Run folder: config.json, log.jsonl, ckpt.pt, metrics.json, samples.png.
+    model : str
+        A name in ``models.NAMES``.
+    rain : str
+        Training rain: a preset name or a ``RainSpec.parse`` string.
+    iters : int
+        Training steps.
+    count : int or None
+        Training backgrounds selected from the store (``--count``).
+    subset : Path or None
+        A subset file (``rainsweep select``) instead of ``count``.
+    seed : int
+        Seed of initialization, selection and training rain.
+    test_rain : str or None
+        Held-out rain (None: train.py's default).
+    test_store : Path or None
+        Separate store of held-out backgrounds.
+    extra : tuple of str
+        Further train.py arguments, passed through after the ones above (path options in it made absolute).
+    resume : bool
+        Continue from ``out/ckpt.pt``.
+    """
+
+    store: Path
+    out: Path
+    model: str
+    rain: str
+    iters: int
+    count: int | None = None
+    subset: Path | None = None
+    seed: int = 0
+    test_rain: str | None = None
+    test_store: Path | None = None
+    extra: tuple[str, ...] = ()
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("store", "out", "subset", "test_store"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, absolute(value))
+        object.__setattr__(self, "extra", tuple(absolute_path_options(self.extra)))
+
+
+def train_argv(run: TrainRun, python: str = sys.executable) -> list[str]:
+    """The command line of ``run``: ``python -P -m train --store ... --out ... [extra] [--resume]``.
+
+    Parameters
+    ----------
+    run : TrainRun
+        The run.
+    python : str
+        The interpreter (default: the one running this code).
+
+    Returns
+    -------
+    list of str
+        argv for ``subprocess``; every path in it is absolute.
+    """
+    cmd = [*train_module_argv(python), "--store", str(run.store)]
+    if run.subset is not None:
+        cmd += ["--subset", str(run.subset)]
+    if run.count is not None:
+        cmd += ["--count", str(run.count)]
+    cmd += ["--rain", run.rain]
+    if run.test_rain is not None:
+        cmd += ["--test-rain", run.test_rain]
+    if run.test_store is not None:
+        cmd += ["--test-store", str(run.test_store)]
+    cmd += ["--model", run.model, "--iters", str(run.iters), "--seed", str(run.seed), "--out", str(run.out),
+            *run.extra]
+    return cmd + ["--resume"] if run.resume else cmd
 
 
 def train_module_argv(python: str = sys.executable) -> list[str]:
@@ -101,5 +185,5 @@ def train_env(python: str = sys.executable, environ: Mapping[str, str] | None = 
     return env
 
 
-__all__ = ["PATH_OPTIONS", "ROOT", "absolute", "absolute_path_options", "finds_own_train", "train_env",
-           "train_module_argv"]
+__all__ = ["PATH_OPTIONS", "ROOT", "TrainRun", "absolute", "absolute_path_options", "finds_own_train", "train_argv",
+           "train_env", "train_module_argv"]
