@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
 
+from engine.experiments.logged_run import run_logged
 from engine.experiments.train_command import TrainRun, absolute, train_argv, train_env
 
 #: Defaults sized for about 3-5 minutes on 2 CPU cores.
@@ -63,12 +63,13 @@ def run_demo(out: str | os.PathLike = "rainsweep-demo", iters: int = ITERS, mode
         cmd = train_argv(TrainRun(store=store, out=run, model=model, rain=rain, iters=iters, count=count,
                                   test_rain=test_rain, extra=extra, resume=(run / "ckpt.pt").exists()), python)
         echo(f"training {model} for {iters} steps on {count} backgrounds with {rain} rain (CPU) ...")
-        proc = subprocess.run(cmd, env=train_env(python), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "train.out").write_text(proc.stdout)
-        if proc.returncode != 0 or not (run / "metrics.json").exists():
-            tail = "\n".join(proc.stdout.strip().splitlines()[-5:])
-            raise DemoError(f"training failed (exit {proc.returncode}); log: {run / 'train.out'}\n{tail}")
+        done = run_logged(cmd, run / "train.out", env=train_env(python), on_line=lambda line: echo(f"  {line}"))
+        if done.returncode != 0:
+            raise DemoError(f"training failed (exit {done.returncode}); log: {run / 'train.out'}\n"
+                            + "\n".join(done.tail))
+        if not (run / "metrics.json").exists():
+            raise DemoError(f"training exited 0 but wrote no {run / 'metrics.json'}; log: {run / 'train.out'}\n"
+                            + "\n".join(done.tail))
     else:
         echo(f"run: reusing the finished run in {run}")
     metrics = json.loads((run / "metrics.json").read_text())

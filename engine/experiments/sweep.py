@@ -26,7 +26,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from engine.experiments.logged_run import run_logged
 from engine.experiments.train_command import TrainRun, absolute, train_argv, train_env
 
 #: Metric columns of results.csv, in order.
@@ -83,25 +83,31 @@ def plan(models: Sequence[str], rains: Sequence[str], counts: Sequence[int], see
 
 def run_one(cfg: RunConfig, store: str | os.PathLike, out_dir: Path, iters: int, extra: Sequence[str] = (),
             python: str = sys.executable, test_rain: str | None = None,
-            test_store: str | os.PathLike | None = None) -> dict:
-    """Train one configuration unless it is finished; returns its results row."""
-    run_dir = absolute(out_dir) / "runs" / cfg.name
+            test_store: str | os.PathLike | None = None, on_line: Callable[[str], None] | None = None) -> dict:
+    """Train one configuration unless it is finished; returns its results row.
+
+    The run's output goes to ``runs/<name>/train.out`` and, line by line as it arrives, to ``on_line``.
+    """
+    out_dir = absolute(out_dir)
+    run_dir = out_dir / "runs" / cfg.name
     metrics_path = run_dir / "metrics.json"
-    status = "done"
-    if not metrics_path.exists():
+    row: dict = {"run": cfg.name, **asdict(cfg), "iters": iters}
+    error = None
+    if metrics_path.exists():
+        row["status"] = "skipped (finished)"
+    else:
         run = TrainRun(store=store, out=run_dir, model=cfg.model, rain=cfg.rain, iters=iters, count=cfg.count,
                        seed=cfg.seed, test_rain=test_rain, test_store=test_store, extra=tuple(extra),
                        resume=(run_dir / "ckpt.pt").exists())
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cmd = train_argv(run, python)
-        with open(run_dir / "train.out", "a") as log:
-            log.write("$ " + " ".join(cmd) + "\n")
-            log.flush()
-            proc = subprocess.run(cmd, env=train_env(python), stdout=log, stderr=subprocess.STDOUT)
-        status = "trained" if proc.returncode == 0 and metrics_path.exists() else f"failed (exit {proc.returncode})"
-    else:
-        status = "skipped (finished)"
-    row: dict = {"run": cfg.name, **asdict(cfg), "iters": iters, "status": status}
+        done = run_logged(train_argv(run, python), run_dir / "train.out", env=train_env(python), on_line=on_line)
+        if done.returncode != 0:
+            row["status"] = f"failed (exit {done.returncode})"
+            error = " | ".join(done.tail[-3:])
+        elif not metrics_path.exists():
+            row["status"] = "failed (exit 0 without metrics.json)"
+            error = f"train.py exited 0 but wrote no {metrics_path}; last output: " + " | ".join(done.tail[-3:])
+        else:
+            row["status"] = "trained"
     if metrics_path.exists():
         m = json.loads(metrics_path.read_text())
         row.update({k: m.get(k) for k in METRICS})
@@ -112,9 +118,7 @@ def run_one(cfg: RunConfig, store: str | os.PathLike, out_dir: Path, iters: int,
             shutil.copyfile(sample, out_dir / "samples" / f"{cfg.name}.png")
     else:
         row.update({k: None for k in METRICS})
-        tail = (run_dir / "train.out").read_text().strip().splitlines()[-3:] if (run_dir / "train.out").exists() \
-            else []
-        row["error"] = " | ".join(tail)
+        row["error"] = error
     return row
 
 
@@ -242,8 +246,14 @@ def sweep(store: str | os.PathLike, counts: Sequence[int], rains: Sequence[str],
     rows: list[dict | None] = [None] * len(configs)
     lock = threading.Lock()
 
+    def say(text: str) -> None:
+        with lock:
+            echo(text)
+
     def work(i: int) -> None:
-        row = run_one(configs[i], store, out_dir, iters, extra, python, test_rain or None, test_store)
+        name = configs[i].name
+        row = run_one(configs[i], store, out_dir, iters, extra, python, test_rain or None, test_store,
+                      on_line=lambda line: say(f"{name} | {line}"))
         with lock:
             rows[i] = row
             metrics = "" if row.get("E_R") is None else f"  E_R {row['E_R']:.2f}  E_B {row['E_B']:.2f}"

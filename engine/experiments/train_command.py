@@ -175,10 +175,12 @@ def train_env(python: str = sys.executable, environ: Mapping[str, str] | None = 
     Returns
     -------
     dict
-        ``environ`` with ``ROOT`` prepended to ``PYTHONPATH`` when the child would not otherwise import the
+        ``environ`` with ``PYTHONUNBUFFERED=1`` (the child's lines arrive as it prints them, not when a pipe
+        buffer fills) and with ``ROOT`` prepended to ``PYTHONPATH`` when the child would not otherwise import the
         ``train.py`` that belongs to this engine.
     """
     env = dict(os.environ if environ is None else environ)
+    env["PYTHONUNBUFFERED"] = "1"
     pythonpath = env.get("PYTHONPATH", "")
     if not finds_own_train(python, pythonpath):
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), pythonpath]))
