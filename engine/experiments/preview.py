@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from engine.atomic import atomic_write
 from engine.rain import PRESETS, RainSpec
 
 #: Tile columns, left to right.
@@ -162,18 +163,8 @@ def _host(a) -> np.ndarray:
 
 
 def save_png_atomic(img: Image.Image, path: str | os.PathLike) -> None:
-    """Write ``img`` as PNG to a temporary name beside ``path``, then rename (no half-written file at ``path``)."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``img`` as PNG to ``path`` through ``engine.atomic.atomic_write`` (no half-written file at ``path``)."""
+    atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
 def write_preview(path: str | os.PathLike, rain: str | Sequence[RainSpec] = "all", size: int = 128, count: int = 4,

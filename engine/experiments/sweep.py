@@ -25,7 +25,6 @@ import csv
 import io
 import json
 import os
-import shutil
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from engine.atomic import atomic_write, atomic_write_json, atomic_write_text
 from engine.experiments.logged_run import run_logged
 from engine.experiments.train_command import TrainRun, absolute, train_argv, train_env
 
@@ -114,35 +114,26 @@ def run_one(cfg: RunConfig, store: str | os.PathLike, out_dir: Path, iters: int,
         row["iters"] = m.get("step", iters)
         sample = run_dir / "samples.png"
         if sample.exists():
-            (out_dir / "samples").mkdir(exist_ok=True)
-            shutil.copyfile(sample, out_dir / "samples" / f"{cfg.name}.png")
+            atomic_write(out_dir / "samples" / f"{cfg.name}.png", sample.read_bytes())
     else:
         row.update({k: None for k in METRICS})
         row["error"] = error
     return row
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_results(out_dir: Path, rows: list[dict]) -> None:
     """results.json (all fields) and results.csv (configuration and metric columns), written atomically."""
-    _atomic_bytes(out_dir / "results.json", (json.dumps(rows, indent=2) + "\n").encode())
+    atomic_write_json(out_dir / "results.json", rows, indent=2)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=[*CONFIG, *METRICS], extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in rows:
         w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in (*CONFIG, *METRICS)})
-    _atomic_bytes(out_dir / "results.csv", buf.getvalue().encode())
+    atomic_write_text(out_dir / "results.csv", buf.getvalue())
 
 
 def _savefig(fig, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    _atomic_bytes(path, buf.getvalue())
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
 
 
 def plot_results(out_dir: Path, rows: list[dict], test_rain: str = "") -> list[Path]:
