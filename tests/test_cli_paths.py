@@ -112,3 +112,10 @@ def test_demo_with_a_relative_out_from_another_folder(tmp_path: Path, monkeypatc
     assert json.loads((run / "config.json").read_text())["store"] == str(tmp_path / "d" / "store")
     assert str(run / "samples.png") in res.output
     assert not (ROOT / "d").exists()
+
+
+def test_python_m_engine_cli_works_from_any_folder(tmp_path: Path) -> None:
+    res = subprocess.run([*train_module_argv()[:2], "-m", "engine.cli", "demo", "--help"], cwd=tmp_path,
+                         env=train_env(), capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("Usage: rainsweep demo")
