@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import click
 
+# light (standard library only): the demo's defaults show in --help
+from engine.experiments import demo as demo_defaults
+
 
 def _check_models(names: list[str]) -> None:
     import models
@@ -39,7 +42,10 @@ def _check_rains(names: list[str], option: str) -> None:
 @click.option("--train-arg", "train_args", multiple=True, help="Extra train.py argument (repeatable), e.g. --lr=1e-4.")
 def sweep(store: str, counts: str, rains: str, model_names: str, iters: int, out: str, seeds: str, batch: int,
           test_rain: str, test_store: str | None, device: str, jobs: int, train_args: tuple[str, ...]) -> None:
-    """Train every (count, rain) configuration, skip finished ones, write results.csv/json and figures."""
+    """Train every (count, rain) configuration, skip finished ones, write results.csv/json and figures.
+
+    Relative paths are read against the current folder. Each run's output shows as it runs, prefixed with the
+    run's name, and goes to OUT/runs/<name>/train.out."""
     from engine.experiments import sweep as sw
 
     try:
@@ -52,12 +58,10 @@ def sweep(store: str, counts: str, rains: str, model_names: str, iters: int, out
     _check_models(model_list)
     _check_rains(rain_list, "--rain")
     _check_rains([test_rain], "--test-rain")
-    extra = ["--batch", str(batch), "--test-rain", test_rain, "--device", device, *train_args]
-    if test_store:
-        extra += ["--test-store", test_store]
+    extra = ["--batch", str(batch), "--device", device, *train_args]
     try:
         rows = sw.sweep(store, count_list, rain_list, model_list, iters, out, seeds=seed_list, extra=extra,
-                        jobs=jobs, test_rain=test_rain, echo=click.echo)
+                        jobs=jobs, test_rain=test_rain, test_store=test_store, echo=click.echo)
     except sw.SweepError as err:
         raise click.ClickException(str(err)) from None
     click.echo(f"{len(rows)} runs; results: {out}/results.csv, {out}/results.json; figures: {out}/figures/")
@@ -65,15 +69,19 @@ def sweep(store: str, counts: str, rains: str, model_names: str, iters: int, out
 
 @click.command(context_settings={"show_default": True})
 @click.option("--out", default="rainsweep-demo", type=click.Path(file_okay=False), help="Output directory.")
-@click.option("--iters", default=600, type=click.IntRange(1), help="Training steps.")
-@click.option("--model", default="resnet-s", help="Model (a small one trains in minutes on a CPU).")
-@click.option("--count", default=32, type=click.IntRange(1), help="Training background patches.")
-def demo(out: str, iters: int, model: str, count: int) -> None:
-    """Build a small store from built-in images, train a small model on CPU, score it on held-out rain."""
+@click.option("--iters", default=demo_defaults.ITERS, type=click.IntRange(1), help="Training steps.")
+@click.option("--model", default=demo_defaults.MODEL, help="Model (a small one trains in minutes on a CPU).")
+@click.option("--count", default=demo_defaults.COUNT, type=click.IntRange(1), help="Training background patches.")
+@click.option("--patch", default=demo_defaults.PATCH, type=click.IntRange(16),
+              help="Patch side in pixels (of a new store).")
+def demo(out: str, iters: int, model: str, count: int, patch: int) -> None:
+    """Build a small store from built-in images, train a small model on CPU, score it on held-out rain.
+
+    Relative paths are read against the current folder. The training's output shows as it runs."""
     from engine.experiments.demo import DemoError, run_demo
 
     _check_models([model])
     try:
-        run_demo(out, iters=iters, model=model, count=count, echo=click.echo)
+        run_demo(out, iters=iters, model=model, count=count, patch=patch, echo=click.echo)
     except DemoError as err:
         raise click.ClickException(str(err)) from None

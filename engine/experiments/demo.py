@@ -5,18 +5,19 @@
 3. evaluates its EMA weights on held-out patches (from source pictures the subset did not use, where possible)
    with held-out ``heldout-layered`` rain, 4. prints the metrics and where the preview image is.
 
-Training runs ``python -m train`` in a subprocess, as sweeps do. Rerunning reuses the store and a finished run.
+Training runs ``python -P -m train`` in a subprocess (``engine.experiments.train_command``), as sweeps do, and its
+output lines show as they arrive. Rerunning reuses the store and a finished run (an interrupted one resumes).
 """
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
 
-_ROOT = Path(__file__).resolve().parents[2]
+from engine.experiments.logged_run import run_logged
+from engine.experiments.train_command import TrainRun, absolute, train_argv, train_env
 
 #: Defaults sized for about 3-5 minutes on 2 CPU cores.
 PATCH = 64
@@ -30,7 +31,22 @@ class DemoError(RuntimeError):
 
 
 def build_store(path: Path, patch: int = PATCH, echo: Callable[[str], None] = print) -> Path:
-    """A store of ``patch`` x ``patch`` patches from the built-in pictures (finished if a previous run stopped)."""
+    """Build (or reuse, or finish building) a store of ``patch`` x ``patch`` patches from the built-in pictures.
+
+    Parameters
+    ----------
+    path : Path
+        Store folder.
+    patch : int
+        Patch side in pixels (also the grid stride); used only when the store is created.
+    echo : callable
+        Gets one line saying what happened.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
     from engine.data.precompute import precompute
     from engine.data.store import open_store
 
@@ -53,26 +69,55 @@ def build_store(path: Path, patch: int = PATCH, echo: Callable[[str], None] = pr
 def run_demo(out: str | os.PathLike = "rainsweep-demo", iters: int = ITERS, model: str = MODEL, count: int = COUNT,
              patch: int = PATCH, rain: str = "medium", test_rain: str = "heldout-layered",
              python: str = sys.executable, echo: Callable[[str], None] = print) -> dict:
-    """Run the demo into ``out``; returns the metrics dict (also in ``out/run/metrics.json``)."""
-    out = Path(out)
+    """Build a small store, train a small model on the CPU and score it on held-out rain, all under ``out``.
+
+    Parameters
+    ----------
+    out : str or os.PathLike
+        Demo folder (created), relative to the current working directory: ``store/`` and ``run/`` go in it.
+    iters : int
+        Training steps.
+    model : str
+        A name in ``models.NAMES``.
+    count : int
+        Training background patches.
+    patch : int
+        Patch side in pixels of a new store.
+    rain : str
+        Training rain preset or spec.
+    test_rain : str
+        Held-out rain preset or spec.
+    python : str
+        Interpreter that runs ``-m train``.
+    echo : callable
+        Gets every message: the store's, each training output line (indented) as it arrives, and the summary.
+
+    Returns
+    -------
+    dict
+        The held-out metrics (E_R, E_B, PSNR on the 0..255 scale, ...), as in ``out/run/metrics.json``.
+
+    Raises
+    ------
+    DemoError
+        When training fails or ends without metrics; the message names its log and ends with its last lines.
+    """
+    out = absolute(out)
     out.mkdir(parents=True, exist_ok=True)
     store = build_store(out / "store", patch, echo)
     run = out / "run"
     if not (run / "metrics.json").exists():
-        cmd = [python, "-m", "train", "--store", str(store), "--count", str(count), "--rain", rain,
-               "--test-rain", test_rain, "--model", model, "--iters", str(iters), "--batch", "16",
-               "--device", "cpu", "--log-every", "25", "--ckpt-every", "100", "--test-count", "32",
-               "--out", str(run)]
-        if (run / "ckpt.pt").exists():
-            cmd.append("--resume")
+        extra = ("--batch", "16", "--device", "cpu", "--log-every", "25", "--ckpt-every", "100", "--test-count", "32")
+        cmd = train_argv(TrainRun(store=store, out=run, model=model, rain=rain, iters=iters, count=count,
+                                  test_rain=test_rain, extra=extra, resume=(run / "ckpt.pt").exists()), python)
         echo(f"training {model} for {iters} steps on {count} backgrounds with {rain} rain (CPU) ...")
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")])))
-        proc = subprocess.run(cmd, cwd=_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "train.out").write_text(proc.stdout)
-        if proc.returncode != 0 or not (run / "metrics.json").exists():
-            tail = "\n".join(proc.stdout.strip().splitlines()[-5:])
-            raise DemoError(f"training failed (exit {proc.returncode}); log: {run / 'train.out'}\n{tail}")
+        done = run_logged(cmd, run / "train.out", env=train_env(python), on_line=lambda line: echo(f"  {line}"))
+        if done.returncode != 0:
+            raise DemoError(f"training failed (exit {done.returncode}); log: {run / 'train.out'}\n"
+                            + "\n".join(done.tail))
+        if not (run / "metrics.json").exists():
+            raise DemoError(f"training exited 0 but wrote no {run / 'metrics.json'}; log: {run / 'train.out'}\n"
+                            + "\n".join(done.tail))
     else:
         echo(f"run: reusing the finished run in {run}")
     metrics = json.loads((run / "metrics.json").read_text())

@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from engine.atomic import atomic_write
 from engine.rain import PRESETS, RainSpec
 
 #: Tile columns, left to right.
@@ -31,11 +32,15 @@ TITLE = (255, 210, 120)
 class PreviewLayout:
     """Where everything went in a preview image.
 
-    Attributes:
-        width, height: image size in pixels.
-        tiles: ``(spec index, row, column name) -> (x0, y0, x1, y1)`` pixel box of each ``size x size`` tile
-            (x1, y1 exclusive); column names are ``COLUMNS``.
-        labels: ``spec index -> (x0, y0, x1, y1)`` box of that spec's label band.
+    Attributes
+    ----------
+    width, height : int
+        Image size in pixels.
+    tiles : dict
+        ``(spec index, row, column name) -> (x0, y0, x1, y1)``: pixel box of each ``size x size`` tile (x1, y1
+        exclusive); column names are ``COLUMNS``.
+    labels : dict
+        ``spec index -> (x0, y0, x1, y1)``: box of that spec's label band.
     """
 
     width: int
@@ -45,9 +50,23 @@ class PreviewLayout:
 
 
 def resolve_rain(text: str) -> list[RainSpec]:
-    """``"all"`` -> every preset; ``"small,medium"`` -> those presets; anything else is one ``RainSpec.parse``
-    string (e.g. ``"medium,width=9"`` or ``"amount=0.005:0.007,length=35:45"``). Unknown names raise a
-    ValueError listing the valid presets."""
+    """The rain specs a ``--rain`` value names.
+
+    Parameters
+    ----------
+    text : str
+        ``"all"`` (every preset), preset names separated by commas (``"small,medium"``), or anything else as one
+        ``RainSpec.parse`` string (e.g. ``"medium,width=9"`` or ``"amount=0.005:0.007,length=35:45"``).
+
+    Returns
+    -------
+    list of RainSpec
+
+    Raises
+    ------
+    ValueError
+        For an unknown name, listing the valid presets.
+    """
     text = text.strip()
     if text == "all":
         return [RainSpec.preset(n) for n in PRESETS]
@@ -87,11 +106,29 @@ def _line_height(font) -> int:
 
 def render_preview(specs: Sequence[RainSpec], backgrounds: np.ndarray, seed: int = 0,
                    backend: str = "auto") -> tuple[Image.Image, PreviewLayout]:
-    """Render the grid for ``specs`` on ``backgrounds`` (uint8 NHWC ``[count, size, size, 3]``, 0..255).
+    """Render the preview grid of ``specs`` on ``backgrounds``.
 
     Per spec: a label band (``spec.describe()``), then one row per background with the background, the rain layer
     (gray, 0..255, before beta), the rainy image and the mask (white where ``rain > t``). Keys are the row indices,
-    so the same ``seed`` gives the same rain. Returns the RGB image and its ``PreviewLayout``.
+    so the same ``seed`` gives the same rain.
+
+    Parameters
+    ----------
+    specs : sequence of RainSpec
+        At least one spec.
+    backgrounds : np.ndarray
+        uint8 NHWC ``[count >= 1, size, size, 3]`` square patches on 0..255.
+    seed : int
+        Rain seed.
+    backend : str
+        Synthesis backend (``auto``, ``cpu``, ``cuda`` or ``reference``).
+
+    Returns
+    -------
+    PIL.Image.Image
+        The RGB image.
+    PreviewLayout
+        Where every tile and label is.
     """
     from engine.synth import synthesize
 
@@ -162,24 +199,36 @@ def _host(a) -> np.ndarray:
 
 
 def save_png_atomic(img: Image.Image, path: str | os.PathLike) -> None:
-    """Write ``img`` as PNG to a temporary name beside ``path``, then rename (no half-written file at ``path``)."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``img`` as PNG to ``path`` through ``engine.atomic.atomic_write`` (no half-written file at ``path``)."""
+    atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
 def write_preview(path: str | os.PathLike, rain: str | Sequence[RainSpec] = "all", size: int = 128, count: int = 4,
                   seed: int = 0, backend: str = "auto", source: str = "auto") -> PreviewLayout:
-    """Render ``rain`` (specs, or a string for ``resolve_rain``) on ``count`` built-in ``size x size`` patches and
-    write the PNG atomically. Returns the layout of what was written."""
+    """Render ``rain`` on built-in background patches and write the grid as a PNG, atomically.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        PNG file to write (its folder is created).
+    rain : str or sequence of RainSpec
+        The specs, or a string for ``resolve_rain`` (``"all"``, preset names, or one spec string).
+    size : int
+        Patch side in pixels.
+    count : int
+        Background patches (rows) per spec, at least 1.
+    seed : int
+        Rain seed and crop positions of the built-in pictures: the same seed gives the same image.
+    backend : str
+        Synthesis backend (``auto``, ``cpu``, ``cuda`` or ``reference``).
+    source : str
+        Built-in pictures: ``auto``, ``skimage`` or ``procedural`` (see ``engine.data.builtin_images``).
+
+    Returns
+    -------
+    PreviewLayout
+        Where every tile and label of the written image is.
+    """
     from engine.data.builtin_images import builtin_patches
 
     if count < 1:

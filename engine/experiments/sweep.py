@@ -1,6 +1,6 @@
 """Sweeps: train one model per (background count, training rain) and draw the paper's figures.
 
-Each configuration runs ``python -m train ...`` as a subprocess (the engine never imports train.py) into
+Each configuration runs ``python -P -m train ...`` as a subprocess (the engine never imports train.py) into
 ``OUT/runs/<model>_<rain>_n<count>_s<seed>/``. A run whose ``metrics.json`` exists is skipped on rerun; one with a
 checkpoint but no metrics is resumed. Afterwards:
 
@@ -11,13 +11,14 @@ checkpoint but no metrics is resumed. Afterwards:
 - ``OUT/samples/<run>.png``: each run's rainy input | output | ground truth rows (copied from the run), and
   ``OUT/figures/samples_<model>.png``: the first sample of every run on one sheet.
 
-Training several runs together on one GPU. DESIGN 4 measured ``torch.func.vmap`` over 8 ResNets (8 x 32) at only
-1.44x the throughput of 8 sequential runs, and a fused multi-model trainer would complicate the single-run script
-(checkpoints, resume, NaN handling per member). The sweep therefore keeps one process per run and offers
-``jobs``: that many train.py processes at once, which share one GPU through the driver's time slicing (or MPS when
-it is enabled). Small models that leave the GPU idle between kernels gain from it; large ones do not. Whether it
-pays must be measured on the GPU (``rainsweep sweep --jobs 1`` vs ``--jobs 4`` and the patches/s in each run's
-log.jsonl); it was not measured on the CPU-only development machine, so the default is 1.
+Each run's output streams to ``OUT/runs/<name>/train.out`` and, prefixed with the run's name, to the caller's
+``echo`` while it trains. Every path reaches train.py absolute (see ``engine.experiments.train_command``), so a
+relative ``out`` or store means the same folder wherever the sweep is started.
+
+Several runs on one device: ``jobs`` starts that many train.py processes at once. They share a GPU through the
+driver's time slicing (or MPS when it is enabled); small models that leave the GPU idle between kernels gain from
+it, large ones do not. Compare the ``patches_per_s`` in the runs' log.jsonl under ``--jobs 1`` and ``--jobs 4`` on
+the machine at hand. One process per run keeps checkpoints, resume and the NaN check per run.
 """
 from __future__ import annotations
 
@@ -25,8 +26,6 @@ import csv
 import io
 import json
 import os
-import shutil
-import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -34,12 +33,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from engine.atomic import atomic_write, atomic_write_json, atomic_write_text
+from engine.experiments.logged_run import run_logged
+from engine.experiments.train_command import TrainRun, absolute, train_argv, train_env
+
 #: Metric columns of results.csv, in order.
 METRICS = ("E_R", "E_B", "rain_residual", "PSNR", "E_R_ceiling")
 #: Configuration columns of results.csv, in order.
 CONFIG = ("run", "model", "rain", "count", "seed", "iters", "status")
-
-_ROOT = Path(__file__).resolve().parents[2]  # repository root: where train.py lives
 
 
 class SweepError(ValueError):
@@ -48,7 +49,19 @@ class SweepError(ValueError):
 
 @dataclass(frozen=True)
 class RunConfig:
-    """One sweep point."""
+    """One sweep point: a model trained with one rain on ``count`` backgrounds from one seed.
+
+    Attributes
+    ----------
+    model : str
+        A name in ``models.NAMES``.
+    rain : str
+        Training rain: a preset name or a ``RainSpec.parse`` string.
+    count : int
+        Training background patches.
+    seed : int
+        Training seed.
+    """
 
     model: str
     rain: str
@@ -57,12 +70,36 @@ class RunConfig:
 
     @property
     def name(self) -> str:
+        """The run's folder name, ``<model>_<rain>_n<count>_s<seed>`` (rain characters other than letters, digits,
+        ``-`` and ``.`` become ``-``)."""
         rain = "".join(c if c.isalnum() or c in "-." else "-" for c in self.rain)
         return f"{self.model}_{rain}_n{self.count}_s{self.seed}"
 
 
 def parse_list(text: str, name: str, kind: type = str, minimum: int | None = None) -> list:
-    """``"8,16,32"`` -> [8, 16, 32]; a clear error naming the option otherwise."""
+    """Parse a comma-separated option value: ``"8,16,32"`` -> ``[8, 16, 32]``.
+
+    Parameters
+    ----------
+    text : str
+        The value as typed.
+    name : str
+        The option's name, for error messages (e.g. ``"--counts"``).
+    kind : type
+        Converts each item (``str``, ``int``).
+    minimum : int, optional
+        Smallest allowed value.
+
+    Returns
+    -------
+    list
+        The items, converted.
+
+    Raises
+    ------
+    SweepError
+        Naming the option, when the list is empty, an item does not convert or one is below ``minimum``.
+    """
     items = [t.strip() for t in str(text).split(",") if t.strip()]
     if not items:
         raise SweepError(f"{name}: expected a comma-separated list, got {text!r}")
@@ -81,74 +118,91 @@ def plan(models: Sequence[str], rains: Sequence[str], counts: Sequence[int], see
     return [RunConfig(m, r, c, s) for m in models for r in rains for c in counts for s in seeds]
 
 
-def train_command(cfg: RunConfig, store: str, out: Path, iters: int, extra: Sequence[str], python: str,
-                  resume: bool) -> list[str]:
-    """The ``python -m train`` command line of one run."""
-    cmd = [python, "-m", "train", "--store", store, "--count", str(cfg.count), "--rain", cfg.rain,
-           "--model", cfg.model, "--iters", str(iters), "--seed", str(cfg.seed), "--out", str(out), *extra]
-    return cmd + ["--resume"] if resume else cmd
+def run_one(cfg: RunConfig, store: str | os.PathLike, out_dir: Path, iters: int, extra: Sequence[str] = (),
+            python: str = sys.executable, test_rain: str | None = None,
+            test_store: str | os.PathLike | None = None, on_line: Callable[[str], None] | None = None) -> dict:
+    """Train one configuration unless it is finished (a checkpoint without metrics is resumed).
 
+    Parameters
+    ----------
+    cfg : RunConfig
+        The configuration.
+    store : str or os.PathLike
+        Patch store.
+    out_dir : Path
+        Sweep folder; the run goes to ``out_dir/runs/<cfg.name>``.
+    iters : int
+        Training steps.
+    extra : sequence of str
+        Further train.py arguments.
+    python : str
+        Interpreter that runs ``-m train``.
+    test_rain : str, optional
+        Held-out rain (None: train.py's default).
+    test_store : str or os.PathLike, optional
+        Separate store of held-out backgrounds.
+    on_line : callable, optional
+        Gets each output line of the run as it arrives (the lines also go to ``runs/<name>/train.out``).
 
-def run_one(cfg: RunConfig, store: str, out_dir: Path, iters: int, extra: Sequence[str] = (),
-            python: str = sys.executable) -> dict:
-    """Train one configuration unless it is finished; returns its results row."""
+    Returns
+    -------
+    dict
+        The results row: ``CONFIG`` and ``METRICS`` fields (metrics None without ``metrics.json``); a failed run
+        also has ``error``, its last output lines. ``status`` is ``trained``, ``skipped (finished)``,
+        ``failed (exit N)`` or ``failed (exit 0 without metrics.json)``.
+    """
+    out_dir = absolute(out_dir)
     run_dir = out_dir / "runs" / cfg.name
     metrics_path = run_dir / "metrics.json"
-    status = "done"
-    if not metrics_path.exists():
-        resume = (run_dir / "ckpt.pt").exists()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cmd = train_command(cfg, store, run_dir, iters, extra, python, resume)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")])))
-        with open(run_dir / "train.out", "a") as log:
-            log.write("$ " + " ".join(cmd) + "\n")
-            log.flush()
-            proc = subprocess.run(cmd, cwd=_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        status = "trained" if proc.returncode == 0 and metrics_path.exists() else f"failed (exit {proc.returncode})"
+    row: dict = {"run": cfg.name, **asdict(cfg), "iters": iters}
+    error = None
+    if metrics_path.exists():
+        row["status"] = "skipped (finished)"
     else:
-        status = "skipped (finished)"
-    row: dict = {"run": cfg.name, **asdict(cfg), "iters": iters, "status": status}
+        run = TrainRun(store=store, out=run_dir, model=cfg.model, rain=cfg.rain, iters=iters, count=cfg.count,
+                       seed=cfg.seed, test_rain=test_rain, test_store=test_store, extra=tuple(extra),
+                       resume=(run_dir / "ckpt.pt").exists())
+        done = run_logged(train_argv(run, python), run_dir / "train.out", env=train_env(python), on_line=on_line)
+        if done.returncode != 0:
+            row["status"] = f"failed (exit {done.returncode})"
+            error = " | ".join(done.tail[-3:])
+        elif not metrics_path.exists():
+            row["status"] = "failed (exit 0 without metrics.json)"
+            error = f"train.py exited 0 but wrote no {metrics_path}; last output: " + " | ".join(done.tail[-3:])
+        else:
+            row["status"] = "trained"
     if metrics_path.exists():
         m = json.loads(metrics_path.read_text())
         row.update({k: m.get(k) for k in METRICS})
         row["iters"] = m.get("step", iters)
         sample = run_dir / "samples.png"
         if sample.exists():
-            (out_dir / "samples").mkdir(exist_ok=True)
-            shutil.copyfile(sample, out_dir / "samples" / f"{cfg.name}.png")
+            atomic_write(out_dir / "samples" / f"{cfg.name}.png", sample.read_bytes())
     else:
         row.update({k: None for k in METRICS})
-        tail = (run_dir / "train.out").read_text().strip().splitlines()[-3:] if (run_dir / "train.out").exists() \
-            else []
-        row["error"] = " | ".join(tail)
+        row["error"] = error
     return row
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_results(out_dir: Path, rows: list[dict]) -> None:
-    """results.json (all fields) and results.csv (configuration and metric columns), written atomically."""
-    _atomic_bytes(out_dir / "results.json", (json.dumps(rows, indent=2) + "\n").encode())
+    """Write ``rows`` to ``out_dir/results.json`` (every field) and ``out_dir/results.csv`` (the ``CONFIG`` and
+    ``METRICS`` columns; empty cells for missing metrics), each atomically."""
+    atomic_write_json(out_dir / "results.json", rows, indent=2)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=[*CONFIG, *METRICS], extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in rows:
         w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in (*CONFIG, *METRICS)})
-    _atomic_bytes(out_dir / "results.csv", buf.getvalue().encode())
+    atomic_write_text(out_dir / "results.csv", buf.getvalue())
 
 
 def _savefig(fig, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    _atomic_bytes(path, buf.getvalue())
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
 
 
 def plot_results(out_dir: Path, rows: list[dict], test_rain: str = "") -> list[Path]:
-    """Per model: E_R and E_B against background count (log x), one line per training rain (mean over seeds)."""
+    """Per model, ``out_dir/figures/er_eb_<model>.png``: E_R and E_B (0..255 scale) against background count (log2
+    x), one line per training rain (mean over seeds). Rows without metrics are left out; returns the paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -183,7 +237,8 @@ def plot_results(out_dir: Path, rows: list[dict], test_rain: str = "") -> list[P
 
 
 def sample_sheet(out_dir: Path, rows: list[dict]) -> list[Path]:
-    """Per model: the first sample row (rainy | output | ground truth) of every finished run, titled by run."""
+    """Per model, ``out_dir/figures/samples_<model>.png``: the first sample row (rainy | output | ground truth) of
+    every run with a copied sample in ``out_dir/samples``, titled by run; returns the paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -217,21 +272,55 @@ def _rain_order(name: str) -> tuple:
 
 def sweep(store: str | os.PathLike, counts: Sequence[int], rains: Sequence[str], models: Sequence[str],
           iters: int, out: str | os.PathLike, seeds: Sequence[int] = (0,), extra: Sequence[str] = (),
-          jobs: int = 1, test_rain: str = "", python: str = sys.executable,
-          echo: Callable[[str], None] = print) -> list[dict]:
-    """Run every configuration (skipping finished ones), then write results and figures.
+          jobs: int = 1, test_rain: str = "", test_store: str | os.PathLike | None = None,
+          python: str = sys.executable, echo: Callable[[str], None] = print) -> list[dict]:
+    """Train every configuration (skipping finished ones), then write the results and figures.
 
-    Args:
-        store: patch store path. counts: training background counts. rains: training rain presets or specs.
-        models: model names (models.NAMES). iters: training steps per run. out: sweep directory.
-        seeds: training seeds (one run per seed). extra: further train.py arguments (e.g. ``--batch 16``).
-        jobs: runs at once (see the module docstring). test_rain: held-out rain name for figure titles.
-    Returns:
-        The result rows (also in results.json). Raises SweepError naming the failed runs after writing them.
+    Parameters
+    ----------
+    store : str or os.PathLike
+        Patch store (``rainsweep precompute``); relative paths are read against the current working directory.
+    counts : sequence of int
+        Training background counts; each must be below the store's patch count (the rest holds the held-out set).
+    rains : sequence of str
+        Training rain presets or ``RainSpec.parse`` strings.
+    models : sequence of str
+        Model names (``models.NAMES``).
+    iters : int
+        Training steps per run.
+    out : str or os.PathLike
+        Sweep folder (created); relative to the current working directory.
+    seeds : sequence of int
+        Training seeds, one run per seed.
+    extra : sequence of str
+        Further train.py arguments (e.g. ``["--batch", "16"]``); path values in them are made absolute.
+    jobs : int
+        Runs at once (see the module docstring).
+    test_rain : str
+        Held-out rain preset or spec, passed to every run and named in figure titles ("": train.py's default).
+    test_store : str or os.PathLike, optional
+        Separate store of held-out backgrounds. Without it every run is scored on the same held-out patches of
+        ``store``: those outside the largest (nested) training selection.
+    python : str
+        Interpreter that runs ``-m train``.
+    echo : callable
+        Gets every progress message: each run's output lines as ``<run> | <line>``, one line per finished run,
+        and the figure paths.
+
+    Returns
+    -------
+    list of dict
+        One results row per configuration (see ``run_one``), also in ``out/results.json`` and ``results.csv``.
+
+    Raises
+    ------
+    SweepError
+        For a count the store cannot hold or ``jobs < 1`` (before any run), or naming the failed runs (after the
+        results are written).
     """
     from engine.data.store import open_store
 
-    store = str(Path(store).resolve())
+    store = str(absolute(store))
     st = open_store(store)
     too_big = [c for c in counts if c >= st.count]
     if too_big:
@@ -239,17 +328,23 @@ def sweep(store: str | os.PathLike, counts: Sequence[int], rains: Sequence[str],
                          f"must stay out of training for the held-out set; use smaller counts or a larger store")
     if jobs < 1:
         raise SweepError(f"jobs: expected >= 1, got {jobs}")
-    out_dir = Path(out)
+    out_dir = absolute(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     configs = plan(models, rains, counts, seeds)
     # Every run is scored on the same held-out patches: those outside the largest (nested) training selection.
-    if not any(str(a).startswith(("--test-store", "--heldout-exclude-count")) for a in extra):
+    if test_store is None and not any(str(a).startswith(("--test-store", "--heldout-exclude-count")) for a in extra):
         extra = [*extra, "--heldout-exclude-count", str(max(counts))]
     rows: list[dict | None] = [None] * len(configs)
     lock = threading.Lock()
 
+    def say(text: str) -> None:
+        with lock:
+            echo(text)
+
     def work(i: int) -> None:
-        row = run_one(configs[i], store, out_dir, iters, extra, python)
+        name = configs[i].name
+        row = run_one(configs[i], store, out_dir, iters, extra, python, test_rain or None, test_store,
+                      on_line=lambda line: say(f"{name} | {line}"))
         with lock:
             rows[i] = row
             metrics = "" if row.get("E_R") is None else f"  E_R {row['E_R']:.2f}  E_B {row['E_B']:.2f}"
