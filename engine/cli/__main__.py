@@ -1,4 +1,5 @@
 """``python -m engine.cli ...``: the ``rainsweep`` command where its console script is not on the PATH."""
 from engine.cli import main
 
-main(prog_name="rainsweep")
+if __name__ == "__main__":
+    main(prog_name="rainsweep")
