@@ -411,7 +411,7 @@ def _finish_batch_cpu(background_u8, index: np.ndarray, rain, seed: int, epoch: 
     else:
         rain_t, rain_np = planes((n, 1, h, w))
         layer, skip = scratch.rain(n, h, w), None
-    synthesize_planes_cpu(background_u8.numpy(), rain, seed, rain_keys(epoch, index), _host_lut(dtype), layer,
+    synthesize_planes_cpu(background_u8.numpy(), rain, seed, rain_keys(epoch, index), layer,
                           bg_np, rainy_np, rain_np if skip is None else skip, mask.numpy().reshape(n, h, w), rows)
     return Batch(index=torch.from_numpy(index.copy()), background=bg, rainy=rainy, rain=rain_t, mask=mask,
                  epoch=epoch, step=step)
