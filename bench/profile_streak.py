@@ -1,19 +1,21 @@
 """Profile the CPU streak synthesis against its peers, one thread, side by side in one process.
 
 Run: ``python bench/profile_streak.py [--patches 256] [--rounds 7] [--presets small,medium,large,random]
-[--phases] [--baseline DIR]``. Not a pytest module (``bench/`` suites are ``test_*.py``); the lead's pytest-benchmark suite has the
-official cases, this is the tool for working on the kernels.
+[--phases] [--baseline DIR]``. Not a pytest module (``bench/`` suites are ``test_*.py``); the pytest-benchmark suite
+has the official cases, this is the tool for working on the kernels.
 
 What it measures (128 x 128 x 3 uint8 built-in patches, ``numba``/OpenCV/torch limited to one thread):
 
 - ``ours[p]``: ``engine.synth.synthesize(patches, p, backend="cpu")`` (rain layer + rainy + mask), per preset.
 - ``authors[p]``: the authors' OpenCV generator (``kernels.authors_generator.authors_rain``) per patch, per preset.
-- ``alb-default``: albumentations ``RandomRain(p=1)`` with its default settings (rainy image only).
+- ``alb-default``: albumentations ``RandomRain(p=1)`` with its default settings (rainy image only; left out, and its
+  ratios nan, when albumentations is not installed).
 - with ``--phases``: the parts of ours separately: ``render[p]`` (``kernels.streak.cpu.render_cpu``), ``composite``
   (``composite_cpu``) and ``draws`` (``common_draws``, the host-side per-patch hashes).
-- with ``--baseline DIR``: ``before[p]``, the same work done by another version of the kernels: ``DIR`` holds a
-  copy of its ``kernels`` package (e.g. ``git archive REV kernels | tar -x -C DIR``), imported under a private
-  package name. Its outputs are checked byte for byte against ours before timing.
+- with ``--baseline DIR``: ``now[p]`` and ``before[p]``, the fused CPU pass (common draws, output allocation,
+  ``render_composite_cpu``) of this tree and of another version of the kernels: ``DIR`` holds a copy of its
+  ``kernels`` package (e.g. ``git archive REV kernels | tar -x -C DIR``), imported under a private package name.
+  Their outputs are checked byte for byte against each other before timing.
 
 The cases run interleaved (one call of each per round, in a rotating order) so that load from other processes on a
 shared machine hits all of them alike; the report gives the median rate over rounds in patches/s by wall clock
@@ -27,6 +29,7 @@ itself with them when they are missing.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -88,19 +91,18 @@ def _cases(patches: np.ndarray, presets: list[str], phases: bool,
         spec = RainSpec.preset(p)
         cases[f"ours[{p}]"] = (n, lambda spec=spec: synthesize(patches, spec, seed=0, keys=keys, backend="cpu"))
         if base is not None:
-            def before(spec=spec, params=spec.to_vector()):
+            def fused(render, spec=spec, params=spec.to_vector()):
                 states, active, beta_q = common_draws(spec, 0, keys)
                 rain = np.empty(patches.shape[:3], dtype=np.uint8)
                 rainy = np.empty(patches.shape, dtype=np.uint8)
                 mask = np.empty(patches.shape[:3], dtype=np.bool_)
-                base(params, states, active, patches, beta_q, spec.threshold, rain, rainy, mask)
+                render(params, states, active, patches, beta_q, spec.threshold, rain, rainy, mask)
                 return rainy, rain, mask
 
-            got = synthesize(patches, spec, seed=0, keys=keys, backend="cpu")
-            want = before()
-            if not all(np.array_equal(a, b) for a, b in zip((got.rainy, got.rain, got.mask), want)):
+            if not all(np.array_equal(a, b) for a, b in zip(fused(streak_cpu.render_composite_cpu), fused(base))):
                 raise SystemExit(f"baseline and ours differ on {p}")
-            cases[f"before[{p}]"] = (n, before)
+            cases[f"now[{p}]"] = (n, lambda fused=fused: fused(streak_cpu.render_composite_cpu))
+            cases[f"before[{p}]"] = (n, lambda fused=fused: fused(base))
         cases[f"authors[{p}]"] = (len(few), _authors_opencv(p)(few))
         if phases:
             params = spec.to_vector()
@@ -115,7 +117,10 @@ def _cases(patches: np.ndarray, presets: list[str], phases: bool,
                 cases["composite"] = (n, lambda: composite.composite_cpu(patches, rain, beta_q, spec.threshold,
                                                                          rainy, mask))
                 cases["draws"] = (n, lambda spec=spec: common_draws(spec, 0, keys))
-    cases["alb-default"] = (len(few), _albumentations("default")(few))
+    try:
+        cases["alb-default"] = (len(few), _albumentations("default")(few))
+    except ImportError:
+        pass  # albumentations not installed: no such peer
     return cases
 
 
@@ -158,21 +163,19 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(f"{'preset':<16}{'vs authors (wall)':>13}{'(cpu)':>8}{'vs alb-default (wall)':>23}{'(cpu)':>8}")
     rows = [(p, f"ours[{p}]") for p in presets]
-    if args.baseline:
-        rows += [(f"{p} before", f"before[{p}]") for p in presets]
     for p, o in rows:
         q = p.split()[0]
         ra = [a / b for a, b in zip(wall[o], wall[f"authors[{q}]"])]
         rac = [a / b for a, b in zip(cpu[o], cpu[f"authors[{q}]"])]
-        rb = [a / b for a, b in zip(wall[o], wall["alb-default"])]
-        rbc = [a / b for a, b in zip(cpu[o], cpu["alb-default"])]
+        rb = [a / b for a, b in zip(wall[o], wall.get("alb-default", [math.nan]))]
+        rbc = [a / b for a, b in zip(cpu[o], cpu.get("alb-default", [math.nan]))]
         print(f"{p:<16}{med(ra):>13.2f}{med(rac):>8.2f}{med(rb):>23.2f}{med(rbc):>8.2f}")
     if args.baseline:
         print()
-        print(f"{'preset':<16}{'ours / before rate (wall)':>26}{'(cpu)':>8}")
+        print(f"{'preset':<16}{'now / before rate (wall)':>25}{'(cpu)':>8}")
         for p in presets:
-            rw = [a / b for a, b in zip(wall[f"ours[{p}]"], wall[f"before[{p}]"])]
-            rc = [a / b for a, b in zip(cpu[f"ours[{p}]"], cpu[f"before[{p}]"])]
+            rw = [a / b for a, b in zip(wall[f"now[{p}]"], wall[f"before[{p}]"])]
+            rc = [a / b for a, b in zip(cpu[f"now[{p}]"], cpu[f"before[{p}]"])]
             print(f"{p:<16}{med(rw):>26.3f}{med(rc):>8.3f}")
 
 

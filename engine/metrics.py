@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from engine.arrays import ArrayKind, check_array, kind_of, resolve_backend, to_backend
-from kernels import complexity as _cx
-from kernels import decoupled as _dc
-from kernels import sharpness as _sh
+from kernels import complexity as complexity_kernels
+from kernels import decoupled as decoupled_kernels
+from kernels import sharpness as sharpness_kernels
 
 #: dtypes ``decoupled`` accepts for the network's output (0..255 scale).
 OUTPUT_DTYPES = ("uint8", "float32", "float64")
@@ -88,11 +88,13 @@ def sharpness(x: Any, backend: str = "auto") -> np.ndarray:
     ----------
     The variance of the Laplacian as a focus measure: Pech-Pacheco, Cristobal, Chamorro-Martinez,
     Fernandez-Valdivia, "Diatom autofocusing in brightfield microscopy: a comparative study", ICPR 2000. Its
-    low / medium / high bands as a training-data axis: Hu, You, Gu, Zhu, Xue, Dong, "Revisiting the Generalization Problem of Low-level Vision
-    Models Through the Lens of Image Deraining" (journal extension of Gu et al., "Networks are Slacking Off:
-    Understanding Generalization Problem in Image Deraining", NeurIPS 2023, arXiv:2305.14709).
+    low / medium / high bands as an axis of the training data: Hu, You, Gu, Zhu, Xue, Dong, "Revisiting the
+    Generalization Problem of Low-level Vision Models Through the Lens of Image Deraining" (journal extension of Gu
+    et al., "Networks are Slacking Off: Understanding Generalization Problem in Image Deraining", NeurIPS 2023,
+    arXiv:2305.14709).
     """
-    return _per_patch(x, backend, _sh.sharpness_cpu, _sh.sharpness_cuda, _sh.sharpness_reference, _sh.check_size)
+    k = sharpness_kernels
+    return _per_patch(x, backend, k.sharpness_cpu, k.sharpness_cuda, k.sharpness_reference, k.check_size)
 
 
 def complexity(x: Any, backend: str = "auto") -> np.ndarray:
@@ -120,8 +122,8 @@ def complexity(x: Any, backend: str = "auto") -> np.ndarray:
     Bagrov, Iakovlev, Iliasov, Katsnelson, Mazurenko, "Multiscale structural complexity of natural patterns",
     PNAS 117(48):30241-30251, 2020, doi:10.1073/pnas.2004976117.
     """
-    return _per_patch(x, backend, _cx.complexity_cpu, _cx.complexity_cuda, _cx.complexity_reference,
-                      _cx.check_size)
+    k = complexity_kernels
+    return _per_patch(x, backend, k.complexity_cpu, k.complexity_cuda, k.complexity_reference, k.check_size)
 
 
 def _check_decoupled(output: Any, rainy: Any, background: Any, mask: Any) -> None:
@@ -177,12 +179,13 @@ def decoupled(output: Any, rainy: Any, background: Any, mask: Any, backend: str 
         raise ValueError(f"decoupled: inputs must all be on the host or all on the GPU, got {where}")
     backend = resolve_backend(backend, kinds[0].on_gpu, host_copy=True)
     n, h, w, c = (int(s) for s in output.shape)
+    dk = decoupled_kernels
     if n == 0:
-        return {k: np.empty(0, dtype=np.float64) for k in _dc.KEYS}
+        return {k: np.empty(0, dtype=np.float64) for k in dk.KEYS}
     arrs = [to_backend(a, k) for a, k in zip((output, rainy, background, mask), kinds)]
     if backend == "cuda":
-        return _dc.finish(_dc.sums_cuda(*[_device(a, k) for a, k in zip(arrs, kinds)]), h, w, c)
+        return dk.finish(dk.sums_cuda(*[_device(a, k) for a, k in zip(arrs, kinds)]), h, w, c)
     arrs = [_host(a) for a in arrs]
     if backend == "reference":
-        return _dc.decoupled_reference(*arrs)
-    return _dc.finish(_dc.sums_cpu(*arrs), h, w, c)
+        return dk.decoupled_reference(*arrs)
+    return dk.finish(dk.sums_cpu(*arrs), h, w, c)

@@ -110,7 +110,8 @@ def _out_view(a, name: str, kind: arrays.ArrayKind):
     """Backend view (no copy) of a caller's output buffer ``out.<name>``; it may be numpy, CuPy or torch."""
     own = arrays.kind_of(a)
     if own.on_gpu != kind.on_gpu:
-        raise ValueError(f"out.{name}: expected a buffer on the backgrounds' device ({'GPU' if kind.on_gpu else 'host'})")
+        where = "GPU" if kind.on_gpu else "host"
+        raise ValueError(f"out.{name}: expected a buffer on the backgrounds' device ({where})")
     contiguous = a.is_contiguous() if own.library == "torch" else a.flags.c_contiguous
     if not contiguous:
         raise ValueError(f"out.{name}: expected a C-contiguous buffer (results are written in place)")

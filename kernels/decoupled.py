@@ -32,8 +32,8 @@ KEYS = ("E_R", "E_B", "rain_residual", "PSNR")
 
 def decoupled_reference(output: np.ndarray, rainy: np.ndarray, background: np.ndarray,
                         mask: np.ndarray) -> dict[str, np.ndarray]:
-    """The formulas of the module docstring on numpy arrays, one patch at a time: output / rainy / background NHWC (0..255, any
-    numeric dtype), mask bool NHW -> dict of float64 [N]."""
+    """The formulas of the module docstring on numpy arrays, one patch at a time: output / rainy / background NHWC
+    (0..255, any numeric dtype), mask bool NHW -> dict of float64 [N]."""
     n = len(output)
     res = {k: np.empty(n, dtype=np.float64) for k in KEYS}
     for i in range(n):

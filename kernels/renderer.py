@@ -83,7 +83,8 @@ def check_render_args(params, states, active, out) -> None:
         raise ValueError(f"out: expected uint8 [N, H, W] (rain layer, 0..255), got {out.dtype}{tuple(out.shape)}")
     n = out.shape[0]
     if tuple(states.shape) != (n,) or states.dtype != np.uint64:
-        raise ValueError(f"states: expected uint64[{n}] (one per patch of out), got {states.dtype}{tuple(states.shape)}")
+        raise ValueError(f"states: expected uint64[{n}] (one per patch of out), "
+                         f"got {states.dtype}{tuple(states.shape)}")
     if tuple(active.shape) != (n,) or active.dtype != np.uint8:
         raise ValueError(f"active: expected uint8[{n}] (one per patch of out), got {active.dtype}{tuple(active.shape)}")
 

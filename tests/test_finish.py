@@ -160,8 +160,8 @@ def test_render_finish_argument_errors(rng):
         sc.render_finish_cpu(spec.to_vector(), states, active, bg, beta_q, 50, np.empty((2, 8, 8), np.uint8),
                              ob[:1], oy, orain, mask)
     with pytest.raises(ValueError, match="rain: expected a C-contiguous"):
-        sc.render_finish_cpu(spec.to_vector(), states, active, bg, beta_q, 50, np.empty((2, 8, 16), np.uint8)[:, :, ::2],
-                             ob, oy, orain, mask)
+        sc.render_finish_cpu(spec.to_vector(), states, active, bg, beta_q, 50,
+                             np.empty((2, 8, 16), np.uint8)[:, :, ::2], ob, oy, orain, mask)
 
 
 @pytest.mark.parametrize("spec", ["medium", "heldout-layered", "heldout-sparse", None])

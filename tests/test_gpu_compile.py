@@ -84,6 +84,7 @@ def _cuda_home() -> dict:
     return env
 
 
+@pytest.mark.slow
 def test_all_cuda_kernels_compile_for_sm90():
     res = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=ROOT, env=_cuda_home(), capture_output=True,
                          text=True, timeout=900)

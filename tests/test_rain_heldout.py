@@ -44,6 +44,7 @@ def render(family: str, spec: RainSpec, keys, h: int, w: int, active=None, seed:
 
 # ---- exactness ------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("case", ["preset", "preset-pad", "wild", "wild-pad"])
 def test_cpu_equals_numpy_reference(family, case):

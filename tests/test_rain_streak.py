@@ -88,6 +88,7 @@ def test_streak_kernel_direction():
     assert np.corrcoef(ys, xs)[0, 1] < -0.9
 
 
+@pytest.mark.slow
 def test_fast_kernel_build_equals_dense_reference():
     """The banded integer kernel of the CPU renderer equals the whole-grid numpy construction."""
     from numba import njit
@@ -253,6 +254,7 @@ def test_render_cpu_non_contiguous_out():
     assert np.array_equal(view, exp) and not full[:, :, 1::2].any()
 
 
+@pytest.mark.slow
 def test_cpu_padded_tap_rows_read_as_every_phase():
     """Each kernel row, read by the splat at phase s (blocks from ``first - s``), is the row shifted right by s
     zeros and zero-filled to whole blocks; nothing is read outside the written part of ``taps``."""

@@ -340,9 +340,9 @@ def render_patch(params, state, i, pad, tables, bank, build_scratch, seeds, even
 
 
 @njit(cache=True)
-def _aligned(n):
-    """float64 [n] starting on a 64-byte boundary (a view into a slightly larger allocation)."""
-    raw = np.empty(n + BLOCK, dtype=np.float64)
+def _aligned_zeros(n):
+    """float64 zeros [n] starting on a 64-byte boundary (a view into a slightly larger allocation)."""
+    raw = np.zeros(n + BLOCK, dtype=np.float64)
     shift = ((-raw.ctypes.data) & 63) // 8
     return raw[shift:shift + n]
 
@@ -363,9 +363,8 @@ def _scratch(params, h, w):
     events = (np.empty(4096, dtype=np.int64), np.empty(4096, dtype=np.float64), np.empty(4096, dtype=np.int64),
               np.empty(4096, dtype=np.int64), np.empty(4096, dtype=np.float64))
     we_max = (wc + 2 * (ks + BLOCK) + BLOCK - 1) // BLOCK * BLOCK
-    acc = _aligned(hc * we_max)
-    acc[:] = 0.0                                     # kept all zeros between patches (normalize clears it)
-    splat_scratch = (acc, _aligned(ks + 2 * BLOCK),  # one tap row at one phase
+    # the accumulator is kept all zeros between patches (normalize clears what it read)
+    splat_scratch = (_aligned_zeros(hc * we_max), _aligned_zeros(ks + 2 * BLOCK),  # tbuf: one tap row, one phase
                      np.empty(BLOCK * (hc + 2 * ks + 2) + 1, dtype=np.int64),
                      np.empty(2 * ((wc + 2 * ks) // max(1, 2 * (wc - 1)) + 2), dtype=np.int64),
                      np.empty(2 * ((hc + 2 * ks) // max(1, 2 * (hc - 1)) + 2), dtype=np.int64))
