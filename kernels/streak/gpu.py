@@ -96,49 +96,59 @@ def _seed_row(acc, state, y, hc, wc, aq, log1m, rows, vals, info):
 
 # ---- the kernel -----------------------------------------------------------------------------------------------------
 
+#: The passes of ``kernels.streak.kernel`` in order: 0 clear, 1 line, 2 row blur, 3 column blur, 4 fold, 5 shift
+#: (one thread), 6 extent, 7 plan (one thread), 8 fill.
+_N_PASSES = 9
+
+
 @cuda_device_jit
-def _build_kernel_block(on, tid, nt, L, angle, width, trig, gauss, kb, ext, rows, info, vals):
-    """The block builds the patch's streak kernel: every pass of ``kernels.streak.kernel`` with its rows spread over
-    the threads, a barrier after each; info[6] = the scale shift, info[1..5] = n_rows, dy/dx min and max."""
-    if on:
-        for y in range(tid, L + 2, nt):
-            _clear_row(kb, y, L)
-    cuda.syncthreads()
-    if on:
-        for y in range(tid, L, nt):
-            _line_row(kb, ext, y, L, angle, trig)
-    cuda.syncthreads()
-    if on:
-        for y in range(tid, L, nt):
-            _blurx_row(kb, ext, y, L, width, gauss)
-    cuda.syncthreads()
-    if on:
-        for y in range(tid, L, nt):
-            _blury_row(kb, ext, y, L, width, gauss)
-    cuda.syncthreads()
-    if on:
-        for y in range(tid, L + 2, nt):
-            _fold_row(kb, ext, y, L)
-    cuda.syncthreads()
-    if on and tid == 0:
+def _pass_rows(k, L):
+    """Rows of pass ``k``: the line and blurs work on the L x L kernel, the rest on the folded (L+2) x (L+2) one;
+    the shift and the plan are one step each."""
+    if k == 5 or k == 7:
+        return 1
+    if 1 <= k <= 3:
+        return L
+    return L + 2
+
+
+@cuda_device_jit
+def _run_pass(k, y, L, angle, width, trig, gauss, kb, ext, rows, info, vals):
+    """Row ``y`` of pass ``k``; info[6] = the scale shift, info[1..5] = n_rows, dy/dx min and max."""
+    if k == 0:
+        _clear_row(kb, y, L)
+    elif k == 1:
+        _line_row(kb, ext, y, L, angle, trig)
+    elif k == 2:
+        _blurx_row(kb, ext, y, L, width, gauss)
+    elif k == 3:
+        _blury_row(kb, ext, y, L, width, gauss)
+    elif k == 4:
+        _fold_row(kb, ext, y, L)
+    elif k == 5:
         info[6] = _shift(ext, L)
-    cuda.syncthreads()
-    if on:
-        for y in range(tid, L + 2, nt):
-            _extent_row(kb, ext, y, info[6])
-    cuda.syncthreads()
-    if on and tid == 0:
+    elif k == 6:
+        _extent_row(kb, ext, y, info[6])
+    elif k == 7:
         n_rows, dy_min, dy_max, dx_min, dx_max = _plan(ext, rows, L)
         info[1] = n_rows
         info[2] = dy_min
         info[3] = dy_max
         info[4] = dx_min
         info[5] = dx_max
-    cuda.syncthreads()
-    if on:
-        for y in range(tid, L + 2, nt):
-            _fill_row(kb, ext, rows, vals, y, info[6])
-    cuda.syncthreads()
+    else:
+        _fill_row(kb, ext, rows, vals, y, info[6])
+
+
+@cuda_device_jit
+def _build_kernel_block(on, tid, nt, L, angle, width, trig, gauss, kb, ext, rows, info, vals):
+    """The block builds the patch's streak kernel: every pass with its rows spread over the threads, a barrier
+    after each (all threads of the block must call it)."""
+    for k in range(_N_PASSES):
+        if on:
+            for y in range(tid, _pass_rows(k, L), nt):
+                _run_pass(k, y, L, angle, width, trig, gauss, kb, ext, rows, info, vals)
+        cuda.syncthreads()
 
 
 @cuda_device_jit
