@@ -5,8 +5,8 @@ Importing a kernels module changes no process state. A process that compiles ker
 sources and sets the OpenMP waiting policy.
 
 Modules: ``params`` (the spec vector's layout), ``rng`` (counter-based random numbers), ``families`` (the rain
-families: ``streak``, ``rain_layered``, ``rain_sparse`` with ``segments``), ``composite`` and ``finish``
-(compositing, channel planes), ``sharpness``, ``complexity``, ``decoupled`` (patch metrics), ``authors_generator``
-(the authors' OpenCV generator, for comparison), and the shared plumbing ``jit``, ``simd``, ``gpu_launch``,
-``renderer``.
+families by name: ``rain_streak`` over the ``streak`` package, ``rain_layered`` and ``rain_sparse`` over
+``segments``; their interface in ``renderer``), ``composite`` and ``finish`` (compositing, channel planes),
+``sharpness``, ``complexity``, ``decoupled`` (patch metrics), ``authors_generator`` (the authors' OpenCV generator,
+for comparison), and the shared plumbing ``jit``, ``simd``, ``gpu_launch``.
 """
