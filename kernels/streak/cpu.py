@@ -74,7 +74,7 @@ def _images(x, wc, qx_lo, qx_hi, out_q, n):
     return n
 
 
-@njit(cache=True)
+@cpu_jit
 def collect_seeds(state, hc, wc, aq, seeds):
     """Draw the seeds of every canvas row (``kernels.streak.patch``'s ``next_seed``) into ``seeds`` = (seed_x,
     seed_v, row_start), int64 CSR arrays: row y's seeds are ``[row_start[y], row_start[y + 1])``."""
@@ -92,26 +92,35 @@ def collect_seeds(state, hc, wc, aq, seeds):
     row_start[hc] = n_seeds
 
 
-@njit(cache=True)
+@cpu_jit
+def _event_bound(n_seeds, hc, wc, frame):
+    """Most events the seeds can have: a coordinate has at most 2 (span // period + 2) images in a span, the period
+    being 2 (n - 1)."""
+    _, _, qy_lo, qy_hi, qx_lo, qx_hi = frame
+    ny = 2 * ((qy_hi - qy_lo + 1) // (2 * (hc - 1)) + 2)
+    nx = 2 * ((qx_hi - qx_lo + 1) // (2 * (wc - 1)) + 2)
+    return n_seeds * ny * nx
+
+
+@cpu_jit
+def _new_events(n):
+    """Event buffers for ``n`` events (layout in ``expand_events``)."""
+    return (np.empty(n, dtype=np.int64), np.empty(n, dtype=np.float64), np.empty(n, dtype=np.int64),
+            np.empty(n, dtype=np.int64), np.empty(n, dtype=np.float64))
+
+
+@cpu_jit
 def expand_events(seeds, hc, wc, frame, events, images):
     """The events: every image of every seed under the reflect-101 extension whose kernel reaches the canvas.
 
     ``frame`` = (we, ex, qy_lo, qy_hi, qx_lo, qx_hi): accumulator row length, canvas column offset, and the range of
-    seed positions whose kernel reaches the canvas. ``events`` = (ev_base, ev_v, ev_k, ph_base, ph_v) (position in
-    the accumulator, strength, row ``qy - qy_lo``; the last two are the sorted copies ``group_events`` writes),
-    grown when a dense spec needs more room; ``images`` = (qbuf, qbuf_y) scratch. Returns (events, number).
+    seed positions whose kernel reaches the canvas. ``events`` = (ev_base, ev_v, ev_k, ph_base, ph_v), each with room
+    for ``_event_bound`` events: position in the accumulator, strength, row ``qy - qy_lo``, and the sorted copies
+    that ``group_events`` writes; ``images`` = (qbuf, qbuf_y) scratch. Returns the number of events.
     """
     seed_x, seed_v, row_start = seeds
     we, ex, qy_lo, qy_hi, qx_lo, qx_hi = frame
     qbuf, qbuf_y = images
-    nq = qy_hi - qy_lo + 1
-    # room for every event up front (no allocation inside the loops below): a coordinate has at most
-    # 2 (span // period + 2) images in a span, the period being 2 (n - 1)
-    bound = row_start[hc] * (2 * (nq // (2 * (hc - 1)) + 2)) * (2 * ((qx_hi - qx_lo + 1) // (2 * (wc - 1)) + 2))
-    if bound > events[0].size:                             # rare (dense rain on a small canvas): grow
-        events = (np.empty(bound, dtype=np.int64), np.empty(bound, dtype=np.float64),
-                  np.empty(bound, dtype=np.int64), np.empty(bound, dtype=np.int64),
-                  np.empty(bound, dtype=np.float64))
     ev_base, ev_v, ev_k, _, _ = events
     n_ev = 0
     # seed by seed (rows without seeds cost nothing): each seed's images are its row images (rows qy with
@@ -131,10 +140,10 @@ def expand_events(seeds, hc, wc, frame, events, images):
                     ev_v[n_ev] = fv
                     ev_k[n_ev] = qy - qy_lo
                     n_ev += 1
-    return events, n_ev
+    return n_ev
 
 
-@njit(cache=True)
+@cpu_jit
 def group_events(events, n_ev, nq, ph_start):
     """Group the events by (alignment phase ``ev_base % BLOCK``, row): a counting sort in flat loops over the events
     into ``ph_base`` / ``ph_v``; ``ph_start`` (int64 [BLOCK nq + 1]) ends up holding the group starts, group ``pe *
@@ -212,7 +221,7 @@ def _zero_row(acc, b, we):
         row[x] = 0.0
 
 
-@njit(cache=True)
+@cpu_jit
 def _canvas_min_max(acc, hc, wc, we, ex, pad, h):
     """(min, max) over the canvas part of ``acc``; rows outside the crop are cleared after their last read."""
     fmn = acc[ex]
@@ -302,7 +311,7 @@ def _patch_kernel(bank, i, length, angle, width, tables, build_scratch):
     return (rinfo_s, taps_s, np.int64(0), n_rows), (dy_min, dy_max, dx_min, dx_max)
 
 
-@njit(cache=True)
+@cpu_jit
 def render_patch(params, state, i, pad, tables, bank, build_scratch, seeds, events, splat_scratch, out_patch):
     """Patch ``i``'s rain layer into ``out_patch`` (uint8 [h, w], C-contiguous).
 
@@ -331,7 +340,10 @@ def render_patch(params, state, i, pad, tables, bank, build_scratch, seeds, even
     qy_lo = -dy_max
     qy_hi = hc - 1 - dy_min
     frame = (we, ex, qy_lo, qy_hi, -dx_max, wc - 1 - dx_min)
-    events, n_ev = expand_events(seeds, hc, wc, frame, events, (qbuf, qbuf_y))
+    bound = _event_bound(seeds[2][hc], hc, wc, frame)
+    if bound > events[0].size:                       # rare (dense rain on a small canvas): grow
+        events = _new_events(bound)
+    n_ev = expand_events(seeds, hc, wc, frame, events, (qbuf, qbuf_y))
     group_events(events, n_ev, qy_hi - qy_lo + 1, ph_start)
     # acc[: hc * we] is all zeros here: allocated so, and normalize clears what it read
     splat_rows(acc, we, hc, qy_lo, qy_hi, events, ph_start, kern, tbuf)
@@ -360,8 +372,7 @@ def _scratch(params, h, w):
                      np.empty((4, ks), dtype=np.int64), np.empty(ks * ks, dtype=np.int64),
                      np.empty((ks, 4), dtype=np.int64), np.empty(ks * ks + BLOCK * (ks + 1), dtype=np.float64))
     seeds = (np.empty(hc * wc, dtype=np.int64), np.empty(hc * wc, dtype=np.int64), np.empty(hc + 1, dtype=np.int64))
-    events = (np.empty(4096, dtype=np.int64), np.empty(4096, dtype=np.float64), np.empty(4096, dtype=np.int64),
-              np.empty(4096, dtype=np.int64), np.empty(4096, dtype=np.float64))
+    events = _new_events(4096)
     we_max = (wc + 2 * (ks + BLOCK) + BLOCK - 1) // BLOCK * BLOCK
     # the accumulator is kept all zeros between patches (normalize clears what it read)
     splat_scratch = (_aligned_zeros(hc * we_max), _aligned_zeros(ks + 2 * BLOCK),  # tbuf: one tap row, one phase
@@ -371,7 +382,7 @@ def _scratch(params, h, w):
     return pad, build_scratch, seeds, events, splat_scratch
 
 
-@njit(cache=True)
+@cpu_jit
 def _after_patch(stage, i, stage_in, stage_out, rain_patch, hw, tt):
     """Stage ``STAGE_COMPOSITE`` or ``STAGE_FINISH`` for patch ``i`` (``kernels.composite.composite_patch_cpu``,
     ``kernels.finish.finish_patch_cpu``); ``stage_in`` = (backgrounds, bg_rows, beta_q, threshold), ``stage_out``
