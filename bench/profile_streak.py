@@ -1,20 +1,21 @@
 """Profile the CPU streak synthesis against its peers, one thread, side by side in one process.
 
 Run: ``python bench/profile_streak.py [--patches 256] [--rounds 7] [--presets small,medium,large,random]
-[--phases]``. Not a pytest module (``bench/`` suites are ``test_*.py``); the lead's pytest-benchmark suite has the
-official cases, this is the tool for working on the kernels.
+[--phases] [--baseline DIR]``. Not a pytest module (``bench/`` suites are ``test_*.py``); the pytest-benchmark suite
+has the official cases, this is the tool for working on the kernels.
 
 What it measures (128 x 128 x 3 uint8 built-in patches, ``numba``/OpenCV/torch limited to one thread):
 
 - ``ours[p]``: ``engine.synth.synthesize(patches, p, backend="cpu")`` (rain layer + rainy + mask), per preset.
 - ``authors[p]``: the authors' OpenCV generator (``kernels.authors_generator.authors_rain``) per patch, per preset.
-- ``alb-default``: albumentations ``RandomRain(p=1)`` with its default settings (rainy image only).
-- with ``--phases``: the parts of ours separately: ``render[p]`` (``render_cpu``), ``composite`` (``composite_cpu``)
-  and ``draws`` (``common_draws``, the host-side per-patch hashes).
-- with ``--baseline DIR``: ``before[p]``, the same work done by another version of the kernels, loaded from
-  ``DIR/rain_streak.py`` and ``DIR/composite.py`` (e.g. ``git show REV:kernels/rain_streak.py > DIR/...``): common
-  draws, output allocation, ``render_cpu`` then ``composite_cpu``, as ``synthesize`` did before the fused path.
-  Its outputs are checked byte for byte against ours before timing.
+- ``alb-default``: albumentations ``RandomRain(p=1)`` with its default settings (rainy image only; left out, and its
+  ratios nan, when albumentations is not installed).
+- with ``--phases``: the parts of ours separately: ``render[p]`` (``kernels.streak.cpu.render_cpu``), ``composite``
+  (``composite_cpu``) and ``draws`` (``common_draws``, the host-side per-patch hashes).
+- with ``--baseline DIR``: ``now[p]`` and ``before[p]``, the fused CPU pass (common draws, output allocation,
+  ``render_composite_cpu``) of this tree and of another version of the kernels: ``DIR`` holds a copy of its
+  ``kernels`` package (e.g. ``git archive REV kernels | tar -x -C DIR``), imported under a private package name.
+  Their outputs are checked byte for byte against each other before timing.
 
 The cases run interleaved (one call of each per round, in a rotating order) so that load from other processes on a
 shared machine hits all of them alike; the report gives the median rate over rounds in patches/s by wall clock
@@ -28,6 +29,7 @@ itself with them when they are missing.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -44,18 +46,31 @@ from engine.bench.timing import apply_threads  # noqa: E402
 
 
 def _load_baseline(directory: str):
-    """(rain_streak, composite) modules of another kernel version, under private module names."""
-    import importlib.util
+    """``render_composite_cpu`` of the kernels package copied to ``DIR/kernels``, imported as ``_baseline_kernels``
+    (its absolute ``kernels`` imports rewritten to that name, in a temporary copy)."""
+    import importlib
+    import re
+    import shutil
+    import tempfile
 
-    mods = []
-    for name in ("composite", "rain_streak"):
-        spec = importlib.util.spec_from_file_location(f"_baseline_{name}", str(Path(directory) / f"{name}.py"))
-        mod = importlib.util.module_from_spec(spec)
-        # registered before it runs: numba's on-disk cache re-imports a kernel's module by name when loading it
-        sys.modules[spec.name] = mod
-        spec.loader.exec_module(mod)
-        mods.append(mod)
-    return mods[1], mods[0]
+    src = Path(directory) / "kernels"
+    if not (src / "__init__.py").exists():
+        raise SystemExit(f"--baseline: no kernels package in {directory}")
+    tmp = Path(tempfile.mkdtemp(prefix="rainsweep-baseline-"))
+    dst = tmp / "_baseline_kernels"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+    for path in dst.rglob("*.py"):
+        text = re.sub(r"\b(from|import) kernels\b", r"\1 _baseline_kernels", path.read_text())
+        path.write_text(text)
+    sys.path.insert(0, str(tmp))
+    for name in ("streak.cpu", "rain_streak"):   # the fused CPU renderer, in either package layout
+        try:
+            mod = importlib.import_module(f"_baseline_kernels.{name}")
+        except ModuleNotFoundError:
+            continue
+        if hasattr(mod, "render_composite_cpu"):
+            return mod.render_composite_cpu
+    raise SystemExit(f"--baseline: no render_composite_cpu in {src}")
 
 
 def _cases(patches: np.ndarray, presets: list[str], phases: bool,
@@ -63,8 +78,9 @@ def _cases(patches: np.ndarray, presets: list[str], phases: bool,
     """name -> (patches per call, zero-argument runner)."""
     from engine.bench.core import _albumentations, _authors_opencv
     from engine.rain import RainSpec
-    from engine.synth import _vector, common_draws, synthesize
-    from kernels import composite, rain_streak
+    from engine.synth import common_draws, synthesize
+    from kernels import composite
+    from kernels.streak import cpu as streak_cpu
 
     n = len(patches)
     keys = np.arange(n, dtype=np.int64)
@@ -76,35 +92,36 @@ def _cases(patches: np.ndarray, presets: list[str], phases: bool,
         spec = RainSpec.preset(p)
         cases[f"ours[{p}]"] = (n, lambda spec=spec: synthesize(patches, spec, seed=0, keys=keys, backend="cpu"))
         if base is not None:
-            def before(spec=spec, params=_vector(spec)):
+            def fused(render, spec=spec, params=spec.to_vector()):
                 states, active, beta_q = common_draws(spec, 0, keys)
                 rain = np.empty(patches.shape[:3], dtype=np.uint8)
                 rainy = np.empty(patches.shape, dtype=np.uint8)
                 mask = np.empty(patches.shape[:3], dtype=np.bool_)
-                base[0].render_cpu(params, states, active, rain)
-                base[1].composite_cpu(patches, rain, beta_q, spec.threshold, rainy, mask)
+                render(params, states, active, patches, beta_q, spec.threshold, rain, rainy, mask)
                 return rainy, rain, mask
 
-            got = synthesize(patches, spec, seed=0, keys=keys, backend="cpu")
-            want = before()
-            if not all(np.array_equal(a, b) for a, b in zip((got.rainy, got.rain, got.mask), want)):
+            if not all(np.array_equal(a, b) for a, b in zip(fused(streak_cpu.render_composite_cpu), fused(base))):
                 raise SystemExit(f"baseline and ours differ on {p}")
-            cases[f"before[{p}]"] = (n, before)
+            cases[f"now[{p}]"] = (n, lambda fused=fused: fused(streak_cpu.render_composite_cpu))
+            cases[f"before[{p}]"] = (n, lambda fused=fused: fused(base))
         cases[f"authors[{p}]"] = (len(few), _authors_opencv(p)(few))
         if phases:
-            params = _vector(spec)
+            params = spec.to_vector()
             states, active, beta_q = common_draws(spec, 0, keys)
             rain = np.empty(patches.shape[:3], dtype=np.uint8)
             cases[f"render[{p}]"] = (n, lambda params=params, states=states, active=active, rain=rain:
-                                     rain_streak.render_cpu(params, states, active, rain))
+                                     streak_cpu.render_cpu(params, states, active, rain))
             if p == presets[0]:
-                rain_streak.render_cpu(params, states, active, rain)
+                streak_cpu.render_cpu(params, states, active, rain)
                 rainy = np.empty_like(patches)
                 mask = np.empty(patches.shape[:3], dtype=np.bool_)
                 cases["composite"] = (n, lambda: composite.composite_cpu(patches, rain, beta_q, spec.threshold,
                                                                          rainy, mask))
                 cases["draws"] = (n, lambda spec=spec: common_draws(spec, 0, keys))
-    cases["alb-default"] = (len(few), _albumentations("default")(few))
+    try:
+        cases["alb-default"] = (len(few), _albumentations("default")(few))
+    except ImportError:
+        pass  # albumentations not installed: no such peer
     return cases
 
 
@@ -114,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--presets", default="small,medium,large,random")
     ap.add_argument("--phases", action="store_true", help="also time render_cpu, composite_cpu and common_draws")
-    ap.add_argument("--baseline", metavar="DIR", help="also time the kernels in DIR (rain_streak.py, composite.py)")
+    ap.add_argument("--baseline", metavar="DIR", help="also time the kernels package copied to DIR/kernels")
     args = ap.parse_args(argv)
 
     from engine.data.builtin_images import builtin_patches
@@ -147,15 +164,20 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(f"{'preset':<16}{'vs authors (wall)':>13}{'(cpu)':>8}{'vs alb-default (wall)':>23}{'(cpu)':>8}")
     rows = [(p, f"ours[{p}]") for p in presets]
-    if args.baseline:
-        rows += [(f"{p} before", f"before[{p}]") for p in presets]
     for p, o in rows:
         q = p.split()[0]
         ra = [a / b for a, b in zip(wall[o], wall[f"authors[{q}]"])]
         rac = [a / b for a, b in zip(cpu[o], cpu[f"authors[{q}]"])]
-        rb = [a / b for a, b in zip(wall[o], wall["alb-default"])]
-        rbc = [a / b for a, b in zip(cpu[o], cpu["alb-default"])]
+        rb = [a / b for a, b in zip(wall[o], wall.get("alb-default", [math.nan]))]
+        rbc = [a / b for a, b in zip(cpu[o], cpu.get("alb-default", [math.nan]))]
         print(f"{p:<16}{med(ra):>13.2f}{med(rac):>8.2f}{med(rb):>23.2f}{med(rbc):>8.2f}")
+    if args.baseline:
+        print()
+        print(f"{'preset':<16}{'now / before rate (wall)':>25}{'(cpu)':>8}")
+        for p in presets:
+            rw = [a / b for a, b in zip(wall[f"now[{p}]"], wall[f"before[{p}]"])]
+            rc = [a / b for a, b in zip(cpu[f"now[{p}]"], cpu[f"before[{p}]"])]
+            print(f"{p:<16}{med(rw):>26.3f}{med(rc):>8.3f}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,11 @@ from typing import Any
 
 import numpy as np
 
+#: Backends of the public entry points: "auto" picks "cuda" for device inputs and "cpu" for host inputs.
+BACKENDS = ("auto", "cpu", "cuda", "reference")
+
+_DIMS = {"NHWC": "[N, H, W, {c}]", "NHW": "[N, H, W]"}
+
 
 @dataclass(frozen=True)
 class ArrayKind:
@@ -65,18 +70,66 @@ def xp_of(kind: ArrayKind):
     return np
 
 
+def dtype_name(x: Any) -> str:
+    """numpy-style dtype name of a numpy array, CuPy array or torch tensor (``"uint8"``, ``"float32"``, ``"bool"``)."""
+    return str(x.dtype).replace("torch.", "")
+
+
+def check_array(x: Any, name: str, dtypes: tuple[str, ...] = ("uint8",), layout: str = "NHWC", channels: int = 3,
+                shape: tuple[int, ...] | None = None, shape_of: str = "") -> None:
+    """Raise a ValueError naming ``name`` unless ``x`` is a batch of one of ``dtypes`` in ``layout``.
+
+    Parameters
+    ----------
+    x : numpy.ndarray, cupy.ndarray or torch.Tensor
+        The array to check (any device).
+    name : str
+        The argument's name, for the message.
+    dtypes : tuple of str
+        Accepted dtype names (numpy spelling, e.g. ``("uint8",)`` or ``("bool",)``).
+    layout : {"NHWC", "NHW"}
+        ``"NHWC"``: 4-d [N, H, W, channels], channels last; ``"NHW"``: 3-d [N, H, W].
+    channels : int
+        Channels of an NHWC batch.
+    shape : tuple of int, optional
+        The exact shape required (e.g. another input's), named ``shape_of`` in the message.
+    """
+    got = tuple(int(s) for s in x.shape)
+    dt = dtype_name(x)
+    dims = _DIMS[layout].format(c=channels)
+    kinds = " or ".join(dtypes)
+    if dt not in dtypes:
+        raise ValueError(f"{name}: expected dtype {kinds} in {layout} layout {dims}, got dtype {dt} (shape {got})")
+    if len(got) != len(layout):
+        raise ValueError(f"{name}: expected a {len(layout)}-d {layout} batch {dims} of {kinds}, got shape {got}")
+    if layout == "NHWC" and got[3] != channels:
+        hint = " (NCHW given? expected channels last)" if got[1] == channels else ""
+        raise ValueError(f"{name}: expected {layout} {dims} with {channels} channels last, got shape {got}{hint}")
+    if shape is not None and got != tuple(shape):
+        raise ValueError(f"{name}: shape {got} does not match {shape_of}'s {tuple(shape)} ({layout} {dims})")
+
+
 def check_nhwc_uint8(x: Any, name: str, channels: int = 3) -> None:
-    """Raise a ValueError naming ``name`` unless ``x`` is a uint8 [N, H, W, channels] batch (NHWC, 0..255)."""
-    shape = tuple(x.shape)
-    dtype = str(x.dtype).replace("torch.", "")
-    if dtype != "uint8":
-        raise ValueError(f"{name}: expected dtype uint8 (0..255) in NHWC layout [N, H, W, {channels}], got {dtype}")
-    if len(shape) != 4:
-        raise ValueError(f"{name}: expected a 4-d NHWC batch [N, H, W, {channels}] of uint8, got shape {shape}")
-    if shape[3] != channels:
-        hint = " (NCHW given? expected channels last)" if len(shape) == 4 and shape[1] == channels else ""
-        raise ValueError(f"{name}: expected NHWC [N, H, W, {channels}] with {channels} channels last, "
-                         f"got shape {shape}{hint}")
+    """``check_array`` for a uint8 NHWC batch [N, H, W, channels] (0..255)."""
+    check_array(x, name, ("uint8",), "NHWC", channels)
+
+
+def resolve_backend(backend: str, on_gpu: bool, host_copy: bool) -> str:
+    """The backend that runs: ``"cpu"``, ``"cuda"`` or ``"reference"``.
+
+    ``backend`` is one of ``BACKENDS``; ``"auto"`` is ``"cuda"`` for inputs on the GPU (``on_gpu``) and ``"cpu"``
+    otherwise. ``host_copy``: whether a host backend may copy device inputs to the host; without it, asking for
+    ``"cpu"`` or ``"reference"`` with device inputs is a ValueError (an entry point that writes its outputs on the
+    input's device).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        return "cuda" if on_gpu else "cpu"
+    if on_gpu and not host_copy and backend in ("cpu", "reference"):
+        raise ValueError(f"backend {backend!r} works on host arrays; the inputs are on the GPU "
+                         f"(use backend='auto' or 'cuda', or move them to the host)")
+    return backend
 
 
 def check_keys(keys: Any, n: int) -> np.ndarray:

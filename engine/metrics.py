@@ -3,7 +3,7 @@
 All three accept numpy arrays, CuPy arrays or torch tensors (CPU or CUDA) and return **host numpy float64 arrays of
 N numbers** (one per patch), whatever the input's device: they are small, and callers sort, band or log them.
 
-``backend``:
+``backend`` (``engine.arrays.resolve_backend``):
 
 - ``"auto"``: the numba.cuda kernel for device inputs (CuPy / torch CUDA, no host copy of the images), the numba
   CPU kernel (parallel over patches) for host inputs;
@@ -12,25 +12,22 @@ N numbers** (one per patch), whatever the input's device: they are small, and ca
   numba's CUDA simulator, which is how the tests exercise it without a GPU);
 - ``"reference"``: the slow plain-numpy reference (device inputs are copied to the host).
 
-Definitions: DESIGN 3 and the docstrings of ``kernels.sharpness``, ``kernels.complexity``, ``kernels.decoupled``.
+Definitions: the docstrings below and those of ``kernels.sharpness``, ``kernels.complexity``, ``kernels.decoupled``.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from engine.arrays import ArrayKind, check_nhwc_uint8, kind_of, to_backend
-from kernels import complexity as _cx
-from kernels import decoupled as _dc
-from kernels import sharpness as _sh
+from engine.arrays import ArrayKind, check_array, kind_of, resolve_backend, to_backend
+from kernels import complexity as complexity_kernels
+from kernels import decoupled as decoupled_kernels
+from kernels import sharpness as sharpness_kernels
 
-BACKENDS = ("auto", "cpu", "cuda", "reference")
-
-
-def _check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+#: dtypes ``decoupled`` accepts for the network's output (0..255 scale).
+OUTPUT_DTYPES = ("uint8", "float32", "float64")
 
 
 def _host(a: Any) -> np.ndarray:
@@ -50,17 +47,11 @@ def _device(a: Any, kind: ArrayKind) -> Any:
     return np.ascontiguousarray(a)
 
 
-def _resolve(backend: str, kind: ArrayKind) -> str:
-    _check_backend(backend)
-    if backend == "auto":
-        return "cuda" if kind.on_gpu else "cpu"
-    return backend
-
-
-def _per_patch(x: Any, backend: str, cpu, cuda_fn, reference, check_size) -> np.ndarray:
+def _per_patch(x: Any, backend: str, cpu: Callable, cuda_fn: Callable, reference: Callable,
+               check_size: Callable[[int, int], None]) -> np.ndarray:
     kind = kind_of(x)
-    check_nhwc_uint8(x, "x")
-    backend = _resolve(backend, kind)
+    check_array(x, "x", ("uint8",), "NHWC")
+    backend = resolve_backend(backend, kind.on_gpu, host_copy=True)
     n, h, w = int(x.shape[0]), int(x.shape[1]), int(x.shape[2])
     if n == 0:
         return np.empty(0, dtype=np.float64)
@@ -73,64 +64,78 @@ def _per_patch(x: Any, backend: str, cpu, cuda_fn, reference, check_size) -> np.
 
 
 def sharpness(x: Any, backend: str = "auto") -> np.ndarray:
-    """Sharpness per patch: ``Var(Laplacian(gray))`` (DESIGN 3).
+    """Sharpness per patch: the variance of the Laplacian of the gray image.
 
-    ``x``: uint8 NHWC [N, H, W, 3] RGB, 0..255. ``gray = 0.299 R + 0.587 G + 0.114 B`` in floating point (not
-    rounded), 4-neighbour Laplacian with reflect-101 borders, population variance over the H * W values: equal to
-    ``cv2.Laplacian(gray_float64, cv2.CV_64F).var()`` (the kernels compute it exactly in integers and round once).
-    Returns float64 [N] on the host, in (0..255)^2 units. H * W up to 8,000,000 pixels, W up to 8192.
+    ``gray = 0.299 R + 0.587 G + 0.114 B`` in floating point (not rounded), 4-neighbour Laplacian
+    ``[[0, 1, 0], [1, -4, 1], [0, 1, 0]]`` with reflect-101 borders, population variance over the H * W values:
+    equal to ``cv2.Laplacian(gray_float64, cv2.CV_64F).var()`` (the kernels compute it exactly in integers and
+    round once, ``kernels.sharpness``).
+
+    Parameters
+    ----------
+    x : numpy.ndarray, cupy.ndarray or torch.Tensor
+        uint8 NHWC [N, H, W, 3] RGB, 0..255, on the host or a CUDA device. H * W up to 8,000,000 pixels, W up to
+        8192.
+    backend : {"auto", "cpu", "cuda", "reference"}
+        See the module docstring.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 [N] on the host, in (0..255)^2 units.
+
+    References
+    ----------
+    The variance of the Laplacian as a focus measure: Pech-Pacheco, Cristobal, Chamorro-Martinez,
+    Fernandez-Valdivia, "Diatom autofocusing in brightfield microscopy: a comparative study", ICPR 2000. Its
+    low / medium / high bands as an axis of the training data: Hu, You, Gu, Zhu, Xue, Dong, "Revisiting the
+    Generalization Problem of Low-level Vision Models Through the Lens of Image Deraining" (journal extension of Gu
+    et al., "Networks are Slacking Off: Understanding Generalization Problem in Image Deraining", NeurIPS 2023,
+    arXiv:2305.14709).
     """
-    return _per_patch(x, backend, _sh.sharpness_cpu, _sh.sharpness_cuda, _sh.sharpness_reference, _sh.check_size)
+    k = sharpness_kernels
+    return _per_patch(x, backend, k.sharpness_cpu, k.sharpness_cuda, k.sharpness_reference, k.check_size)
 
 
 def complexity(x: Any, backend: str = "auto") -> np.ndarray:
-    """Multiscale structural complexity per patch (Bagrov et al., PNAS 2020; DESIGN 3).
+    """Multiscale structural complexity per patch.
 
-    ``x``: uint8 NHWC [N, H, W, 3] RGB, scaled to 0..1; 2 x 2 block averaging down to one row or column; the three
-    channels' overlaps summed (RGB as a 3-vector). Sizes that are not powers of two: an odd last row / column is
-    dropped at each level. For power-of-two square patches the sum telescopes to half the summed per-channel
-    variance of the 0..1 values (see ``kernels.complexity``). Returns float64 [N] on the host. H * W up to
-    2,900,000 pixels.
+    Values scaled to 0..1; 2 x 2 block averaging down to one row or column; at each level ``|O_{k,k+1} - (O_{k,k} +
+    O_{k+1,k+1}) / 2|`` summed, with the three channels' overlaps summed (RGB as a 3-vector). Sizes that are not
+    powers of two: an odd last row / column is dropped at each level. For power-of-two square patches the sum
+    telescopes to half the summed per-channel variance of the 0..1 values (``kernels.complexity``).
+
+    Parameters
+    ----------
+    x : numpy.ndarray, cupy.ndarray or torch.Tensor
+        uint8 NHWC [N, H, W, 3] RGB, 0..255, on the host or a CUDA device. H * W up to 2,900,000 pixels.
+    backend : {"auto", "cpu", "cuda", "reference"}
+        See the module docstring.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 [N] on the host (dimensionless, values on the 0..1 scale).
+
+    References
+    ----------
+    Bagrov, Iakovlev, Iliasov, Katsnelson, Mazurenko, "Multiscale structural complexity of natural patterns",
+    PNAS 117(48):30241-30251, 2020, doi:10.1073/pnas.2004976117.
     """
-    return _per_patch(x, backend, _cx.complexity_cpu, _cx.complexity_cuda, _cx.complexity_reference,
-                      _cx.check_size)
-
-
-_OUTPUT_DTYPES = ("uint8", "float32", "float64")
-
-
-def _dtype_name(a: Any) -> str:
-    return str(a.dtype).replace("torch.", "")
+    k = complexity_kernels
+    return _per_patch(x, backend, k.complexity_cpu, k.complexity_cuda, k.complexity_reference, k.check_size)
 
 
 def _check_decoupled(output: Any, rainy: Any, background: Any, mask: Any) -> None:
-    dt = _dtype_name(output)
-    shape = tuple(output.shape)
-    if dt not in _OUTPUT_DTYPES:
-        raise ValueError(f"output: expected NHWC [N, H, W, 3] uint8 or float32 / float64 on the 0..255 scale, "
-                         f"got dtype {dt}")
-    if len(shape) != 4 or shape[3] != 3:
-        hint = " (NCHW given? expected channels last)" if len(shape) == 4 and shape[1] == 3 else ""
-        raise ValueError(f"output: expected NHWC [N, H, W, 3] (channels last), got shape {shape}{hint}")
-    check_nhwc_uint8(rainy, "rainy")
-    check_nhwc_uint8(background, "background")
-    for name, a in (("rainy", rainy), ("background", background)):
-        if tuple(a.shape) != shape:
-            raise ValueError(f"{name}: shape {tuple(a.shape)} does not match output's {shape}")
-    mdt = _dtype_name(mask)
-    if mdt != "bool":
-        raise ValueError(f"mask: expected bool NHW [N, H, W], got dtype {mdt}")
-    if tuple(mask.shape) != shape[:3]:
-        raise ValueError(f"mask: expected shape [N, H, W] = {shape[:3]} matching output, got {tuple(mask.shape)}")
+    check_array(output, "output", OUTPUT_DTYPES, "NHWC")
+    shape = tuple(int(s) for s in output.shape)
+    check_array(rainy, "rainy", ("uint8",), "NHWC", shape=shape, shape_of="output")
+    check_array(background, "background", ("uint8",), "NHWC", shape=shape, shape_of="output")
+    check_array(mask, "mask", ("bool",), "NHW", shape=shape[:3], shape_of="output")
 
 
 def decoupled(output: Any, rainy: Any, background: Any, mask: Any, backend: str = "auto") -> dict[str, np.ndarray]:
-    """Decoupled deraining metrics per patch (DESIGN 3): ``{"E_R", "E_B", "rain_residual", "PSNR"}``.
-
-    ``output``: the network's output O, NHWC [N, H, W, 3] on the 0..255 scale, uint8 or float32 / float64 (the
-    trainer passes unquantized float outputs; they are used as given, not rounded or clipped). ``rainy`` I and
-    ``background`` B: uint8 NHWC, same shape. ``mask`` M: bool NHW (``rain > t``), applied to all three channels.
-    All four on the same side (host or device).
+    """Decoupled deraining metrics per patch: ``{"E_R", "E_B", "rain_residual", "PSNR"}``.
 
     - ``E_R = sqrt(sum M (O - I)^2 / sum M)``, higher is better (ceiling: with O = B);
     - ``E_B = sqrt(sum (1 - M) (O - B)^2 / sum (1 - M))``, lower is better;
@@ -138,7 +143,33 @@ def decoupled(output: Any, rainy: Any, background: Any, mask: Any, backend: str 
     - ``PSNR = 10 log10(255^2 / MSE(O, B))`` over all pixels and channels, in dB.
 
     Sums run over pixels and channels (``sum M`` counts 3 per masked pixel). Empty mask -> E_R and rain_residual
-    NaN; full mask -> E_B NaN; O == B -> PSNR inf. Returns a dict of float64 [N] host numpy arrays.
+    NaN; full mask -> E_B NaN; O == B -> PSNR inf.
+
+    Parameters
+    ----------
+    output : numpy.ndarray, cupy.ndarray or torch.Tensor
+        The network's output O, NHWC [N, H, W, 3] on the 0..255 scale, uint8 or float32 / float64 (unquantized
+        float outputs are used as given, not rounded or clipped).
+    rainy : array
+        The rainy input I, uint8 NHWC [N, H, W, 3], 0..255.
+    background : array
+        The ground truth B, uint8 NHWC [N, H, W, 3], 0..255.
+    mask : array
+        The rain mask M (``rain > t``), bool NHW [N, H, W], applied to all three channels.
+    backend : {"auto", "cpu", "cuda", "reference"}
+        See the module docstring. All four inputs must be on the same side (host or device).
+
+    Returns
+    -------
+    dict of str to numpy.ndarray
+        float64 [N] host arrays under ``"E_R"``, ``"E_B"``, ``"rain_residual"`` (0..255 units, squared for the
+        residual) and ``"PSNR"`` (dB).
+
+    References
+    ----------
+    Hu, You, Gu, Zhu, Xue, Dong, "Revisiting the Generalization Problem of Low-level Vision Models Through the Lens
+    of Image Deraining" (journal extension of Gu et al., "Networks are Slacking Off: Understanding Generalization
+    Problem in Image Deraining", NeurIPS 2023, arXiv:2305.14709).
     """
     kinds = [kind_of(a) for a in (output, rainy, background, mask)]
     _check_decoupled(output, rainy, background, mask)
@@ -146,14 +177,15 @@ def decoupled(output: Any, rainy: Any, background: Any, mask: Any, backend: str 
     if len({k.on_gpu for k in kinds}) > 1:
         where = ", ".join(f"{nm} on {'GPU' if k.on_gpu else 'host'}" for nm, k in zip(names, kinds))
         raise ValueError(f"decoupled: inputs must all be on the host or all on the GPU, got {where}")
-    backend = _resolve(backend, kinds[0])
+    backend = resolve_backend(backend, kinds[0].on_gpu, host_copy=True)
     n, h, w, c = (int(s) for s in output.shape)
+    dk = decoupled_kernels
     if n == 0:
-        return {k: np.empty(0, dtype=np.float64) for k in _dc.KEYS}
+        return {k: np.empty(0, dtype=np.float64) for k in dk.KEYS}
     arrs = [to_backend(a, k) for a, k in zip((output, rainy, background, mask), kinds)]
     if backend == "cuda":
-        return _dc.finish(_dc.sums_cuda(*[_device(a, k) for a, k in zip(arrs, kinds)]), h, w, c)
+        return dk.finish(dk.sums_cuda(*[_device(a, k) for a, k in zip(arrs, kinds)]), h, w, c)
     arrs = [_host(a) for a in arrs]
     if backend == "reference":
-        return _dc.decoupled_reference(*arrs)
-    return _dc.finish(_dc.sums_cpu(*arrs), h, w, c)
+        return dk.decoupled_reference(*arrs)
+    return dk.finish(dk.sums_cpu(*arrs), h, w, c)

@@ -3,8 +3,10 @@
 A ``RainSpec`` says from which ranges a patch's rain parameters are drawn; ``engine.synth.synthesize`` draws one
 parameter set per patch from ``(seed, key)`` and renders it. All intensities are on the 0..255 scale.
 
-References: Hu et al., "Revisiting the Generalization Problem of Low-level Vision Models Through the Lens of Image
-Deraining" (journal extension of Gu et al., NeurIPS 2023); DESIGN.md section 2.
+References: Hu, You, Gu, Zhu, Xue, Dong, "Revisiting the Generalization Problem of Low-level Vision Models Through the
+Lens of Image Deraining" (journal extension of Gu et al., "Networks are Slacking Off: Understanding Generalization
+Problem in Image Deraining", NeurIPS 2023, arXiv:2305.14709); the held-out "layered" family follows the depth layers
+of Garg & Nayar, "Vision and Rain", IJCV 75(1):3-27, 2007, doi:10.1007/s11263-006-0028-6.
 """
 from __future__ import annotations
 
@@ -221,7 +223,7 @@ def _table1(name: str, width: tuple[int, ...], length: tuple[int, int], angle: t
                     length=length, angle=angle, name=name)
 
 
-#: Training presets (the authors' ranges, DESIGN 2), the journal's Table I, and the held-out test families.
+#: Training presets (the authors' ranges), the journal's Table I, and the held-out test families.
 PRESETS: dict[str, RainSpec] = {
     "small": RainSpec(amount=(0.002, 0.004), width=(1, 3), width_prob=(0.5, 0.5), length=(25, 35),
                       angle=(-10, 10), name="small"),

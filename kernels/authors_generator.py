@@ -1,12 +1,14 @@
-"""The authors' streak rain generator (DESIGN 2) written with OpenCV: the reference our presets match in
-distribution, and the "authors' generator" peer of the benchmarks.
+"""The authors' streak rain generator written with OpenCV: the reference our presets match in distribution, and the
+"authors' generator" peer of the benchmarks (Hu, You, Gu, Zhu, Xue, Dong, "Revisiting the Generalization Problem of
+Low-level Vision Models Through the Lens of Image Deraining", the journal extension of Gu et al., "Networks are
+Slacking Off: Understanding Generalization Problem in Image Deraining", NeurIPS 2023, arXiv:2305.14709).
 
 OpenCV is imported lazily (it is a test / benchmark dependency, not a runtime one). The streak kernel is the
 authors' construction: ``np.diag(np.ones(length))`` rotated by ``angle - 45`` degrees about ``(length/2,
 length/2)`` with ``cv2.warpAffine`` (bilinear, scale 1), blurred with ``cv2.GaussianBlur((width, width), 0)``;
 seeds are noise ``U(0, 256)`` zeroed below ``256 (1 - amount)``, filtered with ``[[0,.1,0],[.1,8,.1],[0,.1,0]]``,
 then ``cv2.filter2D`` with the streak kernel, ``cv2.normalize(NORM_MINMAX, 0..255)`` and a truncating uint8 cast.
-Measured coverage of ``rain > 50`` on 128 x 128 (DESIGN 2): small 0.117, medium 0.346, large 0.644.
+Measured coverage of ``rain > 50`` on 128 x 128: small 0.117, medium 0.346, large 0.644.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""Multiscale structural complexity (Bagrov, Iakovlev, Iliasov, Katsnelson, Mazurenko, PNAS 2020), per patch.
+"""Multiscale structural complexity per patch (Bagrov, Iakovlev, Iliasov, Katsnelson, Mazurenko, "Multiscale
+structural complexity of natural patterns", PNAS 117(48):30241-30251, 2020, doi:10.1073/pnas.2004976117).
 
-Definition (DESIGN 3): values scaled to 0..1 (``f_0 = x / 255``); ``f_{k+1}`` averages 2 x 2 blocks of ``f_k``; with
+Definition: values scaled to 0..1 (``f_0 = x / 255``); ``f_{k+1}`` averages 2 x 2 blocks of ``f_k``; with
 ``f_{k+1}`` expanded back to level k's grid, ``O_ab = mean(f_a . f_b)`` over that grid, the dot product over the
 three channels (RGB as a 3-vector), and ``C = sum_k | O_{k,k+1} - (O_{k,k} + O_{k+1,k+1}) / 2 |``.
 
@@ -159,6 +160,12 @@ def _block_term(q0, q1, q2, q3):
     return t, 16 * (q0 * q0 + q1 * q1 + q2 * q2 + q3 * q3) - 4 * t * t
 
 
+@cuda.jit(device=True, inline=True)
+def _quad_term(q, c):
+    """``_block_term`` of the 2 x 2 children ``q[0:2, 0:2, c]`` (a local int32 array [2, 2, 3]), as int64."""
+    return _block_term(np.int64(q[0, 0, c]), np.int64(q[0, 1, c]), np.int64(q[1, 0, c]), np.int64(q[1, 1, c]))
+
+
 @cuda.jit
 def _complexity_kernel(x, scratch, out):
     """Block b handles patch b. Phase 1: thread t coarsens 8 x 8 pixel tiles (levels 0 -> 3) on its own, reading the
@@ -213,21 +220,13 @@ def _complexity_kernel(x, scratch, out):
                 px = 2 * tx + qx
                 if py < ph1 and px < pw1:
                     for c in range(3):
-                        q0 = np.int64(c1[0, 0, c])
-                        q1 = np.int64(c1[0, 1, c])
-                        q2 = np.int64(c1[1, 0, c])
-                        q3 = np.int64(c1[1, 1, c])
-                        t, d = _block_term(q0, q1, q2, q3)
+                        t, d = _quad_term(c1, c)
                         total += d * sc1
                         l2[qy, qx, c] = t
         # level 2 -> 3, into scratch region A laid out [h3, w3, 3]
         if ty < ph2 and tx < pw2:
             for c in range(3):
-                q0 = np.int64(l2[0, 0, c])
-                q1 = np.int64(l2[0, 1, c])
-                q2 = np.int64(l2[1, 0, c])
-                q3 = np.int64(l2[1, 1, c])
-                t, d = _block_term(q0, q1, q2, q3)
+                t, d = _quad_term(l2, c)
                 total += d * sc2
                 scratch[p, (ty * w3 + tx) * 3 + c] = t
     cuda.syncthreads()

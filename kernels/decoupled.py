@@ -1,7 +1,8 @@
 """Decoupled deraining metrics per patch: E_R (rain removal), E_B (background error), rain residual, PSNR.
 
-Definitions (DESIGN 3), all on the 0..255 scale, sums over pixels and all three channels (the mask M [H, W] applies
-to every channel of a pixel):
+Definitions (after Hu, You, Gu, Zhu, Xue, Dong, "Revisiting the Generalization Problem of Low-level Vision Models
+Through the Lens of Image Deraining", the journal extension of Gu et al., NeurIPS 2023, arXiv:2305.14709), all on
+the 0..255 scale, sums over pixels and all three channels (the mask M [H, W] applies to every channel of a pixel):
 
 - ``E_R = sqrt( sum M (O - I)^2 / sum M )``: how much the output O changed the rainy input I inside the rain.
 - ``E_B = sqrt( sum (1 - M) (O - B)^2 / sum (1 - M) )``: background error outside the rain.
@@ -31,8 +32,8 @@ KEYS = ("E_R", "E_B", "rain_residual", "PSNR")
 
 def decoupled_reference(output: np.ndarray, rainy: np.ndarray, background: np.ndarray,
                         mask: np.ndarray) -> dict[str, np.ndarray]:
-    """The DESIGN formulas on numpy arrays, one patch at a time: output / rainy / background NHWC (0..255, any
-    numeric dtype), mask bool NHW -> dict of float64 [N]."""
+    """The formulas of the module docstring on numpy arrays, one patch at a time: output / rainy / background NHWC
+    (0..255, any numeric dtype), mask bool NHW -> dict of float64 [N]."""
     n = len(output)
     res = {k: np.empty(n, dtype=np.float64) for k in KEYS}
     for i in range(n):

@@ -1,6 +1,6 @@
 """Held-out test rain "sparse": a few thin, long, bright streaks with tapered ends, near one steep direction.
 
-Each streak is an anti-aliased segment (the segment primitives of ``kernels.rain_layered``) whose intensity ramps
+Each streak is an anti-aliased segment (``kernels.segments``) whose intensity ramps
 up from zero at one end, holds, and ramps down to zero at the other; streaks add with saturation at 255. No
 convolution and no normalization, unlike the authors' generator.
 
@@ -20,28 +20,30 @@ Random counters (``kernels.rng``): stream 1, counters 0..2: count, ``A``, ``J``.
 streak ``j`` with ``k`` = 0: centre x, 1: centre y, 2: angle jitter, 3: length, 4: width choice, 5: peak, 6: taper
 fraction. Stream 0 is synth's (rain on/off, beta).
 
-Exactness and ``canvas_pad``: as in ``kernels.rain_layered`` (integer fixed point throughout, host-made sin/cos
-table, int32 accumulation with plain adds on CPU and integer atomics on GPU; the padded canvas is honoured).
+Exactness and ``canvas_pad``: as in ``kernels.rain_layered`` (integer fixed point throughout, ``kernels.segments``;
+the padded canvas is honoured).
 """
 from __future__ import annotations
 
 import numpy as np
-from numba import cuda, njit, prange
+from numba import njit, prange
 
 from kernels import params as P
 from kernels import rng
-from kernels.jit import cpu_jit, cuda_device_jit
-from kernels.rain_layered import (DIST_ONE, POS_ONE, SINCOS, add_cpu, add_gpu, build_int_ops, build_segments,
-                                  build_width_choice, check_render_args, choose_width_np, draw_int_np, imin_gpu,
-                                  launch_gpu, reference_segment)
+from kernels.jit import build_int_ops, cpu_jit, cuda_device_jit
+from kernels.segments import (DIST_ONE, POS_ONE, SINCOS, build_width_choice, choose_width_np, cpu_render_patch,
+                              draw_int_np, gpu_render_kernel, reference_segment, segment_family, splat_cpu,
+                              splat_gpu)
 
 JITTER_MIN, JITTER_MAX = 0, 3
 PEAK = (190, 255)
 TAPER_FRACTION = (96, 192)   # /256 of the half-length, per end
 
 
-def build(jit, r):
-    """The family's draws, compiled with ``jit`` over the rng helpers ``r`` (``rng.cpu`` or ``rng.gpu``)."""
+def build(jit, r, splat):
+    """``splat_patch(params, state, acc, hc, wc, table, tid, nt)``: the family's draws for one patch, compiled with
+    ``jit`` over the rng helpers ``r`` (``rng.cpu`` or ``rng.gpu``); the caller's share ``tid`` of ``nt`` of the
+    patch's streaks is added to ``acc`` (int32 [Hc, Wc]) with ``splat`` (``kernels.segments``)."""
     counter = r.counter
     randint = r.randint
     uniform = r.uniform
@@ -75,118 +77,52 @@ def build(jit, r):
         tp = imax(DIST_ONE, (hl * tf) >> 8)
         return cx, cy, table[a + 90, 0], table[a + 90, 1], hl, hw, tp, peak
 
-    return patch_draws, streak
+    @jit
+    def splat_patch(params, state, acc, hc, wc, table, tid, nt):
+        n, ang, jt = patch_draws(params, state, hc * wc)
+        for j in range(tid, n, nt):
+            cx, cy, dx, dy, hl, hw, tp, peak = streak(params, state, j, ang, jt, hc, wc, table)
+            splat(acc, cx, cy, dx, dy, hl, hw, tp, peak)
+
+    return splat_patch
 
 
-# ---- CPU ----------------------------------------------------------------------------------------------------------
-
-_row_span_cpu, _splat_cpu, _saturate_crop_cpu = build_segments(cpu_jit, add_cpu)
-_patch_draws_cpu, _streak_cpu = build(cpu_jit, rng.cpu)
+_render_patch_cpu = cpu_render_patch(build(cpu_jit, rng.cpu, splat_cpu))
 
 
 @njit(parallel=True, cache=True)
 def _render_cpu_kernel(params, states, active, out, table):
-    n_patches, h, w = out.shape
-    pad = np.int64(params[P.CANVAS_PAD])
-    hc = h + 2 * pad
-    wc = w + 2 * pad
-    for i in prange(n_patches):
-        if active[i] == 0:
-            out[i] = 0
-            continue
-        acc = np.zeros((hc, wc), dtype=np.int32)
-        st = states[i]
-        n, ang, jt = _patch_draws_cpu(params, st, hc * wc)
-        for j in range(n):
-            cx, cy, dx, dy, hl, hw, tp, peak = _streak_cpu(params, st, j, ang, jt, hc, wc, table)
-            _splat_cpu(acc, cx, cy, dx, dy, hl, hw, tp, peak)
-        _saturate_crop_cpu(acc, pad, out[i])
+    for i in prange(out.shape[0]):
+        _render_patch_cpu(params, states[i], active[i], out[i], table)
 
 
-def render_cpu(params: np.ndarray, states: np.ndarray, active: np.ndarray, out: np.ndarray) -> None:
-    """Render the sparse rain layer of each patch into ``out`` (uint8 [N, H, W], 0..255, before beta).
-
-    ``params``: float64[params.SIZE] from ``RainSpec.to_vector()``; ``states``: uint64[N] patch states;
-    ``active``: uint8[N], 0 -> the patch's rain is all zeros. numba, parallel over patches.
-    """
-    check_render_args(params, states, active, out)
-    if out.shape[0]:
-        _render_cpu_kernel(params, states, active, out, SINCOS)
-
-
-# ---- GPU ----------------------------------------------------------------------------------------------------------
-
-_row_span_gpu, _splat_gpu, _saturate_crop_gpu = build_segments(cuda_device_jit, add_gpu)
-_patch_draws_gpu, _streak_gpu = build(cuda_device_jit, rng.gpu)
-
-
-@cuda.jit
-def _render_gpu_kernel(params, states, active, out, scratch, table, first):
-    """One block per patch: threads share the patch's streaks, splat with atomics, then saturate and crop."""
-    b = cuda.blockIdx.x
-    i = first + b
-    tid = cuda.threadIdx.x
-    nt = cuda.blockDim.x
-    h = out.shape[1]
-    w = out.shape[2]
-    pad = np.int64(params[P.CANVAS_PAD])
-    hc = h + 2 * pad
-    wc = w + 2 * pad
-    acc = scratch[b]
-    on = active[i] != 0
-    if on:
-        st = states[i]
-        n, ang, jt = _patch_draws_gpu(params, st, hc * wc)
-        for j in range(tid, n, nt):
-            cx, cy, dx, dy, hl, hw, tp, peak = _streak_gpu(params, st, j, ang, jt, hc, wc, table)
-            _splat_gpu(acc, cx, cy, dx, dy, hl, hw, tp, peak)
-    cuda.syncthreads()
-    for p in range(tid, h * w, nt):
-        y = p // w
-        x = p - y * w
-        if on:
-            out[i, y, x] = imin_gpu(acc[y + pad, x + pad], 255)
-        else:
-            out[i, y, x] = 0
-
-
-def render_gpu(params, states, active, out) -> None:
-    """``render_cpu`` on device arrays (CuPy; numpy under the CUDA simulator), via numba.cuda kernels."""
-    check_render_args(params, states, active, out)
-    launch_gpu(_render_gpu_kernel, params, states, active, out, SINCOS)
-
-
-# ---- numpy reference ------------------------------------------------------------------------------------------------
-
-def render_reference(params: np.ndarray, states: np.ndarray, active: np.ndarray, out: np.ndarray) -> None:
-    """Plain numpy version of ``render_cpu`` (slow and obvious; same draws, same integer arithmetic)."""
-    check_render_args(params, states, active, out)
-    n_patches, h, w = out.shape
-    pad = int(params[P.CANVAS_PAD])
-    hc, wc = h + 2 * pad, w + 2 * pad
+def _patch_reference(params: np.ndarray, st: np.uint64, hc: int, wc: int) -> np.ndarray:
+    """int64 [hc, wc] canvas of one active patch: every streak evaluated on the whole canvas."""
     area = hc * wc
-    for i in range(n_patches):
-        if active[i] == 0:
-            out[i] = 0
-            continue
-        st = np.uint64(states[i])
-        lo = max(1, int(params[P.AMOUNT_LO] * area))
-        hi = max(lo, int(params[P.AMOUNT_HI] * area))
-        n = draw_int_np(st, 1, 0, lo, hi)
-        ang = draw_int_np(st, 1, 1, int(params[P.ANGLE_LO]), int(params[P.ANGLE_HI]))
-        jt = draw_int_np(st, 1, 2, JITTER_MIN, JITTER_MAX)
-        acc = np.zeros((hc, wc), dtype=np.int64)
-        for j in range(n):
-            b = 8 * j
-            cx = draw_int_np(st, 3, b, 0, wc * POS_ONE - 1)
-            cy = draw_int_np(st, 3, b + 1, 0, hc * POS_ONE - 1)
-            a = min(max(ang + draw_int_np(st, 3, b + 2, -jt, jt), -90), 90)
-            length = draw_int_np(st, 3, b + 3, int(params[P.LENGTH_LO]), int(params[P.LENGTH_HI]))
-            width = choose_width_np(params, float(rng.uniform_np(st, rng.counter_np(3, b + 4))))
-            peak = draw_int_np(st, 3, b + 5, *PEAK)
-            tf = draw_int_np(st, 3, b + 6, *TAPER_FRACTION)
-            hl = length * DIST_ONE // 2
-            tp = max(DIST_ONE, (hl * tf) >> 8)
-            acc += reference_segment(hc, wc, cx, cy, int(SINCOS[a + 90, 0]), int(SINCOS[a + 90, 1]), hl,
-                                     (width + 1) * DIST_ONE // 2, tp, peak)
-        out[i] = np.minimum(acc[pad:pad + h, pad:pad + w], 255).astype(np.uint8)
+    lo = max(1, int(params[P.AMOUNT_LO] * area))
+    hi = max(lo, int(params[P.AMOUNT_HI] * area))
+    n = draw_int_np(st, 1, 0, lo, hi)
+    ang = draw_int_np(st, 1, 1, int(params[P.ANGLE_LO]), int(params[P.ANGLE_HI]))
+    jt = draw_int_np(st, 1, 2, JITTER_MIN, JITTER_MAX)
+    acc = np.zeros((hc, wc), dtype=np.int64)
+    for j in range(n):
+        b = 8 * j
+        cx = draw_int_np(st, 3, b, 0, wc * POS_ONE - 1)
+        cy = draw_int_np(st, 3, b + 1, 0, hc * POS_ONE - 1)
+        a = min(max(ang + draw_int_np(st, 3, b + 2, -jt, jt), -90), 90)
+        length = draw_int_np(st, 3, b + 3, int(params[P.LENGTH_LO]), int(params[P.LENGTH_HI]))
+        width = choose_width_np(params, float(rng.uniform_np(st, rng.counter_np(3, b + 4))))
+        peak = draw_int_np(st, 3, b + 5, *PEAK)
+        tf = draw_int_np(st, 3, b + 6, *TAPER_FRACTION)
+        hl = length * DIST_ONE // 2
+        tp = max(DIST_ONE, (hl * tf) >> 8)
+        acc += reference_segment(hc, wc, cx, cy, int(SINCOS[a + 90, 0]), int(SINCOS[a + 90, 1]), hl,
+                                 (width + 1) * DIST_ONE // 2, tp, peak)
+    return acc
+
+
+#: CUDA kernel: one block per patch, the threads share the patch's streaks (``kernels.segments``).
+render_gpu_kernel = gpu_render_kernel(build(cuda_device_jit, rng.gpu, splat_gpu))
+
+#: The sparse family's renderers.
+FAMILY = segment_family("sparse", _render_cpu_kernel, render_gpu_kernel, _patch_reference)

@@ -1,6 +1,6 @@
 """Sharpness: variance of the 4-neighbour Laplacian of BT.601 gray, per patch.
 
-Definition (DESIGN 3): ``gray = 0.299 R + 0.587 G + 0.114 B`` in float64 on the 0..255 scale (not rounded), Laplacian
+Definition: ``gray = 0.299 R + 0.587 G + 0.114 B`` in float64 on the 0..255 scale (not rounded), Laplacian
 kernel ``[[0, 1, 0], [1, -4, 1], [0, 1, 0]]`` with reflect-101 borders (OpenCV's default, numpy's ``"reflect"``), and
 the population variance over all H * W Laplacian values: what ``cv2.Laplacian(gray, cv2.CV_64F).var()`` computes.
 
@@ -157,6 +157,12 @@ def _gray_d(x, p, y, xx):
 
 
 @cuda.jit(device=True, inline=True)
+def _block_patch(x):
+    """(patch, thread, threads per block, H, W) of this block: block b sums patch b of the NHWC batch ``x``."""
+    return cuda.blockIdx.x, cuda.threadIdx.x, cuda.blockDim.x, x.shape[1], x.shape[2]
+
+
+@cuda.jit(device=True, inline=True)
 def _block_reduce_store(acc1, acc2, tid, nt, out, p):
     """Tree-reduce the block's two shared int64 partial sums (``nt`` a power of two) and store them in ``out[p]``."""
     cuda.syncthreads()
@@ -177,11 +183,7 @@ def _sums_kernel(x, out):
     """Block b sums patch b; each thread strides over pixels (consecutive threads read consecutive pixels, so a
     warp's uint8 loads of a row are coalesced; the neighbours' reloads hit L1), then a tree reduction of the two
     int64 partial sums in shared memory. Integer sums: the result does not depend on the thread count."""
-    p = cuda.blockIdx.x
-    tid = cuda.threadIdx.x
-    nt = cuda.blockDim.x
-    h = x.shape[1]
-    w = x.shape[2]
+    p, tid, nt, h, w = _block_patch(x)
     acc1 = cuda.shared.array(MAX_THREADS, dtype=np.int64)
     acc2 = cuda.shared.array(MAX_THREADS, dtype=np.int64)
     a1 = np.int64(0)
@@ -206,11 +208,7 @@ def _sums_columns_kernel(x, out):
     loads per warp row) and its gray computed once; the horizontal neighbours come from a shared-memory copy of the
     row. Squares are summed per column in float64 (exact: H * 1.04e12 < 2**53 for H <= MAX_COLUMN), converted to
     int64 for the block reduction."""
-    p = cuda.blockIdx.x
-    tid = cuda.threadIdx.x
-    nt = cuda.blockDim.x
-    h = x.shape[1]
-    w = x.shape[2]
+    p, tid, nt, h, w = _block_patch(x)
     row = cuda.shared.array(MAX_THREADS, dtype=np.int32)
     acc1 = cuda.shared.array(MAX_THREADS, dtype=np.int64)
     acc2 = cuda.shared.array(MAX_THREADS, dtype=np.int64)

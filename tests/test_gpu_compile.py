@@ -29,7 +29,8 @@ _SCRIPT = textwrap.dedent("""
     # No driver here: compiling needs a compute capability, not a device.
     D.get_current_device = lambda: SimpleNamespace(compute_capability=(9, 0))
     from numba import cuda, types as T
-    from kernels import complexity, composite, decoupled, rain_layered, rain_sparse, rain_streak, sharpness
+    from kernels import complexity, composite, decoupled, rain_layered, rain_sparse, sharpness
+    from kernels.streak import gpu as streak_gpu
 
     u8_4a = T.Array(T.uint8, 4, "A")
     cases = {
@@ -45,19 +46,19 @@ _SCRIPT = textwrap.dedent("""
         "composite._composite_gpu_kernel": (composite._composite_gpu_kernel,
                                             (T.uint8[:, :, :, ::1], T.uint8[:, :, ::1], T.int64[::1], T.int32,
                                              T.uint8[:, :, :, ::1], T.boolean[:, :, ::1])),
-        "rain_streak._render_gpu_kernel": (rain_streak._render_gpu_kernel,
-                                           (T.float64[::1], T.uint64[::1], T.uint8[::1], T.uint8[:, :, ::1],
-                                            T.int64[:, ::1], T.int64[:, ::1], T.int64[:, :, :, ::1],
-                                            T.int64[:, :, ::1], T.int64[:, :, ::1], T.int64[:, ::1],
-                                            T.int64[:, ::1], T.int64[:, ::1], T.int64)),
+        "streak.gpu.render_gpu_kernel": (streak_gpu.render_gpu_kernel,
+                                         (T.float64[::1], T.uint64[::1], T.uint8[::1], T.uint8[:, :, ::1],
+                                          T.int64[:, ::1], T.int64[:, ::1], T.int64[:, :, :, ::1],
+                                          T.int64[:, :, ::1], T.int64[:, :, ::1], T.int64[:, ::1],
+                                          T.int64[:, ::1], T.int64[:, ::1], T.int64)),
     }
     segment_sig = (T.float64[::1], T.uint64[::1], T.uint8[::1], T.uint8[:, :, ::1], T.int32[:, :, ::1],
                    T.int64[:, ::1], T.int64)
     # The held-out families promise that multiplication is their only float64 arithmetic (no add that the
     # compiler could contract into an FMA and round differently from the CPU): the ops are checked below.
-    exact_f64 = {"rain_layered._render_gpu_kernel", "rain_sparse._render_gpu_kernel"}
-    cases["rain_layered._render_gpu_kernel"] = (rain_layered._render_gpu_kernel, segment_sig)
-    cases["rain_sparse._render_gpu_kernel"] = (rain_sparse._render_gpu_kernel, segment_sig)
+    exact_f64 = {"rain_layered.render_gpu_kernel", "rain_sparse.render_gpu_kernel"}
+    cases["rain_layered.render_gpu_kernel"] = (rain_layered.render_gpu_kernel, segment_sig)
+    cases["rain_sparse.render_gpu_kernel"] = (rain_sparse.render_gpu_kernel, segment_sig)
     failed = []
     for name, (kernel, sig) in cases.items():
         try:
@@ -83,6 +84,7 @@ def _cuda_home() -> dict:
     return env
 
 
+@pytest.mark.slow
 def test_all_cuda_kernels_compile_for_sm90():
     res = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=ROOT, env=_cuda_home(), capture_output=True,
                          text=True, timeout=900)

@@ -283,14 +283,12 @@ def test_the_module_list_covers_the_project():
             "kernels.rain_streak", "models", "models.unet", "engine.bench.timing"} <= set(MODULES)
 
 
-@pytest.mark.xfail(strict=False, reason="until the other branches merge")
 def test_no_import_cycles():
     graph = PROJECT.graph()
     found = [f"{', '.join(comp)}: {describe(cycle, graph)}" for comp, cycle in zip(tangles(graph), find_cycles(graph))]
     assert not found, "modules that import one another (a cycle in each):\n" + "\n".join(found)
 
 
-@pytest.mark.xfail(strict=False, reason="until the other branches merge")
 def test_no_private_names_from_other_modules():
     found = PROJECT.private_imports()
     assert not found, "private names imported from another module:\n" + "\n".join(found)

@@ -192,7 +192,8 @@ def _decoupled_inputs(rng, n=3, h=32, w=24, out_dtype=np.uint8, p_mask=0.3):
 
 
 def _direct(o, i, b, m):
-    """DESIGN 3 written out with numpy broadcasting over the batch (independent of both kernel and reference)."""
+    """The formulas of ``engine.metrics.decoupled`` written out with numpy broadcasting over the batch (independent of
+    both kernel and reference)."""
     o, i, b = (a.astype(np.float64) for a in (o, i, b))
     m3 = np.broadcast_to(m[..., None], o.shape).astype(np.float64)
     ax = (1, 2, 3)

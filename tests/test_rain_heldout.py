@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 from engine.rain import PRESETS, TRAINING_PRESETS, RainSpec
-from kernels import rain_layered, rain_sparse, rng as R
 from engine.bench.machine import gpu_available as real_gpu_available
+from kernels import rng as R
+from kernels.families import family as rain_family
 
-FAMILIES = {"layered": rain_layered, "sparse": rain_sparse}
+FAMILIES = {"layered": rain_family("layered"), "sparse": rain_family("sparse")}
 HELDOUT = {"layered": "heldout-layered", "sparse": "heldout-sparse"}
 
 #: Specs that push the renderers off the presets: every direction (horizontal streaks exercise the zero-slope
@@ -43,6 +44,7 @@ def render(family: str, spec: RainSpec, keys, h: int, w: int, active=None, seed:
 
 # ---- exactness ------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("case", ["preset", "preset-pad", "wild", "wild-pad"])
 def test_cpu_equals_numpy_reference(family, case):
@@ -150,12 +152,8 @@ def _training_rain(source: str, name: str) -> np.ndarray:
     """N_STATS rain layers (uint8 [N, 128, 128]) of training preset ``name`` from ``source``."""
     spec = PRESETS[name]
     if source == "streak-kernel":
-        try:
-            streak = importlib.import_module("kernels.rain_streak")
-        except ModuleNotFoundError:
-            pytest.skip("kernels/rain_streak.py does not exist yet")
         out = np.empty((N_STATS, 128, 128), np.uint8)
-        streak.render_cpu(spec.to_vector(), R.patch_state_np(5, np.arange(N_STATS)), np.ones(N_STATS, np.uint8), out)
+        rain_family("streak").render_cpu(spec.to_vector(), R.patch_state_np(5, np.arange(N_STATS)), np.ones(N_STATS, np.uint8), out)
         return out
     try:
         authors = importlib.import_module("kernels.authors_generator")
@@ -303,12 +301,8 @@ def test_layered_directions_jitter_within_a_patch():
 # ---- integration ----------------------------------------------------------------------------------------------------
 
 def test_synthesize_renders_the_heldout_layered_preset():
-    try:
-        synth = importlib.import_module("engine.synth")
-    except ModuleNotFoundError as err:
-        if err.name == "engine.synth":
-            pytest.skip("engine/synth.py does not exist yet")
-        raise
+    from engine import synth
+
     gen = np.random.default_rng(0)
     batch = gen.integers(0, 256, size=(3, 32, 40, 3), dtype=np.uint8)
     keys = np.array([4, 5, 6], np.int64)

@@ -7,7 +7,7 @@ from kernels import params as P
 
 
 def test_authors_ranges():
-    # DESIGN 2, the authors' table
+    # the authors' ranges (their generator's small / medium / large settings, and our random union of them)
     m = RainSpec.preset("medium")
     assert (m.amount, m.width, m.width_prob, m.length, m.angle) == (
         (0.005, 0.007), (3, 5, 7), (0.25, 0.5, 0.25), (35, 45), (-30, 30))

@@ -1,12 +1,21 @@
-"""The streak renderer (the authors' generator, kernels/rain_streak.py): CPU kernels and the CUDA kernels (numba's
+"""The streak renderer (the authors' generator, kernels/streak/): CPU kernels and the CUDA kernels (numba's
 simulator) equal the numpy reference exactly; its tables and streak kernel match OpenCV's construction."""
 import numpy as np
 import pytest
 
 from engine.rain import RainSpec
-from kernels import rain_streak as rs
-from kernels import reference_rain as ref
+from kernels import params as P
 from kernels import rng
+from kernels.composite import composite_reference
+from kernels.simd import BLOCK
+from kernels.streak import cpu as sc
+from kernels.streak import gpu as sg
+from kernels.streak import kernel
+from kernels.streak import reference as ref
+from kernels.streak import tables as tb
+from kernels.streak.bank import pad_rows
+
+build_kernel = kernel.cpu.build_kernel
 
 cv2 = pytest.importorskip("cv2")
 
@@ -21,7 +30,7 @@ def _render_both(spec: RainSpec, seed: int, n: int, h: int, w: int, active=None)
     act = np.ones(n, np.uint8) if active is None else np.asarray(active, np.uint8)
     fast = np.full((n, h, w), 7, np.uint8)     # not zeros: the renderer must write every pixel
     slow = np.full((n, h, w), 9, np.uint8)
-    rs.render_cpu(p, st, act, fast)
+    sc.render_cpu(p, st, act, fast)
     ref.render_reference(p, st, act, slow)
     return fast, slow
 
@@ -31,16 +40,16 @@ def _render_both(spec: RainSpec, seed: int, n: int, h: int, w: int, active=None)
 @pytest.mark.parametrize("width", list(range(1, 32, 2)))
 def test_gaussian_weights_match_opencv(width):
     expected = cv2.getGaussianKernel(width, 0, ktype=cv2.CV_64F).ravel()
-    np.testing.assert_allclose(rs.opencv_gaussian_weights(width), expected, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(tb.opencv_gaussian_weights(width), expected, rtol=1e-12, atol=1e-15)
     # the integer table is the rounded float weights
-    assert np.array_equal(rs.GAUSS[width // 2, :width], np.round(expected * 2 ** rs.GAUSS_BITS).astype(np.int64))
+    assert np.array_equal(tb.GAUSS[width // 2, :width], np.round(expected * 2 ** tb.GAUSS_BITS).astype(np.int64))
 
 
 def test_trig_table():
     deg = np.array([-180, -135, -90, -45, -1, 0, 1, 30, 45, 90, 180])
-    got = rs.TRIG[deg + rs.TRIG_OFFSET] / 2.0 ** rs.TRIG_BITS
-    np.testing.assert_allclose(got[:, 0], np.cos(np.deg2rad(deg)), atol=2 ** -rs.TRIG_BITS)
-    np.testing.assert_allclose(got[:, 1], np.sin(np.deg2rad(deg)), atol=2 ** -rs.TRIG_BITS)
+    got = tb.TRIG[deg + tb.TRIG_OFFSET] / 2.0 ** tb.TRIG_BITS
+    np.testing.assert_allclose(got[:, 0], np.cos(np.deg2rad(deg)), atol=2 ** -tb.TRIG_BITS)
+    np.testing.assert_allclose(got[:, 1], np.sin(np.deg2rad(deg)), atol=2 ** -tb.TRIG_BITS)
 
 
 def _opencv_folded_kernel(length, angle, width):
@@ -79,6 +88,7 @@ def test_streak_kernel_direction():
     assert np.corrcoef(ys, xs)[0, 1] < -0.9
 
 
+@pytest.mark.slow
 def test_fast_kernel_build_equals_dense_reference():
     """The banded integer kernel of the CPU renderer equals the whole-grid numpy construction."""
     from numba import njit
@@ -89,7 +99,7 @@ def test_fast_kernel_build_equals_dense_reference():
         ext = np.zeros((7, ks), dtype=np.int64)
         rows = np.zeros((4, ks), dtype=np.int64)
         vals = np.zeros(ks * ks, dtype=np.int64)
-        n_rows, _, _, _, _ = rs._build_kernel_cpu(length, angle, width, trig, gauss, kb, ext, rows, vals)
+        n_rows, _, _, _, _ = build_kernel(length, angle, width, trig, gauss, kb, ext, rows, vals)
         a = length // 2 + 1
         dense = np.zeros((length + 2, length + 2), dtype=np.int64)
         for r in range(n_rows):
@@ -101,7 +111,7 @@ def test_fast_kernel_build_equals_dense_reference():
     for length, angle, width in [(1, 0, 1), (2, 45, 3), (7, 90, 5), (35, -10, 1), (44, 33, 7), (60, -75, 31),
                                  (128, 5, 9)]:
         expected, _ = ref.streak_kernel(length, angle, width)
-        got = build_dense(length, angle, width, rs.TRIG, rs.GAUSS, length + 2)
+        got = build_dense(length, angle, width, tb.TRIG, tb.GAUSS, length + 2)
         assert np.array_equal(got, expected), (length, angle, width)
 
 
@@ -150,22 +160,33 @@ def test_render_argument_errors():
     st = _states(0, 2)
     act = np.ones(2, np.uint8)
     with pytest.raises(ValueError, match="params"):
-        rs.render_cpu(p[:-1], st, act, np.zeros((2, 8, 8), np.uint8))
+        sc.render_cpu(p[:-1], st, act, np.zeros((2, 8, 8), np.uint8))
     with pytest.raises(ValueError, match="out: expected uint8"):
-        rs.render_cpu(p, st, act, np.zeros((2, 8, 8), np.float32))
+        sc.render_cpu(p, st, act, np.zeros((2, 8, 8), np.float32))
     with pytest.raises(ValueError, match="states"):
-        rs.render_cpu(p, st[:1], act, np.zeros((2, 8, 8), np.uint8))
+        sc.render_cpu(p, st[:1], act, np.zeros((2, 8, 8), np.uint8))
     with pytest.raises(ValueError, match="active"):
-        rs.render_cpu(p, st, act.astype(bool), np.zeros((2, 8, 8), np.uint8))
+        sc.render_cpu(p, st, act.astype(bool), np.zeros((2, 8, 8), np.uint8))
     with pytest.raises(ValueError, match="at least 2 x 2"):
-        rs.render_cpu(p, st, act, np.zeros((2, 1, 8), np.uint8))
+        sc.render_cpu(p, st, act, np.zeros((2, 1, 8), np.uint8))
     with pytest.raises(ValueError, match="not a streak spec"):
-        rs.render_cpu(RainSpec.preset("heldout-sparse").to_vector(), st, act, np.zeros((2, 8, 8), np.uint8))
+        sc.render_cpu(RainSpec.preset("heldout-sparse").to_vector(), st, act, np.zeros((2, 8, 8), np.uint8))
 
 
 def test_empty_batch():
-    out = np.zeros((0, 8, 8), np.uint8)
-    rs.render_cpu(RainSpec.preset("small").to_vector(), _states(0, 0), np.zeros(0, np.uint8), out)
+    """Every backend accepts a batch of no patches, writes nothing and leaves the output's shape and dtype."""
+    p = RainSpec.preset("small").to_vector()
+    for render in (sc.render_cpu, sg.render_gpu, ref.render_reference):
+        out = np.zeros((0, 8, 8), np.uint8)
+        assert render(p, _states(0, 0), np.zeros(0, np.uint8), out) is None
+        assert out.shape == (0, 8, 8) and out.dtype == np.uint8
+    rain, rainy, mask = np.zeros((0, 8, 8), np.uint8), np.zeros((0, 8, 8, 3), np.uint8), np.zeros((0, 8, 8), bool)
+    sc.render_composite_cpu(p, _states(0, 0), np.zeros(0, np.uint8), np.zeros((0, 8, 8, 3), np.uint8),
+                            np.zeros(0, np.int64), 50, rain, rainy, mask)
+    assert rain.shape == (0, 8, 8) and rainy.shape == (0, 8, 8, 3) and mask.shape == (0, 8, 8)
+    # the argument checks still apply to an empty batch
+    with pytest.raises(ValueError, match="states"):
+        sc.render_cpu(p, _states(0, 1), np.zeros(0, np.uint8), np.zeros((0, 8, 8), np.uint8))
 
 
 # ---- CUDA kernels (numba's simulator in CI, the real device with RAINSWEEP_REAL_GPU=1) --------------------------
@@ -177,18 +198,18 @@ def test_cuda_equals_cpu(spec):
     st = _states(21, 2)
     act = np.array([1, 1], np.uint8)
     cpu = np.zeros((2, 24, 32), np.uint8)
-    rs.render_cpu(p, st, act, cpu)
+    sc.render_cpu(p, st, act, cpu)
     gpu = np.full((2, 24, 32), 3, np.uint8)
-    rs.render_gpu(p, st, act, gpu)
+    sg.render_gpu(p, st, act, gpu)
     assert np.array_equal(gpu, cpu)
 
 
 def test_cuda_inactive_patch_zero():
     p = RainSpec.preset("small").to_vector()
     gpu = np.full((2, 16, 16), 3, np.uint8)
-    rs.render_gpu(p, _states(1, 2), np.array([0, 1], np.uint8), gpu)
+    sg.render_gpu(p, _states(1, 2), np.array([0, 1], np.uint8), gpu)
     cpu = np.zeros_like(gpu)
-    rs.render_cpu(p, _states(1, 2), np.array([0, 1], np.uint8), cpu)
+    sc.render_cpu(p, _states(1, 2), np.array([0, 1], np.uint8), cpu)
     assert np.array_equal(gpu, cpu) and not gpu[0].any()
 
 
@@ -212,10 +233,10 @@ def test_render_composite_cpu_equals_references(spec, h, w):
     rain = np.full((n, h, w), 7, np.uint8)          # not zeros: every byte must be written
     rainy = np.full((n, h, w, 3), 9, np.uint8)
     mask = np.ones((n, h, w), bool)
-    rs.render_composite_cpu(p, st, act, bg, bq, spec.threshold, rain, rainy, mask)
+    sc.render_composite_cpu(p, st, act, bg, bq, spec.threshold, rain, rainy, mask)
     exp_rain = np.empty_like(rain)
     ref.render_reference(p, st, act, exp_rain)
-    exp_rainy, exp_mask = ref.composite_reference(bg, exp_rain, bq, spec.threshold)
+    exp_rainy, exp_mask = composite_reference(bg, exp_rain, bq, spec.threshold)
     assert np.array_equal(rain, exp_rain)
     assert np.array_equal(rainy, exp_rainy) and np.array_equal(mask, exp_mask)
     assert np.array_equal(rainy[1], bg[1]) and not rain[1].any()
@@ -227,12 +248,13 @@ def test_render_cpu_non_contiguous_out():
     act = np.ones(3, np.uint8)
     full = np.zeros((3, 20, 40), np.uint8)
     view = full[:, :, ::2]
-    rs.render_cpu(p, st, act, view)
+    sc.render_cpu(p, st, act, view)
     exp = np.empty((3, 20, 20), np.uint8)
     ref.render_reference(p, st, act, exp)
     assert np.array_equal(view, exp) and not full[:, :, 1::2].any()
 
 
+@pytest.mark.slow
 def test_cpu_padded_tap_rows_read_as_every_phase():
     """Each kernel row, read by the splat at phase s (blocks from ``first - s``), is the row shifted right by s
     zeros and zero-filled to whole blocks; nothing is read outside the written part of ``taps``."""
@@ -244,15 +266,15 @@ def test_cpu_padded_tap_rows_read_as_every_phase():
         ext = np.zeros((7, ks), dtype=np.int64)
         rows = np.zeros((4, ks), dtype=np.int64)
         vals = np.zeros(ks * ks, dtype=np.int64)
-        n_rows = rs._build_kernel_cpu(length, angle, width, trig, gauss, kb, ext, rows, vals)[0]
+        n_rows = build_kernel(length, angle, width, trig, gauss, kb, ext, rows, vals)[0]
         rinfo = np.full((ks + 3, 4), -1, dtype=np.int64)
-        taps = np.full(ks * ks + rs._BLOCK * (ks + 1) + 40, np.nan)
-        t_end = rs._pad_rows_cpu(rows, vals, n_rows, rinfo, 3, taps, 5)   # at an offset, as in the bank
+        taps = np.full(ks * ks + BLOCK * (ks + 1) + 40, np.nan)
+        t_end = pad_rows(rows, vals, n_rows, rinfo, 3, taps, 5)   # at an offset, as in the bank
         return rows, vals, n_rows, rinfo, taps, t_end
 
-    bsz = rs._BLOCK
+    bsz = BLOCK
     for length, angle, width in [(1, 0, 1), (9, 45, 3), (45, -60, 9), (128, 30, 31)]:
-        rows, vals, n_rows, rinfo, taps, t_end = padded(length, angle, width, rs.TRIG, rs.GAUSS, length + 2)
+        rows, vals, n_rows, rinfo, taps, t_end = padded(length, angle, width, tb.TRIG, tb.GAUSS, length + 2)
         assert n_rows > 0 and not np.isnan(taps[5:t_end]).any() and np.isnan(taps[t_end:]).all()
         assert (rinfo[:3] == -1).all() and (rinfo[3 + n_rows:] == -1).all()
         for r in range(n_rows):
@@ -270,7 +292,7 @@ def test_cpu_padded_tap_rows_read_as_every_phase():
 @pytest.mark.parametrize("hc,wc,pad,step", [(9, 21, 3, 1), (16, 16, 0, 3), (5, 40, 1, 7), (4, 8, 0, 1 << 36),
                                              (7, 13, 2, 0)])
 def test_cpu_normalize_is_the_exact_floor(hc, wc, pad, step):
-    """``_normalize_cpu`` (vector blocks and scalar tails) equals floor((a - min) * 255 / (max - min)) in Python
+    """``normalize`` (vector blocks and scalar tails) equals floor((a - min) * 255 / (max - min)) in Python
     integers, on canvases whose widths are and are not multiples of 8, and clears the accumulator. Values
     ``min + k * step`` (k = 0..255) make every quotient an integer k; for step 3 or 7 the float estimate falls just
     below some of them (the upward correction matters), the random values in between exercise the rest."""
@@ -287,7 +309,7 @@ def test_cpu_normalize_is_the_exact_floor(hc, wc, pad, step):
         acc[y * we + ex:y * we + ex + wc] = vals[y]
     h, w = hc - 2 * pad, wc - 2 * pad
     out = np.full((h, w), 7, np.uint8)
-    rs._normalize_cpu(acc, hc, wc, we, ex, pad, out)
+    sc.normalize(acc, hc, wc, we, ex, pad, out)
     mn, mx = int(vals.min()), int(vals.max())
     crop = vals[pad:pad + h, pad:pad + w]
     exp = np.zeros((h, w), np.uint8) if mx == mn else np.array(
@@ -298,9 +320,7 @@ def test_cpu_normalize_is_the_exact_floor(hc, wc, pad, step):
 
 
 def test_cpu_rejects_overlong_streaks():
-    from kernels import params as P
-
     p = RainSpec.preset("small").to_vector()
-    p[P.LENGTH_HI] = rs.MAX_LENGTH + 1
+    p[P.LENGTH_HI] = tb.MAX_LENGTH + 1
     with pytest.raises(ValueError, match="length"):
-        rs.render_cpu(p, _states(0, 1), np.ones(1, np.uint8), np.zeros((1, 8, 8), np.uint8))
+        sc.render_cpu(p, _states(0, 1), np.ones(1, np.uint8), np.zeros((1, 8, 8), np.uint8))

@@ -1,4 +1,4 @@
-"""The CPU streak renderer's kernel bank (kernels/streak_bank.py): rendering through the bank gives the same bytes as
+"""The CPU streak renderer's kernel bank (kernels/streak/bank.py): rendering through the bank gives the same bytes as
 building every kernel per patch (and as the numpy reference), the bank holds exactly the kernels the batches
 needed, and the fallbacks (grid too large, byte cap reached, bank off) still render correctly."""
 from __future__ import annotations
@@ -8,10 +8,14 @@ import numpy as np
 import pytest
 
 from engine.rain import RainSpec
-from kernels import rain_streak as rs
-from kernels import reference_rain as ref
 from kernels import rng
-from kernels import streak_bank as sb
+from kernels.composite import composite_reference
+from kernels.simd import BLOCK
+from kernels.streak import bank as sb
+from kernels.streak import cpu as sc
+from kernels.streak import kernel
+from kernels.streak import reference as ref
+from kernels.streak.tables import GAUSS, TRIG, kernel_size
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +44,7 @@ def _render(spec: RainSpec, states: np.ndarray, active: np.ndarray, h: int, w: i
     old = sb.ENABLED
     sb.ENABLED = bank
     try:
-        rs.render_cpu(spec.to_vector(), states, active, out)
+        sc.render_cpu(spec.to_vector(), states, active, out)
     finally:
         sb.ENABLED = old
     return out
@@ -90,8 +94,8 @@ def test_bank_equals_reference_and_composite():
     rain = np.empty((n, h, w), np.uint8)
     rainy = np.empty((n, h, w, 3), np.uint8)
     mask = np.empty((n, h, w), bool)
-    rs.render_composite_cpu(p, st, act, bg, bq, spec.threshold, rain, rainy, mask)
-    exp_rainy, exp_mask = ref.composite_reference(bg, exp, bq, spec.threshold)
+    sc.render_composite_cpu(p, st, act, bg, bq, spec.threshold, rain, rainy, mask)
+    exp_rainy, exp_mask = composite_reference(bg, exp, bq, spec.threshold)
     assert np.array_equal(rain, exp) and np.array_equal(rainy, exp_rainy) and np.array_equal(mask, exp_mask)
 
 
@@ -118,14 +122,14 @@ def test_bank_hits_and_misses_across_batches(threads):
 
 
 def test_banked_kernels_equal_fresh_builds():
-    """Each banked kernel (meta, rows, padded taps) is what _build_kernel_cpu + _pad_rows_cpu make for its
+    """Each banked kernel (meta, rows, padded taps) is what build_kernel + pad_rows make for its
     (length, angle, width)."""
     spec = RainSpec.preset("large")
     p = spec.to_vector()
     st = _states(9, 30)
     act = np.ones(30, np.uint8)
     combos, meta, rinfo, taps = sb.prepare(p, st, act)
-    ks = rs.kernel_size(p)
+    ks = kernel_size(p)
     for i in range(30):
         aq, length, angle, width = ref.streak_draws(p, int(st[i]))
         ci = combos[i]
@@ -134,14 +138,14 @@ def test_banked_kernels_equal_fresh_builds():
         ext = np.zeros((7, ks), np.int64)
         rows = np.zeros((4, ks), np.int64)
         vals = np.zeros(ks * ks, np.int64)
-        plan = rs._build_kernel_cpu(length, angle, width, rs.TRIG, rs.GAUSS, kb, ext, rows, vals)
+        plan = kernel.cpu.build_kernel(length, angle, width, TRIG, GAUSS, kb, ext, rows, vals)
         ri = np.zeros((ks, 4), np.int64)
-        tp = np.zeros(ks * ks + rs._BLOCK * (ks + 1))
-        t_end = rs._pad_rows_cpu(rows, vals, plan[0], ri, 0, tp, 0)
+        tp = np.zeros(ks * ks + BLOCK * (ks + 1))
+        t_end = sb.pad_rows(rows, vals, plan[0], ri, 0, tp, 0)
         assert tuple(meta[ci, 1:6]) == tuple(plan)
         r0 = meta[ci, 6]
         n_rows = plan[0]
-        first = rinfo[r0, 3] - rs._BLOCK                     # the kernel's padded taps start _BLOCK before row 0
+        first = rinfo[r0, 3] - BLOCK                     # the kernel's padded taps start BLOCK before row 0
         assert np.array_equal(rinfo[r0:r0 + n_rows, :3], ri[:n_rows, :3])
         assert np.array_equal(rinfo[r0:r0 + n_rows, 3] - first, ri[:n_rows, 3])
         assert np.array_equal(taps[first:first + t_end], tp[:t_end])

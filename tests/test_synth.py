@@ -7,7 +7,9 @@ import torch
 from engine import synth
 from engine.rain import RainSpec
 from engine.synth import synthesize
-from kernels import composite, reference_rain
+from kernels import composite
+from kernels.families import FAMILIES, family
+from kernels.params import FAMILY_IDS
 
 
 @pytest.fixture
@@ -53,7 +55,7 @@ def test_composite_kernels_equal_reference(rng):
     b = rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
     r = rng.integers(0, 256, (n, h, w), dtype=np.uint8)
     bq = rng.integers(0, 4 * 1024, n).astype(np.int64)       # beta up to 4 (RainSpec's limit) saturates often
-    exp_rainy, exp_mask = reference_rain.composite_reference(b, r, bq, 77)
+    exp_rainy, exp_mask = composite.composite_reference(b, r, bq, 77)
     for fn in (composite.composite_cpu, composite.composite_gpu):
         rainy = np.zeros_like(b)
         mask = np.zeros((n, h, w), bool)
@@ -209,7 +211,12 @@ def test_bad_keys_backend_spec(backgrounds):
     with pytest.raises(TypeError, match="spec"):
         synthesize(backgrounds, 3)
     with pytest.raises(ValueError, match="no renderer for rain family 'nosuch'"):
-        synth._family_module("nosuch")
+        family("nosuch")
+
+
+def test_every_family_id_has_a_renderer():
+    assert set(FAMILIES) == set(FAMILY_IDS)
+    assert all(FAMILIES[name].name == name for name in FAMILIES)
 
 
 def test_empty_batch():

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
-import kernels  # noqa: F401 - sets OMP_WAIT_POLICY before thread_limit first starts numba's OpenMP thread pool
+import engine  # noqa: F401 - engine.runtime sets OMP_WAIT_POLICY before thread_limit first starts numba's thread pool
 
 #: A benchmark body: processes a batch once per call. ``measure`` takes the patch count from ``patches`` or, when
 #: that is None, from the runner's return value.

@@ -16,7 +16,7 @@ import numpy as np
 from engine.arrays import check_nhwc_uint8
 from engine.loader.args import LoaderError
 from engine.loader.order import rain_keys
-from engine.loader.planes import STORAGE, Scratch, kernel_table, torch_dtype, unit_by_lut, unit_table
+from engine.loader.planes import STORAGE, Scratch, torch_dtype, unit_by_lut, unit_table
 
 
 @dataclass
@@ -121,7 +121,7 @@ def _finish_batch_cpu(background_u8, index: np.ndarray, rain, seed: int, epoch: 
         layer, rain_out = rain_np.reshape(n, h, w), np.empty((0, 1, 1, 1), dtype=storage)
     else:
         layer, rain_out = scratch.rain(n, h, w), rain_np
-    synthesize_planes_cpu(background_u8.numpy(), rain, seed, rain_keys(epoch, index), kernel_table(dtype), layer,
+    synthesize_planes_cpu(background_u8.numpy(), rain, seed, rain_keys(epoch, index), layer,
                           bg_np, rainy_np, rain_out, mask.numpy().reshape(n, h, w), rows)
     return Batch(index=torch.from_numpy(index.copy()), background=bg, rainy=rainy, rain=rain_t, mask=mask,
                  epoch=epoch, step=step)

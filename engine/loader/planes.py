@@ -53,19 +53,6 @@ def unit_table(device: Any, dtype: Any = "float32"):
     return _TABLES[key]
 
 
-def kernel_table(dtype: Any) -> np.ndarray:
-    """``unit_table("cpu", dtype)`` as the numpy [256] table of ``STORAGE[dtype]`` that the CPU kernels take
-    (``engine.synth.synthesize_planes_cpu``): the kernels pick their conversion by the table's numpy type and
-    compute the same values."""
-    import torch
-
-    name = resolve_dtype(dtype)
-    table = unit_table(torch.device("cpu"), name)
-    if name in ("bfloat16", "float16"):
-        table = table.view(torch.int16)
-    return table.numpy().view(STORAGE[name])
-
-
 def unit_by_lut(x, lut):
     """``lut[x]`` of a uint8 torch tensor ``x`` (any layout, any device) as a contiguous tensor of ``x``'s shape on
     ``lut``'s device.
@@ -162,5 +149,5 @@ class Scratch:
         return self._rain
 
 
-__all__ = ["STORAGE", "UNIT_VALUES", "HostPool", "Scratch", "kernel_table", "to_unit", "torch_dtype", "unit_by_lut",
+__all__ = ["STORAGE", "UNIT_VALUES", "HostPool", "Scratch", "to_unit", "torch_dtype", "unit_by_lut",
            "unit_table"]

@@ -1,11 +1,11 @@
-"""Plain numpy references of the streak renderer and of compositing: slow and obvious, the same random draws.
+"""Plain numpy reference of the streak renderer: slow and obvious, the same random draws, the same output bytes.
 
-``render_reference`` follows the documentation of ``kernels/rain_streak.py`` step by step with whole-array numpy:
+``render_reference`` follows the description in ``kernels.streak`` (package docstring) step by step with whole-array
+numpy:
 the streak kernel is evaluated on the full ``length x length`` grid (no bands), blurred through ``np.pad(...,
 "reflect")`` (numpy's "reflect" is OpenCV's reflect-101), the seed image is built densely and extended with
 ``np.pad(..., "reflect")``, and the rain is the correlation of that extension with the kernel (no scatter, no
-mirror-image bookkeeping). Normalization uses integer floor division. Intensities are 0..255; layouts NHW (rain)
-and NHWC (images).
+mirror-image bookkeeping). Normalization uses integer floor division. Intensities are 0..255, layout NHW.
 """
 from __future__ import annotations
 
@@ -15,9 +15,8 @@ import numpy as np
 
 from kernels import params as P
 from kernels import rng
-from kernels.rain_streak import AMOUNT_BITS, GAUSS, TAP_BITS, TRIG, TRIG_OFFSET
-
-# ---- streak renderer ---------------------------------------------------------------------------------------------
+from kernels.renderer import check_render_args
+from kernels.streak.tables import AMOUNT_BITS, GAUSS, TAP_BITS, TRIG, TRIG_OFFSET, check_canvas
 
 
 def streak_draws(params: np.ndarray, state: int) -> tuple[int, int, int, int]:
@@ -116,28 +115,10 @@ def rain_patch(params: np.ndarray, state: int, h: int, w: int) -> np.ndarray:
 
 
 def render_reference(params: np.ndarray, states: np.ndarray, active: np.ndarray, out: np.ndarray) -> None:
-    """Streak rain of each patch into ``out`` (uint8 [N, H, W], 0..255); zeros where ``active == 0``."""
-    from kernels.rain_streak import _check_canvas, check_render_args
-
+    """Streak rain of each patch into ``out`` (uint8 NHW [N, H, W], 0..255); zeros where ``active == 0``."""
     check_render_args(params, states, active, out)
     n, h, w = out.shape
     if n:
-        _check_canvas(params, h, w)
+        check_canvas(params, h, w)
     for i in range(n):
         out[i] = rain_patch(params, int(states[i]), h, w) if active[i] else 0
-
-
-# ---- compositing ---------------------------------------------------------------------------------------------------
-
-
-def composite_reference(backgrounds: np.ndarray, rain: np.ndarray, beta_q: np.ndarray, threshold: int
-                        ) -> tuple[np.ndarray, np.ndarray]:
-    """(rainy uint8 NHWC, mask bool NHW): ``rainy = min(255, (1024 B + beta_q R) >> 10)``, ``mask = R > t``.
-
-    ``backgrounds`` uint8 NHWC 0..255, ``rain`` uint8 NHW 0..255, ``beta_q`` int64 [N] (beta in 1/1024).
-    """
-    b = backgrounds.astype(np.int64)
-    r = rain.astype(np.int64)[..., None]
-    q = np.asarray(beta_q, dtype=np.int64)[:, None, None, None]
-    rainy = np.minimum(255, (rng.BETA_SCALE * b + q * r) >> 10).astype(np.uint8)
-    return rainy, rain > threshold

@@ -1,18 +1,20 @@
-"""Per-process bank of built streak kernels for the CPU renderer (``kernels/rain_streak.py``).
+"""Built streak kernels as padded float64 tap rows, and a per-process bank of them for the CPU renderer.
 
-Why: a patch's streak kernel depends only on its ``(length, angle, width)`` draw, and a spec has few such
+Tap rows (``pad_rows``): the CPU splat (``kernels.streak.cpu``) reads a kernel as rows of float64 taps, each row
+zero-padded by ``BLOCK`` floats on both sides, so that a row read at any alignment phase is whole vector blocks.
+
+Why a bank: a patch's streak kernel depends only on its ``(length, angle, width)`` draw, and a spec has few such
 combinations (``medium``: 11 lengths x 61 angles x 3 widths = 2,013) while a training run renders millions of
-patches. Building the kernel per patch (``_build_kernel_cpu``, a rotated line, two Gaussian passes and the seed
-filter) is a sizeable part of a patch's CPU time; the bank builds each combination once per process and the
-renderer reads it.
+patches. Building the kernel per patch (a rotated line, two Gaussian passes and the seed filter) is a sizeable
+part of a patch's CPU time; the bank builds each combination once per process and the renderer reads it.
 
-How it is used (``prepare``, called by ``rain_streak._launch_cpu`` before every CPU batch): a numba pre-pass draws
-each active patch's combination (the same ``_draw_params_cpu`` draws as the renderer), the missing kernels are
-built serially on the calling thread (warm-up cost only), and the renderer gets ``(combos, meta, rinfo, taps)``
-to read inside its parallel region. The arrays are only written here, outside any parallel region, under a lock
-(the render kernels release the GIL, so another thread may be rendering meanwhile). Growing replaces ``rinfo`` / ``taps`` (the renderer keeps the
-ones it was handed) and a built entry is never rewritten; ``meta`` is shared, but a renderer only reads the entries
-of its own batch, which were complete (or left out for good, see ``_Bank.full``) when it got them. No races.
+How it is used (``prepare``, called by the CPU renderer before every batch): a numba pre-pass draws each active
+patch's combination (the renderer's own ``draw_params``), the missing kernels are built serially on the calling
+thread (warm-up cost only), and the renderer gets ``(combos, meta, rinfo, taps)`` to read inside its parallel
+region. The arrays are only written here, outside any parallel region, under a lock (the render kernels release
+the GIL, so another thread may be rendering meanwhile). Growing replaces ``rinfo`` / ``taps`` (the renderer keeps
+the ones it was handed) and a built entry is never rewritten; ``meta`` is shared, but a renderer only reads the
+entries of its own batch, which were complete (or left out for good, see ``_Bank.full``) when it got them. No races.
 
 Layouts (one bank per distinct kernel-relevant part of the ``params`` vector: length and angle ranges, widths):
 
@@ -22,7 +24,7 @@ Layouts (one bank per distinct kernel-relevant part of the ``params`` vector: le
   ``built`` 0 means "not in the bank": the renderer then builds that patch's kernel itself.
 - ``rinfo`` int64 [R, 4]: tap rows ``r0 .. r0 + n_rows - 1`` of a kernel, each ``(dy, dx0, n, first)``.
 - ``taps`` float64 [T]: each row's ``n`` taps from ``first`` (exact integers <= 2**TAP_BITS), zero padding of
-  ``_BLOCK`` floats around every row (``rain_streak._pad_rows_cpu``), ~7 KB per ``medium`` kernel.
+  ``BLOCK`` floats around every row (``pad_rows``), ~7 KB per ``medium`` kernel.
 
 Memory stays bounded: no bank for a spec with more than ``MAX_COMBOS`` combinations (``meta`` alone would be
 large and most kernels would be used rarely), and all banks together stay within ``MAX_BYTES`` (a bank that
@@ -38,7 +40,12 @@ import numpy as np
 from numba import njit
 
 from kernels import params as P
-from kernels.rain_streak import GAUSS, TRIG, _BLOCK, _build_kernel_cpu, _draw_params_cpu, _pad_rows_cpu
+from kernels.simd import BLOCK
+from kernels.streak import kernel, patch
+from kernels.streak.tables import GAUSS, TRIG
+
+_build_kernel = kernel.cpu.build_kernel
+_draw_params = patch.cpu.draw_params
 
 #: Largest combination grid (lengths x angles x widths) that gets a bank; ``meta`` is 64 bytes per combination.
 MAX_COMBOS = 16384
@@ -50,6 +57,40 @@ MAX_BANKS = 8
 ENABLED = True
 
 _META_COLS = 8
+
+
+@njit(cache=True)
+def pad_rows(rows, vals, n_rows, rinfo, r0, taps, t0):
+    """Store a built kernel as zero-padded float64 tap rows; returns the index of ``taps`` past the last zero.
+
+    Input: ``rows`` int64 [4, KS] and ``vals`` int64 from ``kernels.streak.kernel``'s ``build_kernel`` (``n_rows``
+    rows). Output: ``rinfo[r0 + r] = (dy, dx0, n, first)`` (int64 [R, 4]) and ``taps[first : first + n]`` the row's
+    taps (float64, exact integers <= 2**TAP_BITS), written from ``taps[t0]`` with ``BLOCK`` zeros before the first
+    row and after every row (shared between neighbours). Needs ``n_vals + BLOCK (n_rows + 1)`` floats of ``taps``
+    and ``n_rows`` rows of ``rinfo``.
+
+    The splat reads a row at phase ``s`` (0 <= s < BLOCK) as the blocks ``taps[first - s + BLOCK jb : ... +
+    BLOCK]``: the padding makes those the row shifted right by ``s`` and zero-filled, so one copy per row serves
+    all phases (small enough to keep per kernel in the bank).
+    """
+    t = t0
+    for k in range(BLOCK):
+        taps[t + k] = 0.0
+    t += BLOCK
+    for r_ in range(n_rows):
+        n = rows[2, r_]
+        off = rows[3, r_]
+        rinfo[r0 + r_, 0] = rows[0, r_]
+        rinfo[r0 + r_, 1] = rows[1, r_]
+        rinfo[r0 + r_, 2] = n
+        rinfo[r0 + r_, 3] = t
+        for j in range(n):
+            taps[t + j] = np.float64(vals[off + j])
+        t += n
+        for k in range(BLOCK):
+            taps[t + k] = 0.0
+        t += BLOCK
+    return t
 
 
 class _Bank:
@@ -114,7 +155,7 @@ def _combos_cpu(params, states, active, combos):
         combos[i] = -1
         if active[i] == 0:
             continue
-        aq, length, angle, width = _draw_params_cpu(params, states[i])
+        aq, length, angle, width = _draw_params(params, states[i])
         k = 0
         while k < n_w - 1 and np.int64(params[P.WIDTHS + k]) != width:
             k += 1
@@ -149,13 +190,13 @@ def _fill_cpu(params, combos, trig, gauss, meta, rinfo, taps, r_used, t_used, n_
         length = llo + ci // n_w // n_ang
         angle = alo + ci // n_w % n_ang
         width = np.int64(params[P.WIDTHS + ci % n_w])
-        n_rows, dy_min, dy_max, dx_min, dx_max = _build_kernel_cpu(length, angle, width, trig, gauss, kb, ext,
+        n_rows, dy_min, dy_max, dx_min, dx_max = _build_kernel(length, angle, width, trig, gauss, kb, ext,
                                                                    rows, vals)
         n_vals = 0
         for r_ in range(n_rows):
             n_vals += rows[2, r_]
         need_r = r_used + n_rows
-        need_t = t_used + n_vals + _BLOCK * (n_rows + 1)
+        need_t = t_used + n_vals + BLOCK * (n_rows + 1)
         if need_r > rinfo.shape[0] or need_t > taps.shape[0]:
             k = n_known + n_built + 1
             cap_r = max(need_r, need_r * n_combos // k * 9 // 8, rinfo.shape[0] * 5 // 4)
@@ -173,7 +214,7 @@ def _fill_cpu(params, combos, trig, gauss, meta, rinfo, taps, r_used, t_used, n_
                 grown_t = np.empty(cap_t, dtype=np.float64)
                 grown_t[:t_used] = taps[:t_used]
                 taps = grown_t
-        t_end = _pad_rows_cpu(rows, vals, n_rows, rinfo, r_used, taps, t_used)
+        t_end = pad_rows(rows, vals, n_rows, rinfo, r_used, taps, t_used)
         meta[ci, 1] = n_rows
         meta[ci, 2] = dy_min
         meta[ci, 3] = dy_max
