@@ -76,7 +76,7 @@ def _load_baseline(directory: str):
 def _cases(patches: np.ndarray, presets: list[str], phases: bool,
            baseline: str | None = None) -> dict[str, tuple[int, object]]:
     """name -> (patches per call, zero-argument runner)."""
-    from engine.bench.core import _albumentations, _authors_opencv
+    from engine.bench.core import albumentations_peer, authors_opencv
     from engine.rain import RainSpec
     from engine.synth import common_draws, synthesize
     from kernels import composite
@@ -104,7 +104,7 @@ def _cases(patches: np.ndarray, presets: list[str], phases: bool,
                 raise SystemExit(f"baseline and ours differ on {p}")
             cases[f"now[{p}]"] = (n, lambda fused=fused: fused(streak_cpu.render_composite_cpu))
             cases[f"before[{p}]"] = (n, lambda fused=fused: fused(base))
-        cases[f"authors[{p}]"] = (len(few), _authors_opencv(p)(few))
+        cases[f"authors[{p}]"] = (len(few), authors_opencv(p)(few))
         if phases:
             params = spec.to_vector()
             states, active, beta_q = common_draws(spec, 0, keys)
@@ -119,7 +119,7 @@ def _cases(patches: np.ndarray, presets: list[str], phases: bool,
                                                                          rainy, mask))
                 cases["draws"] = (n, lambda spec=spec: common_draws(spec, 0, keys))
     try:
-        cases["alb-default"] = (len(few), _albumentations("default")(few))
+        cases["alb-default"] = (len(few), albumentations_peer("default")(few))
     except ImportError:
         pass  # albumentations not installed: no such peer
     return cases

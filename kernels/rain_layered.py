@@ -131,6 +131,8 @@ def build(jit, r, splat):
 _render_patch_cpu = cpu_render_patch(build(cpu_jit, rng.cpu, splat_cpu))
 
 
+# Each family keeps its own top-level parallel kernel: numba's on-disk cache keys a kernel by its defining module
+# and name, and a kernel made by a shared factory would be compiled again in every process.
 @njit(parallel=True, cache=True)
 def _render_cpu_kernel(params, states, active, out, table):
     for i in prange(out.shape[0]):

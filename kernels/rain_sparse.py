@@ -90,6 +90,7 @@ def build(jit, r, splat):
 _render_patch_cpu = cpu_render_patch(build(cpu_jit, rng.cpu, splat_cpu))
 
 
+# A top-level kernel of this family's own, for numba's on-disk cache (see kernels/rain_layered.py).
 @njit(parallel=True, cache=True)
 def _render_cpu_kernel(params, states, active, out, table):
     for i in prange(out.shape[0]):

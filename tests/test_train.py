@@ -63,7 +63,7 @@ def test_outputs_and_metrics_match_an_independent_evaluation(store: Path, tmp_pa
         assert 0 <= x["data_wait"] <= 1 and x["patches_per_s"] > 0
     assert [x["lr"] for x in steps] == pytest.approx([2e-4, 1e-4, 5e-5, 5e-5])  # halved after steps 3 and 4
 
-    # Rebuild the held-out set independently and score the saved EMA weights with the DESIGN 3 formulas.
+    # Rebuild the held-out set independently and score the saved EMA weights with the formulas of docs/science.md section 4.
     from engine.rain import RainSpec
     from engine.data.store import open_store
     from engine.synth import synthesize

@@ -148,7 +148,7 @@ def _ours_metric(name: str, device: str) -> Callable[[np.ndarray], Runner]:
 
 # ---- peers ---------------------------------------------------------------------------------------------------------
 
-def _authors_opencv(preset: str) -> Callable[[np.ndarray], Runner]:
+def authors_opencv(preset: str) -> Callable[[np.ndarray], Runner]:
     def build(patches: np.ndarray) -> Runner:
         from engine.rain import RainSpec
         from kernels.authors_generator import authors_rain
@@ -164,7 +164,7 @@ def _authors_opencv(preset: str) -> Callable[[np.ndarray], Runner]:
     return build
 
 
-def _albumentations(rain_type: str) -> Callable[[np.ndarray], Runner]:
+def albumentations_peer(rain_type: str) -> Callable[[np.ndarray], Runner]:
     def build(patches: np.ndarray) -> Runner:
         import albumentations as A
 
@@ -249,12 +249,12 @@ def peer_cpu_cases(presets: Sequence[str]) -> list[Case]:
     list of Case
         Cases whose library is not installed report it through ``Case.missing``.
     """
-    cases = [Case(f"authors-opencv[{p}]", "authors-opencv", "synthesis", "cpu", _authors_opencv(p), preset=p,
+    cases = [Case(f"authors-opencv[{p}]", "authors-opencv", "synthesis", "cpu", authors_opencv(p), preset=p,
                   outputs=FULL, requires=("cv2", "kernels.authors_generator"),
                   note="per patch, OpenCV filter2D") for p in presets]
     for rain_type in ("default", "torrential"):
         cases.append(Case(f"albumentations-{rain_type}", "albumentations", "synthesis", "cpu",
-                          _albumentations(rain_type), outputs="rainy only", requires=("albumentations",),
+                          albumentations_peer(rain_type), outputs="rainy only", requires=("albumentations",),
                           note="RandomRain: no rain layer, no mask"))
     cases.append(Case(f"kornia-b{KORNIA_BATCH}", "kornia", "synthesis", "cpu", _kornia, outputs="rainy only",
                       requires=("kornia", "torch"),
