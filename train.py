@@ -28,7 +28,8 @@ and renamed):
   log.jsonl     one line per ``--log-every`` steps: step, loss, lr, patches_per_s, data_wait (fraction of time
                 spent waiting for the loader); eval lines carry the held-out metrics
   ckpt.pt       the last good checkpoint (model, EMA, optimizer, scheduler, loader position, RNG states, options)
-  model.pt      final EMA weights;  metrics.json  final held-out metrics;  samples.png  rainy | output | clean
+  model.pt      final EMA weights;  metrics.json  final held-out metrics;  samples.png  titled columns rainy input |
+                output | clean
 
 Reproducibility: on the CPU every run is bit-exact (deterministic algorithms), so ``--resume`` gives exactly the
 weights of an uninterrupted run. On CUDA a resumed run sees the same batches, rain and RNG states, but cuDNN and
@@ -52,12 +53,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
 
 import models
 from engine.atomic import atomic_write, atomic_write_json, atomic_write_text
 from engine.data.select import SubsetError, check_subset, load_subset, select
 from engine.data.store import PatchStore, open_store
+from engine.experiments.figures import visible_patches, write_grid
 from engine.experiments.heldout import HeldOut, HeldOutError, build_heldout
 from engine.loader import MODES, LoaderError
 from engine.loader.steps import Position, TrainingStream
@@ -505,13 +506,18 @@ def append_log(out: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+#: Column titles of samples.png.
+SAMPLE_TITLES = ("rainy input", "output", "clean")
+
+
 def save_samples(path: Path, held, output: np.ndarray, n: int = 4) -> None:
-    """PNG with one row per image: rainy input | output | ground truth (uint8, output clipped for display)."""
-    n = min(n, len(output))
-    rows = [np.concatenate([np.asarray(held.rainy[i], dtype=np.float32), output[i],
-                            held.background[i].astype(np.float32)], axis=1) for i in range(n)]
-    img = np.clip(np.concatenate(rows, axis=0), 0, 255).round().astype(np.uint8)
-    atomic_write(path, lambda f: Image.fromarray(img).save(f, format="PNG"), fsync=True)
+    """PNG of ``n`` held-out images with visible content (``engine.experiments.figures.visible_patches``), one row
+    each, under the column titles rainy input | output | clean; upscaled so a patch is at least 128 pixels, the
+    output (float32 NHWC 0..255) clipped and rounded for display."""
+    pick = visible_patches(held.background, n)
+    tiles = np.stack([np.asarray(held.rainy[pick], dtype=np.float32), output[pick],
+                      held.background[pick].astype(np.float32)], axis=1)
+    write_grid(path, tiles, SAMPLE_TITLES, fsync=True)
 
 
 def finish(cfg: TrainConfig, data: Data, state: TrainState, step: int, device: torch.device) -> None:

@@ -103,14 +103,16 @@ def test_sweep_with_relative_paths_from_another_folder(tmp_path: Path, monkeypat
 def test_demo_with_a_relative_out_from_another_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.chdir(tmp_path)
-    args = ["--out", "d", "--iters", "2", "--count", "8", "--patch", "32"]
+    args = ["--out", "d", "--iters", "2", "--counts", "4,8", "--patch", "32"]
     res = CliRunner().invoke(demo, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    run = tmp_path / "d" / "run"
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["step"] == 2 and np.isfinite(metrics["E_R"]) and np.isfinite(metrics["E_B"])
-    assert json.loads((run / "config.json").read_text())["store"] == str(tmp_path / "d" / "store")
-    assert str(run / "samples.png") in res.output
+    for count in (4, 8):
+        run = tmp_path / "d" / "runs" / f"resnet-s_p32_i2_n{count}"
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert metrics["step"] == 2 and np.isfinite(metrics["E_R"]) and np.isfinite(metrics["E_B"])
+        assert json.loads((run / "config.json").read_text())["store"] == str(tmp_path / "d" / "store-32")
+        assert str(run / "samples.png") in res.output
+    assert str(tmp_path / "d" / "comparison.png") in res.output
     assert not (ROOT / "d").exists()
 
 

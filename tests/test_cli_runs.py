@@ -112,15 +112,16 @@ def test_sweep_names_a_run_that_wrote_no_metrics(store: Path, tmp_path: Path, fa
 def test_demo_shows_the_training_lines(tmp_path: Path, fake_python: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_TRAIN", "ok")
     said: list[str] = []
-    metrics = dm.run_demo(tmp_path / "d", iters=2, count=4, patch=16, python=fake_python, echo=said.append)
-    assert metrics["E_R"] == 1.5
-    assert "  fake step 1/2 loss 0.1" in said and "  fake step 2/2 loss 0.2" in said
-    assert "fake step 2/2" in (tmp_path / "d" / "run" / "train.out").read_text()
+    metrics = dm.run_demo(tmp_path / "d", iters=2, counts=(2, 4), patch=16, python=fake_python, echo=said.append)
+    assert [m["E_R"] for m in metrics.values()] == [1.5, 1.5]
+    for count in (2, 4):
+        assert f"  n{count} | fake step 1/2 loss 0.1" in said and f"  n{count} | fake step 2/2 loss 0.2" in said
+        assert "fake step 2/2" in (tmp_path / "d" / "runs" / f"resnet-s_p16_i2_n{count}" / "train.out").read_text()
 
 
 def test_demo_names_a_run_that_wrote_no_metrics(tmp_path: Path, fake_python: str,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_TRAIN", "no-metrics")
     with pytest.raises(dm.DemoError, match="exited 0 but wrote no .*metrics.json"):
-        dm.run_demo(tmp_path / "d", iters=2, count=4, patch=16, python=fake_python, echo=lambda s: None)
-    assert os.path.exists(tmp_path / "d" / "run" / "train.out")
+        dm.run_demo(tmp_path / "d", iters=2, counts=(2, 4), patch=16, python=fake_python, echo=lambda s: None)
+    assert os.path.exists(tmp_path / "d" / "runs" / "resnet-s_p16_i2_n2" / "train.out")

@@ -69,19 +69,30 @@ def sweep(store: str, counts: str, rains: str, model_names: str, iters: int, out
 
 @click.command(context_settings={"show_default": True})
 @click.option("--out", default="rainsweep-demo", type=click.Path(file_okay=False), help="Output directory.")
-@click.option("--iters", default=demo_defaults.ITERS, type=click.IntRange(1), help="Training steps.")
+@click.option("--iters", default=demo_defaults.ITERS, type=click.IntRange(1), help="Training steps of each model.")
 @click.option("--model", default=demo_defaults.MODEL, help="Model (a small one trains in minutes on a CPU).")
-@click.option("--count", default=demo_defaults.COUNT, type=click.IntRange(1), help="Training background patches.")
+@click.option("--counts", default=",".join(map(str, demo_defaults.COUNTS)),
+              help="Training background counts, one model each (at least two).")
 @click.option("--patch", default=demo_defaults.PATCH, type=click.IntRange(16),
               help="Patch side in pixels (of a new store).")
-def demo(out: str, iters: int, model: str, count: int, patch: int) -> None:
-    """Build a small store from built-in images, train a small model on CPU, score it on held-out rain.
+def demo(out: str, iters: int, model: str, counts: str, patch: int) -> None:
+    """Train small models on few and on many backgrounds (CPU), compare them on held-out rain.
 
-    Relative paths are read against the current folder. The training's output shows as it runs."""
+    Builds a store from built-in images, trains one model per count at once, prints their E_R / E_B side by side
+    and writes OUT/comparison.png. Relative paths are read against the current folder. The training's output shows
+    as it runs."""
     from engine.experiments.demo import DemoError, run_demo
+    from engine.experiments.sweep import SweepError, parse_list
 
     _check_models([model])
     try:
-        run_demo(out, iters=iters, model=model, count=count, patch=patch, echo=click.echo)
+        count_list = parse_list(counts, "--counts", int, minimum=1)
+    except SweepError as err:
+        raise click.BadParameter(str(err), param_hint="--counts") from None
+    if len(set(count_list)) < 2:
+        raise click.BadParameter(f"{counts!r}: expected at least two different counts, e.g. 8,512",
+                                 param_hint="--counts")
+    try:
+        run_demo(out, iters=iters, model=model, counts=count_list, patch=patch, echo=click.echo)
     except DemoError as err:
         raise click.ClickException(str(err)) from None

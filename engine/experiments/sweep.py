@@ -8,8 +8,8 @@ checkpoint but no metrics is resumed. Afterwards:
   rain residual, PSNR and E_R ceiling);
 - ``OUT/figures/er_eb_<model>.png``: E_R (higher is better) and E_B (lower is better) against background count
   (log x), one line per training-rain range;
-- ``OUT/samples/<run>.png``: each run's rainy input | output | ground truth rows (copied from the run), and
-  ``OUT/figures/samples_<model>.png``: the first sample of every run on one sheet.
+- ``OUT/samples/<run>.png``: each run's titled rainy input | output | clean rows (copied from the run), and
+  ``OUT/figures/samples_<model>.png``: the first sample of every run on one sheet, titled with its E_R / E_B.
 
 Each run's output streams to ``OUT/runs/<name>/train.out`` and, prefixed with the run's name, to the caller's
 ``echo`` while it trains. Every path reaches train.py absolute (see ``engine.experiments.train_command``), so a
@@ -237,26 +237,29 @@ def plot_results(out_dir: Path, rows: list[dict], test_rain: str = "") -> list[P
 
 
 def sample_sheet(out_dir: Path, rows: list[dict]) -> list[Path]:
-    """Per model, ``out_dir/figures/samples_<model>.png``: the first sample row (rainy | output | ground truth) of
-    every run with a copied sample in ``out_dir/samples``, titled by run; returns the paths."""
+    """Per model, ``out_dir/figures/samples_<model>.png``: for every run with a copied sample in ``out_dir/samples``,
+    the column titles and first row of its samples.png (rainy input | output | clean), titled with the run's rain,
+    background count and held-out E_R / E_B; returns the paths."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
-    from PIL import Image
+
+    from engine.experiments.figures import read_grid_rows
 
     paths = []
     for model in sorted({r["model"] for r in rows}):
         runs = [r for r in rows if r["model"] == model and (out_dir / "samples" / f"{r['run']}.png").exists()]
         if not runs:
             continue
-        fig, axes = plt.subplots(len(runs), 1, figsize=(6, 2.2 * len(runs)), squeeze=False)
+        fig, axes = plt.subplots(len(runs), 1, figsize=(6, 2.6 * len(runs)), squeeze=False)
         for ax, r in zip(axes[:, 0], runs):
-            img = np.asarray(Image.open(out_dir / "samples" / f"{r['run']}.png").convert("RGB"))
-            ax.imshow(img[: img.shape[1] // 3])  # first row: three square tiles side by side
-            ax.set_title(f"{r['rain']} rain, {r['count']} backgrounds: rainy | output | ground truth", fontsize=8)
+            ax.imshow(read_grid_rows(out_dir / "samples" / f"{r['run']}.png", rows=1), interpolation="nearest")
+            scores = "" if r.get("E_R") is None else f": E_R {r['E_R']:.2f}, E_B {r['E_B']:.2f}"
+            ax.set_title(f"{r['rain']} rain, {r['count']} backgrounds, seed {r.get('seed', 0)}{scores}", fontsize=8)
             ax.axis("off")
+        fig.suptitle(f"{model}: a held-out sample of each run (E_R higher is better, E_B lower is better)",
+                     fontsize=9)
         path = out_dir / "figures" / f"samples_{model}.png"
         (out_dir / "figures").mkdir(exist_ok=True)
         _savefig(fig, path)
