@@ -50,6 +50,10 @@ from typing import Any, Iterator, TextIO
 
 import click
 import numpy as np
+
+# engine first: engine.runtime sets OMP_WAIT_POLICY=PASSIVE, which torch's OpenMP runtime reads once, when torch is
+# imported; with spinning OpenMP threads numba's and torch's pools take each other's cores (CPU steps ~10x slower).
+import engine  # noqa: E402,F401,I001
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
