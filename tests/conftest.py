@@ -9,6 +9,8 @@ if os.environ.get("RAINSWEEP_REAL_GPU") != "1":
 # makes training steps 10x slower. Passive waiting costs nothing measurable here.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import sys  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -29,3 +31,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(autouse=True)
+def warning_registries() -> None:
+    """Give every project module its ``__warningregistry__`` before a test runs.
+
+    numba's CUDA simulator runs a block's threads concurrently, and each device-function call iterates the globals of
+    the function's module. The first warning raised from a module (the simulator's numpy integer scalars warn on the
+    wrap-around the hash relies on) adds ``__warningregistry__`` to those globals, which can make a concurrent
+    iteration fail with "dictionary changed size during iteration". With the registry present, no key is added.
+    """
+    for name, module in list(sys.modules.items()):
+        if module is not None and name.split(".")[0] in ("kernels", "engine"):
+            module.__dict__.setdefault("__warningregistry__", {})
+
