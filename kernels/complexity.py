@@ -231,6 +231,12 @@ def _scale(lvl, h, w):
 
 
 @cuda.jit(device=True, inline=True)
+def _slot(lvl, last):
+    """Accumulator slot of level ``lvl``: ``min(lvl, last)`` (the builtin ``min`` does not compile for CUDA here)."""
+    return lvl if lvl < last else last
+
+
+@cuda.jit(device=True, inline=True)
 def _block_term(q0, q1, q2, q3):
     """Block sum ``t`` of four int64 children and the block's exact contribution ``16 sum(q^2) - 4 t^2``
     (scaled by the level's factor at the call site)."""
@@ -303,13 +309,13 @@ def _complexity_kernel(x, scratch, out):  # out: float64 [N, slots]; level k's t
                 if py < ph1 and px < pw1:
                     for c in range(3):
                         t, d = _quad_term(c1, c)
-                        total[min(1, last)] += d * sc1
+                        total[_slot(1, last)] += d * sc1
                         l2[qy, qx, c] = t
         # level 2 -> 3, into scratch region A laid out [h3, w3, 3]
         if ty < ph2 and tx < pw2:
             for c in range(3):
                 t, d = _quad_term(l2, c)
-                total[min(2, last)] += d * sc2
+                total[_slot(2, last)] += d * sc2
                 scratch[p, (ty * w3 + tx) * 3 + c] = t
     cuda.syncthreads()
     # levels >= 3: region A at offset 0 (h3 * w3 * 3), region B after it
@@ -335,7 +341,7 @@ def _complexity_kernel(x, scratch, out):  # out: float64 [N, slots]; level k's t
             q2 = scratch[p, i1]
             q3 = scratch[p, i1 + 3]
             t, d = _block_term(q0, q1, q2, q3)
-            total[min(lvl, last)] += d * sc
+            total[_slot(lvl, last)] += d * sc
             scratch[p, dst + k] = t
         cuda.syncthreads()
         src, dst = dst, src
