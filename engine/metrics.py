@@ -97,7 +97,7 @@ def sharpness(x: Any, backend: str = "auto") -> np.ndarray:
     return _per_patch(x, backend, k.sharpness_cpu, k.sharpness_cuda, k.sharpness_reference, k.check_size)
 
 
-def complexity(x: Any, backend: str = "auto") -> np.ndarray:
+def complexity(x: Any, backend: str = "auto", levels: tuple[int, int] | None = None) -> np.ndarray:
     """Multiscale structural complexity per patch.
 
     Values scaled to 0..1; 2 x 2 block averaging down to one row or column; at each level ``|O_{k,k+1} - (O_{k,k} +
@@ -111,11 +111,24 @@ def complexity(x: Any, backend: str = "auto") -> np.ndarray:
         uint8 NHWC [N, H, W, 3] RGB, 0..255, on the host or a CUDA device. H * W up to 2,900,000 pixels.
     backend : {"auto", "cpu", "cuda", "reference"}
         See the module docstring.
+    levels : pair of int (start, steps), optional
+        Sum only the per-level terms ``T_k`` of ``complexity_profile`` for ``start <= k < start + steps`` (added left
+        to right), as the ``compl_start`` / ``compl_steps`` options of the authors' C++ program. ``start >= 0``,
+        ``steps >= 1``, ``start + steps <= L`` (the patch size's number of levels) or a ValueError. None (default):
+        the full range, computed by the full-range kernel.
 
     Returns
     -------
     numpy.ndarray
         float64 [N] on the host (dimensionless, values on the 0..1 scale).
+
+    Notes
+    -----
+    Which setting reproduces which published code (a mapping of parameters): the full range (``levels=None``, or
+    ``levels=(0, L)``, equal to it bit for bit on the CPU) is Bagrov et al.'s definition and the authors' C++
+    program (github.com/IakovlevIA/structural-complexity) with ``compl_start = 0`` and ``compl_steps >= L``; the C++
+    program's default ``compl_steps = 8`` from level 0 is ``levels=(0, 8)``; the other public (Python) port, which
+    stops at ``log2(N) - 2`` for N x N patches, is ``levels=(0, log2(N) - 2)``.
 
     References
     ----------
@@ -123,7 +136,72 @@ def complexity(x: Any, backend: str = "auto") -> np.ndarray:
     PNAS 117(48):30241-30251, 2020, doi:10.1073/pnas.2004976117.
     """
     k = complexity_kernels
+    if levels is not None:
+        check_array(x, "x", ("uint8",), "NHWC")
+        k.check_levels(levels, k.num_levels(int(x.shape[1]), int(x.shape[2])))
+        return complexity_from_profile(complexity_profile(x, backend), levels)
     return _per_patch(x, backend, k.complexity_cpu, k.complexity_cuda, k.complexity_reference, k.check_size)
+
+
+def complexity_profile(x: Any, backend: str = "auto") -> np.ndarray:
+    """Per-level terms of the multiscale structural complexity, per patch.
+
+    ``T_k = |O_{k,k+1} - (O_{k,k} + O_{k+1,k+1}) / 2| = mean |f_k - f_{k+1}|^2 / 2`` for ``k = 0 .. L-1``, with
+    ``f_0`` the patch scaled to 0..1 and ``f_{k+1}`` the 2 x 2 block average of ``f_k`` (odd last row / column
+    dropped); see ``complexity``. The terms added left to right give ``complexity(x)``.
+
+    Parameters
+    ----------
+    x : numpy.ndarray, cupy.ndarray or torch.Tensor
+        As for ``complexity``: uint8 NHWC [N, H, W, 3] RGB, 0..255, host or CUDA device, H * W <= 2,900,000.
+    backend : {"auto", "cpu", "cuda", "reference"}
+        As for ``complexity`` (the CUDA kernel reduces each level over a block's threads on its own, so its terms
+        can differ from the CPU's in the last bits).
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 [N, L] on the host (dimensionless, values on the 0..1 scale). ``L = floor(log2(min(H, W)))``, the
+        number of 2 x 2 coarsenings until one row or column (0 when H or W is 1): 7 for 128 x 128, 4 for 16 x 24.
+    """
+    k = complexity_kernels
+    check_array(x, "x", ("uint8",), "NHWC")
+    n_levels = k.num_levels(int(x.shape[1]), int(x.shape[2]))
+    if int(x.shape[0]) == 0:
+        return np.empty((0, n_levels), dtype=np.float64)
+    return _per_patch(x, backend, k.complexity_profile_cpu, k.complexity_profile_cuda,
+                      k.complexity_profile_reference, k.check_size)
+
+
+def complexity_levels(h: int, w: int) -> int:
+    """Number of levels ``L`` of an H x W patch's complexity profile: ``floor(log2(min(H, W)))``, 0 when H or W is
+    below 2."""
+    return complexity_kernels.num_levels(h, w)
+
+
+def complexity_from_profile(profile: Any, levels: tuple[int, int] | None = None) -> np.ndarray:
+    """Complexity from per-level terms: the terms ``start <= k < start + steps`` added left to right.
+
+    Parameters
+    ----------
+    profile : array_like of float
+        float64 [N, L], ``complexity_profile``'s output (dimensionless, 0..1 scale), e.g. a store's
+        ``complexity_profile``.
+    levels : pair of int (start, steps), optional
+        As in ``complexity``; None: all L levels (then bit for bit equal to ``complexity(x, backend="cpu")``).
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 [N].
+    """
+    profile = np.asarray(profile, dtype=np.float64)
+    if profile.ndim != 2:
+        raise ValueError(f"profile: expected float64 [N, L] per-level terms, got shape {profile.shape}")
+    if levels is None:
+        return complexity_kernels.sum_levels(profile)
+    k0, k1 = complexity_kernels.check_levels(levels, profile.shape[1])
+    return complexity_kernels.sum_levels(profile, k0, k1)
 
 
 def _check_decoupled(output: Any, rainy: Any, background: Any, mask: Any) -> None:

@@ -15,8 +15,23 @@ a parent block with children ``S_1..S_4`` and sum ``T`` contributes ``sum_i (4 S
 (an exact integer) times ``1 / (4**(k+1) * 255)**2``. Note: for a power-of-two square patch the terms telescope,
 ``C = (mean |f_0|^2 - |mean f_0|^2) / 2``: half the summed per-channel variance of the 0..1 values.
 
+Profile: the per-level term ``T_k = mean |f_k - f_{k+1}|^2 / 2`` for ``k = 0 .. L-1``, float64 [N, L], where ``L``
+(``num_levels``) is the number of coarsenings until one row or column: ``L = floor(log2(min(H, W)))`` (0 when H or
+W is 1). The kernels accumulate each level's term in its own slot; ``C`` is the left-to-right sum of the slots
+(``sum_levels``), which for the CPU kernel and the reference adds the same terms in the same order as the single
+running total of the full-range kernel, so the two agree bit for bit.
+
+Which setting reproduces which published code (a mapping of parameters; ``levels=(k0, k1)`` sums ``T_k`` for
+``k0 <= k < k0 + k1``):
+
+* the full range (no ``levels``): Bagrov et al.'s definition, and the authors' C++ program
+  (github.com/IakovlevIA/structural-complexity) with ``compl_start = 0`` and ``compl_steps >= L``;
+* the C++ program's options ``compl_start`` / ``compl_steps``: ``levels=(compl_start, compl_steps)``; its default
+  ``compl_steps = 8`` from level 0 is ``levels=(0, 8)`` (needs ``L >= 8``, e.g. 256 x 256 patches);
+* the other public (Python) port, which stops at ``log2(N) - 2`` for N x N patches: ``levels=(0, log2(N) - 2)``.
+
 Exactness bound: the int64 sums are exact for ``H * W <= MAX_PIXELS`` (checked). Inputs: uint8 NHWC [N, H, W, 3],
-0..255. Outputs: float64 [N].
+0..255. Outputs: float64 [N] (complexity) or [N, L] (profile).
 """
 from __future__ import annotations
 
@@ -25,6 +40,51 @@ from numba import cuda, njit, prange
 
 #: 16 * sum of squared block sums <= 16 * 255**2 * n**2 must fit int64.
 MAX_PIXELS = 2_900_000
+#: Most levels a patch within ``MAX_PIXELS`` can have (min(H, W) <= 1702, so L <= 10); sizes the GPU's per-thread
+#: per-level accumulators.
+MAX_LEVELS = 11
+
+
+def num_levels(h: int, w: int) -> int:
+    """Number of levels ``L`` of an H x W patch: coarsenings until one row or column, ``floor(log2(min(H, W)))``
+    (0 when H or W is below 2)."""
+    n = 0
+    while (h >> n) >= 2 and (w >> n) >= 2:
+        n += 1
+    return n
+
+
+def check_levels(levels: tuple[int, int], n_levels: int, name: str = "levels") -> tuple[int, int]:
+    """Validate ``levels = (start, steps)`` against a patch's ``n_levels``; return it as a pair of ints.
+
+    ``start >= 0``, ``steps >= 1`` and ``start + steps <= n_levels`` (the levels ``start .. start + steps - 1`` must
+    exist for the patch size), else a ValueError naming ``name``.
+    """
+    try:
+        k0, k1 = levels
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a pair (start, steps) of ints, got {levels!r}") from None
+    for v in (k0, k1):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise ValueError(f"{name}: expected a pair (start, steps) of ints, got {levels!r}")
+    k0, k1 = int(k0), int(k1)
+    if k0 < 0 or k1 < 1:
+        raise ValueError(f"{name}: expected start >= 0 and steps >= 1, got ({k0}, {k1})")
+    if k0 + k1 > n_levels:
+        raise ValueError(f"{name}: levels {k0} .. {k0 + k1 - 1} requested, but this patch size has only {n_levels} "
+                         f"levels (0 .. {n_levels - 1})")
+    return k0, k1
+
+
+def sum_levels(profile: np.ndarray, start: int = 0, steps: int | None = None) -> np.ndarray:
+    """float64 [N]: the profile's terms ``start .. start + steps - 1`` (default: all) added left to right, the order
+    in which the kernels add them."""
+    profile = np.asarray(profile, dtype=np.float64)
+    stop = profile.shape[1] if steps is None else start + steps
+    out = np.zeros(profile.shape[0], dtype=np.float64)
+    for k in range(start, stop):
+        out += profile[:, k]
+    return out
 
 
 def check_size(h: int, w: int) -> None:
@@ -35,12 +95,14 @@ def check_size(h: int, w: int) -> None:
 
 # ---- plain numpy reference (slow and obvious): the overlap formula itself -----------------------------------------
 
-def complexity_reference(x: np.ndarray) -> np.ndarray:
-    """float64 [N] complexity of uint8 NHWC patches from the O_ab overlaps, one patch and one level at a time."""
-    out = np.zeros(len(x), dtype=np.float64)
-    for i, patch in enumerate(np.asarray(x)):
+def complexity_profile_reference(x: np.ndarray) -> np.ndarray:
+    """float64 [N, L] per-level terms of uint8 NHWC patches from the O_ab overlaps, one patch and one level at a
+    time."""
+    x = np.asarray(x)
+    out = np.zeros((len(x), num_levels(x.shape[1], x.shape[2])), dtype=np.float64)
+    for i, patch in enumerate(x):
         f = patch.astype(np.float64) / 255.0  # [H, W, 3] on 0..1
-        total = 0.0
+        k = 0
         while f.shape[0] > 1 and f.shape[1] > 1:
             h, w = f.shape[0] // 2 * 2, f.shape[1] // 2 * 2
             f = f[:h, :w]
@@ -49,10 +111,15 @@ def complexity_reference(x: np.ndarray) -> np.ndarray:
             o_kk = np.mean(np.sum(f * f, axis=-1))
             o_k1 = np.mean(np.sum(f * up, axis=-1))
             o_11 = np.mean(np.sum(up * up, axis=-1))
-            total += abs(o_k1 - (o_kk + o_11) / 2)
+            out[i, k] = abs(o_k1 - (o_kk + o_11) / 2)
+            k += 1
             f = coarse
-        out[i] = total
     return out
+
+
+def complexity_reference(x: np.ndarray) -> np.ndarray:
+    """float64 [N] complexity of uint8 NHWC patches: the reference profile's terms added left to right."""
+    return sum_levels(complexity_profile_reference(x))
 
 
 # ---- CPU kernel (numba, parallel over patches) -------------------------------------------------------------------
@@ -60,25 +127,34 @@ def complexity_reference(x: np.ndarray) -> np.ndarray:
 def complexity_cpu(x: np.ndarray) -> np.ndarray:
     """float64 [N] complexity of a uint8 NHWC numpy batch (0..255), numba CPU kernel parallel over patches."""
     check_size(x.shape[1], x.shape[2])
-    return _complexity_cpu(np.ascontiguousarray(x))
+    return _complexity_cpu(np.ascontiguousarray(x), 1)[:, 0]
+
+
+def complexity_profile_cpu(x: np.ndarray) -> np.ndarray:
+    """float64 [N, L] per-level terms of a uint8 NHWC numpy batch (0..255), numba CPU kernel parallel over
+    patches."""
+    h, w = x.shape[1], x.shape[2]
+    check_size(h, w)
+    return _complexity_cpu(np.ascontiguousarray(x), num_levels(h, w))
 
 
 @njit(cache=True, parallel=True)
-def _complexity_cpu(x: np.ndarray) -> np.ndarray:
-    """float64 [N] complexity of a C-contiguous uint8 NHWC numpy batch; parallel over patches.
+def _complexity_cpu(x: np.ndarray, slots: int) -> np.ndarray:
+    """float64 [N, slots] of a C-contiguous uint8 NHWC numpy batch; parallel over patches. Level k's term goes to
+    slot ``min(k, slots - 1)``: ``slots = 1`` gives the complexity, ``slots = L`` the profile.
 
     Per level, ``A = sum S_child^2`` and ``B = sum T_parent^2`` are exact int64, so the result does not depend on
     summation order. Block sums are kept in one int64 buffer, coarsened in place (a parent's slot never lies after
     an unread child's).
     """
     n, h, w, ch = x.shape
-    out = np.zeros(n, dtype=np.float64)
+    out = np.zeros((n, slots), dtype=np.float64)
     ph0 = h // 2
     pw0 = w // 2
+    last = slots - 1
     for p in prange(n):
         buf = np.empty(max(ph0 * pw0 * 3, 1), dtype=np.int64)
         v = np.empty(max(pw0 * 6, 1), dtype=np.int32)
-        total = 0.0
         if ph0 > 0 and pw0 > 0:
             a = np.int64(0)
             b = np.int64(0)
@@ -102,7 +178,7 @@ def _complexity_cpu(x: np.ndarray) -> np.ndarray:
                     buf[o + 3 * px + 1] = s1
                     buf[o + 3 * px + 2] = s2
                     b += s0 * s0 + s1 * s1 + s2 * s2
-            total += (16.0 * a - 4.0 * b) / (2.0 * (2 * ph0) * (2 * pw0) * (4.0 * 255.0) ** 2)
+            out[p, 0] += (16.0 * a - 4.0 * b) / (2.0 * (2 * ph0) * (2 * pw0) * (4.0 * 255.0) ** 2)
             lvl = 1
             hl = ph0
             wl = pw0
@@ -125,11 +201,10 @@ def _complexity_cpu(x: np.ndarray) -> np.ndarray:
                             b += t * t
                             buf[(py * pw + px) * 3 + c] = t
                 scale = 4.0 ** (lvl + 1) * 255.0
-                total += (16.0 * a - 4.0 * b) / (2.0 * (2 * ph) * (2 * pw) * scale * scale)
+                out[p, min(lvl, last)] += (16.0 * a - 4.0 * b) / (2.0 * (2 * ph) * (2 * pw) * scale * scale)
                 lvl += 1
                 hl = ph
                 wl = pw
-        out[p] = total
     return out
 
 
@@ -145,11 +220,20 @@ CHUNK = 8192
 
 @cuda.jit(device=True, inline=True)
 def _scale(lvl, h, w):
-    """1 / (2 * cells of the cropped level-lvl grid * (4**(lvl+1) * 255)**2)."""
+    """1 / (2 * cells of the cropped level-lvl grid * (4**(lvl+1) * 255)**2); 0 for a level the patch lacks (no
+    term uses it, and the simulator raises on a division by zero)."""
     ph = (h >> lvl) // 2
     pw = (w >> lvl) // 2
+    if ph == 0 or pw == 0:
+        return 0.0
     s = 4.0 ** (lvl + 1) * 255.0
     return 1.0 / (2.0 * (2 * ph) * (2 * pw) * s * s)
+
+
+@cuda.jit(device=True, inline=True)
+def _slot(lvl, last):
+    """Accumulator slot of level ``lvl``: ``min(lvl, last)`` (the builtin ``min`` does not compile for CUDA here)."""
+    return lvl if lvl < last else last
 
 
 @cuda.jit(device=True, inline=True)
@@ -167,7 +251,7 @@ def _quad_term(q, c):
 
 
 @cuda.jit
-def _complexity_kernel(x, scratch, out):
+def _complexity_kernel(x, scratch, out):  # out: float64 [N, slots]; level k's term goes to slot min(k, slots - 1)
     """Block b handles patch b. Phase 1: thread t coarsens 8 x 8 pixel tiles (levels 0 -> 3) on its own, reading the
     tile's uint8 rows (a warp covers consecutive tiles of a tile row), and writes the level-3 block sums to global
     scratch (L2-resident, a few KB per patch). Phase 2: the block coarsens levels >= 3 together, ping-ponging
@@ -184,7 +268,11 @@ def _complexity_kernel(x, scratch, out):
     # cells is live at a time, which keeps the register count (and so the occupancy) reasonable
     c1 = cuda.local.array((2, 2, 3), dtype=np.int32)
     l2 = cuda.local.array((2, 2, 3), dtype=np.int32)
-    total = 0.0
+    slots = out.shape[1]
+    last = slots - 1
+    total = cuda.local.array(MAX_LEVELS, dtype=np.float64)
+    for k in range(slots):
+        total[k] = 0.0
     ph0 = h // 2
     pw0 = w // 2
     ph1 = (h >> 1) // 2
@@ -213,7 +301,7 @@ def _complexity_kernel(x, scratch, out):
                                 q2 = np.int64(x[p, 2 * py + 1, 2 * px, c])
                                 q3 = np.int64(x[p, 2 * py + 1, 2 * px + 1, c])
                                 t, d = _block_term(q0, q1, q2, q3)
-                                total += d * sc0
+                                total[0] += d * sc0
                                 c1[cy, cx, c] = t
                 # level 1 -> 2 (its children exist whenever the parent does)
                 py = 2 * ty + qy
@@ -221,13 +309,13 @@ def _complexity_kernel(x, scratch, out):
                 if py < ph1 and px < pw1:
                     for c in range(3):
                         t, d = _quad_term(c1, c)
-                        total += d * sc1
+                        total[_slot(1, last)] += d * sc1
                         l2[qy, qx, c] = t
         # level 2 -> 3, into scratch region A laid out [h3, w3, 3]
         if ty < ph2 and tx < pw2:
             for c in range(3):
                 t, d = _quad_term(l2, c)
-                total += d * sc2
+                total[_slot(2, last)] += d * sc2
                 scratch[p, (ty * w3 + tx) * 3 + c] = t
     cuda.syncthreads()
     # levels >= 3: region A at offset 0 (h3 * w3 * 3), region B after it
@@ -253,7 +341,7 @@ def _complexity_kernel(x, scratch, out):
             q2 = scratch[p, i1]
             q3 = scratch[p, i1 + 3]
             t, d = _block_term(q0, q1, q2, q3)
-            total += d * sc
+            total[_slot(lvl, last)] += d * sc
             scratch[p, dst + k] = t
         cuda.syncthreads()
         src, dst = dst, src
@@ -261,34 +349,51 @@ def _complexity_kernel(x, scratch, out):
         hl = ph
         wl = pw
     acc = cuda.shared.array(MAX_THREADS, dtype=np.float64)
-    acc[tid] = total
-    cuda.syncthreads()
-    s = nt // 2
-    while s > 0:
-        if tid < s:
-            acc[tid] += acc[tid + s]
+    for k in range(slots):
+        acc[tid] = total[k]
         cuda.syncthreads()
-        s //= 2
-    if tid == 0:
-        out[p] = acc[0]
+        s = nt // 2
+        while s > 0:
+            if tid < s:
+                acc[tid] += acc[tid + s]
+            cuda.syncthreads()
+            s //= 2
+        if tid == 0:
+            out[p, k] = acc[0]
+        cuda.syncthreads()
 
 
 def complexity_cuda(x, threads: int = MAX_THREADS) -> np.ndarray:
     """float64 [N] complexity (host numpy) from the numba.cuda kernel. ``x``: uint8 NHWC device array (CuPy / numba)
     or numpy array (copied to the device; the CUDA simulator path in tests). Launches at most ``CHUNK`` patches at a
     time so the level >= 3 scratch stays small."""
+    return _run_cuda(x, threads, per_level=False)[:, 0]
+
+
+def complexity_profile_cuda(x, threads: int = MAX_THREADS) -> np.ndarray:
+    """float64 [N, L] per-level terms (host numpy) from the numba.cuda kernel; ``x`` as for ``complexity_cuda``.
+    Each level is reduced over the block's threads on its own, so its sum can differ from ``complexity_cuda`` in
+    the last bits."""
+    return _run_cuda(x, threads, per_level=True)
+
+
+def _run_cuda(x, threads: int, per_level: bool) -> np.ndarray:
+    """float64 [N, slots] from ``_complexity_kernel``: one slot (the complexity) or ``L`` (the profile)."""
     if threads > MAX_THREADS or threads & (threads - 1):
         raise ValueError(f"threads: expected a power of two <= {MAX_THREADS}, got {threads}")
     n, h, w = x.shape[0], x.shape[1], x.shape[2]
     check_size(h, w)
+    slots = num_levels(h, w) if per_level else 1
     d_x = cuda.to_device(x) if isinstance(x, np.ndarray) else cuda.as_cuda_array(x)
     h3, w3 = h >> 3, w >> 3
     per_patch = max(h3 * w3 * 3 + (h3 // 2) * (w3 // 2) * 3, 1)
-    result = np.empty(n, dtype=np.float64)
+    result = np.empty((n, slots), dtype=np.float64)
+    if slots == 0:
+        return result
     for start in range(0, n, CHUNK):
         stop = min(n, start + CHUNK)
         scratch = cuda.device_array((stop - start, per_patch), dtype=np.int64)
-        out = cuda.device_array(stop - start, dtype=np.float64)
+        out = cuda.device_array((stop - start, slots), dtype=np.float64)
         _complexity_kernel[stop - start, threads](d_x[start:stop], scratch, out)
         result[start:stop] = out.copy_to_host()
     return result

@@ -95,11 +95,13 @@ def test_store_is_byte_identical(small_store: Path, tmp_path: Path) -> None:
 
     s = open_store(small_store)
     got = {"write/patches": digest(s.read_all()), "write/sharpness": digest(s.sharpness),
-           "write/complexity": digest(s.complexity), "write/fingerprint": s.fingerprint}
+           "write/complexity": digest(s.complexity), "write/complexity_profile": digest(s.complexity_profile),
+           "write/fingerprint": s.fingerprint}
     precompute(["builtin:procedural"], tmp_path / "p.zarr", patch=64, stride=64, progress=False)
     p = open_store(tmp_path / "p.zarr")
     got.update({"precompute/patches": digest(p.read_all()), "precompute/sharpness": digest(p.sharpness),
-                "precompute/complexity": digest(p.complexity), "precompute/source": digest(p.source),
+                "precompute/complexity": digest(p.complexity),
+                "precompute/complexity_profile": digest(p.complexity_profile), "precompute/source": digest(p.source),
                 "precompute/origin": digest(p.origin), "precompute/category": digest(p.category),
                 "precompute/fingerprint": p.fingerprint})
     compare("store", got)

@@ -37,7 +37,7 @@ _SCRIPT = textwrap.dedent("""
         "sharpness._sums_kernel": (sharpness._sums_kernel, (u8_4a, T.int64[:, ::1])),
         "sharpness._sums_columns_kernel": (sharpness._sums_columns_kernel, (u8_4a, T.int64[:, ::1])),
         "complexity._complexity_kernel": (complexity._complexity_kernel,
-                                          (u8_4a, T.int64[:, ::1], T.float64[::1])),
+                                          (u8_4a, T.int64[:, ::1], T.float64[:, ::1])),
         "decoupled._sums_kernel[uint8]": (decoupled._sums_kernel,
                                           (u8_4a, u8_4a, u8_4a, T.Array(T.uint8, 3, "A"), T.float64[:, ::1])),
         "decoupled._sums_kernel[float32]": (decoupled._sums_kernel,

@@ -347,3 +347,17 @@ def test_cli_info_on_interrupted_store(tmp_path):
     assert r.exit_code == 0 and "complete: NO" in r.output
     r = CliRunner().invoke(main, ["info", str(out), "--verify"])
     assert r.exit_code == 1 and "incomplete" in r.output
+
+
+def test_precompute_stores_the_complexity_profile(folder, tmp_path):
+    from engine import metrics
+
+    d, _ = folder
+    precompute([str(d)], tmp_path / "p.zarr", patch=16, stride=16, progress=False, chunk_patches=8)
+    store = open_store(tmp_path / "p.zarr")
+    x = store.read_all()
+    assert store.complexity_profile.shape == (store.count, 4)
+    np.testing.assert_array_equal(store.complexity_profile, metrics.complexity_profile(x, backend="cpu"))
+    # the stored complexity is the profile's sum, bit for bit what metrics.complexity gives
+    np.testing.assert_array_equal(store.complexity, metrics.complexity(x, backend="cpu"))
+    assert verify(tmp_path / "p.zarr") == []

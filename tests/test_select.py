@@ -159,3 +159,61 @@ def test_cli_select(store, tmp_path):
     assert r.exit_code == 1 and "only 400" in r.output
     r = CliRunner().invoke(main, ["select", str(store.path), "--count", "ten", "--out", str(out)])
     assert r.exit_code == 2 and "--count" in r.output
+
+
+# ---- complexity by a band of scales (the stored per-level profile) ------------------------------------------------
+
+@pytest.mark.parametrize("levels, spec", [((0, 1), "0.09:0.1"), ((1, 2), "0.02:0.03"), ((0, 3), ":0.125"),
+                                          ("2:1", "0.005:")])
+def test_complexity_levels_match_a_numpy_filter_of_the_profile(store, levels, spec):
+    prof = store.complexity_profile
+    assert prof.shape == (store.count, 3)  # 8 x 8 patches: levels 8, 4, 2 -> 3 terms
+    k0, k1 = (int(v) for v in levels.split(":")) if isinstance(levels, str) else levels
+    lo_s, hi_s = spec.split(":")
+    band = prof[:, k0:k0 + k1].sum(axis=1)
+    keep = (band >= (float(lo_s) if lo_s else -np.inf)) & (band < (float(hi_s) if hi_s else np.inf))
+    want = set(np.flatnonzero(keep).tolist())
+    assert 0 < len(want) < store.count  # the query is a real filter
+    sub = select(store, None, complexity=spec, complexity_levels=levels)
+    assert set(sub.indices.tolist()) == want
+    assert sub.query["complexity"]["levels"] == [k0, k1] and sub.query["complexity"]["spec"] == spec
+
+
+def test_complexity_levels_full_range_is_the_stored_complexity(tmp_path, rng):
+    # metrics computed by write_store: the full band of the profile is the complexity, bit for bit
+    x = rng.integers(0, 256, (60, 16, 16, 3), dtype=np.uint8)
+    s = write_store(tmp_path / "c.zarr", x)
+    full = select(s, None, complexity="0.12:0.128", complexity_levels=(0, 4))
+    plain = select(s, None, complexity="0.12:0.128")
+    assert 0 < plain.matched < 60
+    np.testing.assert_array_equal(full.indices, plain.indices)
+    assert "levels" not in plain.query["complexity"]
+
+
+def test_complexity_levels_errors(store):
+    with pytest.raises(SubsetError, match="needs a complexity range"):
+        select(store, None, complexity_levels=(0, 1))
+    for bad in ["1", "a:b", (0, 0), (-1, 2), (0.5, 1), "0:1:2"]:
+        with pytest.raises(SubsetError, match="complexity_levels"):
+            select(store, None, complexity="0:1", complexity_levels=bad)
+    with pytest.raises(SubsetError, match="only 3 levels"):
+        select(store, None, complexity="0:1", complexity_levels=(2, 2))
+
+
+def test_cli_select_complexity_levels(store, tmp_path):
+    from click.testing import CliRunner
+
+    from engine.cli import main
+
+    out = tmp_path / "band.json"
+    r = CliRunner().invoke(main, ["select", str(store.path), "--count", "all", "--complexity", "0.09:0.1",
+                                  "--complexity-levels", "0:1", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    sub = load_subset(out)
+    band = store.complexity_profile[:, 0]
+    np.testing.assert_array_equal(sub.indices, np.flatnonzero((band >= 0.09) & (band < 0.1)))
+    assert 0 < len(sub) < store.count
+    assert sub.query["complexity"]["levels"] == [0, 1]
+    r = CliRunner().invoke(main, ["select", str(store.path), "--count", "all", "--complexity", "0:1",
+                                  "--complexity-levels", "0:9", "--out", str(out)])
+    assert r.exit_code == 1 and "only 3 levels" in r.output

@@ -268,3 +268,47 @@ def test_views_report_a_truncated_chunk(small):
     assert len(t.views([130])) == 1
     with pytest.raises(StoreError, match="chunk 4 is truncated"):
         t.views([140])
+
+
+# ---- complexity profile ------------------------------------------------------------------------------------------
+
+def test_complexity_profile_computed_and_given(small, tmp_path, rng):
+    from engine import metrics
+    from engine.data.store import profile_levels
+    from kernels.complexity import num_levels
+
+    s, x = small
+    assert s.complexity_profile.shape == (150, 4) and s.complexity_profile.dtype == np.float64
+    np.testing.assert_array_equal(s.complexity_profile, metrics.complexity_profile(x, backend="cpu"))
+    np.testing.assert_array_equal(metrics.complexity_from_profile(s.complexity_profile), s.complexity)
+    assert [profile_levels(p) for p in range(1, 300)] == [num_levels(p, p) for p in range(1, 300)]
+    prof = rng.random((10, 4))
+    g = write_store(tmp_path / "g.zarr", x[:10], complexity_profile=prof)
+    np.testing.assert_array_equal(g.complexity_profile, prof)
+    assert verify(g.path) == []
+    with pytest.raises(ValueError, match="complexity_profile: expected shape"):
+        write_store(tmp_path / "bad.zarr", x[:10], complexity_profile=rng.random((10, 3)))
+
+
+def test_store_without_profile_still_opens(small):
+    from engine.data.store import META_ARRAYS, meta_digest
+
+    s, x = small
+    group = zarr.open_group(str(s.path), mode="a")
+    del group["complexity_profile"]
+    info = dict(group.attrs[ATTR_KEY])
+    info["meta_sha256"] = meta_digest({k: np.asarray(group[k][:]) for k in META_ARRAYS})
+    group.attrs[ATTR_KEY] = info
+    old = open_store(s.path)
+    np.testing.assert_array_equal(old.read_all(), x)
+    assert old.complexity.shape == (150,)
+    assert verify(old.path) == []
+    with pytest.raises(StoreError, match=r"s\.zarr.*complexity_profile.*rebuild it with precompute"):
+        old.complexity_profile
+
+
+def test_verify_detects_profile_change(small):
+    s, _ = small
+    group = zarr.open_group(str(s.path), mode="a")
+    group["complexity_profile"][3, 1] = 0.5
+    assert any("meta_sha256" in p for p in verify(s.path))

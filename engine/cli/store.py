@@ -87,11 +87,14 @@ def info(store: str, do_verify: bool, as_json: bool) -> None:
 @click.option("--count", required=True, help="Patches to select (a number, or 'all').")
 @click.option("--sharpness", default=None, help="low (<50) | medium (500..1000) | high (>5000) | LO:HI.")
 @click.option("--complexity", default=None, help="LO:HI.")
+@click.option("--complexity-levels", default=None,
+              help="K0:K1: apply --complexity to the per-level terms K0 <= k < K0 + K1 only (start level, number "
+                   "of levels; needs a store with the complexity profile).")
 @click.option("--category", multiple=True, help="Category name (repeat for any of several).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Selection seed.")
 @click.option("--out", "out", required=True, type=click.Path(), help="Subset JSON file to write.")
-def select(store: str, count: str, sharpness: str | None, complexity: str | None, category: tuple[str, ...],
-           seed: int, out: str) -> None:
+def select(store: str, count: str, sharpness: str | None, complexity: str | None, complexity_levels: str | None,
+           category: tuple[str, ...], seed: int, out: str) -> None:
     """Choose a deterministic subset of STORE's patches and save it as JSON (for the loader and train.py)."""
     from engine.data.select import SubsetError
     from engine.data.select import select as choose
@@ -106,7 +109,7 @@ def select(store: str, count: str, sharpness: str | None, complexity: str | None
             raise click.BadParameter(f"expected a number of patches or 'all', got {count!r}",
                                      param_hint="--count") from e
     try:
-        sub = choose(store, n, sharpness=sharpness, complexity=complexity,
+        sub = choose(store, n, sharpness=sharpness, complexity=complexity, complexity_levels=complexity_levels,
                      category=list(category) if category else None, seed=seed)
     except (SubsetError, StoreError) as e:
         raise click.ClickException(str(e)) from e

@@ -110,17 +110,19 @@ def _init_worker(items: list[SourceItem], patch: int, stride: int, single_thread
             pass
 
 
-def _metrics(patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _metrics(patches: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sharpness [n], complexity [n] and complexity profile [n, L] of uint8 NHWC patches (float64)."""
     from engine import metrics
 
-    n = len(patches)
+    n, h, w = patches.shape[:3]
     sh = np.empty(n, np.float64)
-    cx = np.empty(n, np.float64)
+    prof = np.empty((n, metrics.complexity_levels(h, w)), np.float64)
     for s in range(0, n, METRIC_BATCH):
         b = patches[s:s + METRIC_BATCH]
         sh[s:s + len(b)] = metrics.sharpness(b)
-        cx[s:s + len(b)] = metrics.complexity(b)
-    return sh, cx
+        prof[s:s + len(b)] = metrics.complexity_profile(b)
+    # the profile's terms added left to right: bit for bit what metrics.complexity returns on the CPU
+    return sh, metrics.complexity_from_profile(prof), prof
 
 
 def process_image(task: tuple[int, int]) -> tuple[int, dict, dict | None]:
@@ -177,11 +179,12 @@ def measure_patches(rgb: np.ndarray, patch: int, stride: int, start: int = 0) ->
     dict
         ``patches``: uint8 [n, patch, patch, 3] (NHWC, 0..255); ``origins``: int32 [n, 2], (y, x) of each top-left
         corner in pixels; ``sharpness``: float64 [n], Laplacian variance on the 0..255 scale; ``complexity``:
-        float64 [n], multiscale structural complexity of the 0..1-scaled patch (``engine.metrics``).
+        float64 [n], multiscale structural complexity of the 0..1-scaled patch (``engine.metrics``);
+        ``complexity_profile``: float64 [n, L], its per-level terms (``L = floor(log2(patch))``).
     """
     patches, origins = cut_patches(rgb, patch, stride, start)
-    sh, cx = _metrics(patches)
-    return {"patches": patches, "origins": origins, "sharpness": sh, "complexity": cx}
+    sh, cx, prof = _metrics(patches)
+    return {"patches": patches, "origins": origins, "sharpness": sh, "complexity": cx, "complexity_profile": prof}
 
 
 def _results(job: _Job, first: int, start: int) -> Iterator[tuple[int, dict, dict | None]]:

@@ -293,7 +293,8 @@ class StoreWriter:
             The image's source record (``engine.data.precompute.process_image``).
         data : dict or None
             ``measure_patches`` output: ``patches`` uint8 [n, P, P, 3] (NHWC, 0..255), ``origins`` int32 [n, 2],
-            ``sharpness`` / ``complexity`` float64 [n]; None for a skipped image.
+            ``sharpness`` / ``complexity`` float64 [n], ``complexity_profile`` float64 [n, L]; None for a skipped
+            image.
         start : int
             Grid index of the first patch (non-zero only for the image a resumed run starts inside).
         """
@@ -303,7 +304,8 @@ class StoreWriter:
         n = len(data["patches"])
         code = self.cat_code[record["category"]]
         self._buf.append({"patches": data["patches"], "origin": data["origins"], "sharpness": data["sharpness"],
-                          "complexity": data["complexity"], "source": np.full(n, image, np.int32),
+                          "complexity": data["complexity"], st.PROFILE_ARRAY: data[st.PROFILE_ARRAY],
+                          "source": np.full(n, image, np.int32),
                           "category": np.full(n, code, np.int16), "image": np.full(n, image, np.int64),
                           "grid": np.arange(start, start + n, dtype=np.int64)})
         self.buffered += n
@@ -357,7 +359,7 @@ class StoreWriter:
             digests.append(st.chunk_digest(data["patches"][s:s + self.chunk]).hex())
         _hook("after_data")
         seg = io.BytesIO()
-        np.savez(seg, **{k: data[k] for k in st.META_ARRAYS})
+        np.savez(seg, **{k: data[k] for k in st.meta_arrays(self.patch)})
         atomic_write(self.out / PROGRESS_DIR / f"seg-{self.segments:06d}.npz", seg.getvalue())
         _hook("after_segment")
         k, j = self._position_after(next_image)
@@ -444,4 +446,4 @@ class StoreWriter:
         if tail is not None:
             parts.append(tail)
         return {name: (np.concatenate([p[name] for p in parts]) if parts else np.zeros((0, *tail_shape), dtype))
-                for name, (dtype, tail_shape) in st.META_ARRAYS.items()}
+                for name, (dtype, tail_shape) in st.meta_arrays(self.patch).items()}

@@ -12,6 +12,10 @@ Low-level Vision Models Through the Lens of Image Deraining" (journal extension 
 Off: Understanding Generalization Problem in Image Deraining", NeurIPS 2023): low < 50, medium 500..1000
 (inclusive), high > 5000. A range ``LO:HI`` means LO <= value < HI; either side may be empty (``:50``, ``5000:``).
 
+Complexity by a band of scales: with ``complexity_levels = (start, steps)`` the complexity range applies to the sum
+of the stored per-level terms ``start <= k < start + steps`` (the store's ``complexity_profile``,
+``engine.metrics.complexity_from_profile``) instead of the full-range complexity.
+
 Subset file (JSON): ``{"format": "rainsweep-subset", "version": 1, "store_path", "store_fingerprint",
 "store_count", "seed", "query", "matched", "count", "indices"}``.
 """
@@ -56,7 +60,8 @@ class Subset:
         int64 [n] store indices, unique, sorted ascending.
     query : dict
         The normalized query that produced them: ``sharpness`` / ``complexity`` ({``spec``, ``lo``, ``hi``,
-        ``lo_inclusive``, ``hi_inclusive``}, open bounds as None), ``category`` (list of names), ``count``.
+        ``lo_inclusive``, ``hi_inclusive``}, open bounds as None; ``complexity`` also ``levels`` [start, steps]
+        when queried by a band of scales), ``category`` (list of names), ``count``.
     seed : int
         The selection seed.
     store_path, store_fingerprint : str
@@ -214,6 +219,32 @@ def parse_range(spec: Any, name: str, *, bands: bool = False) -> tuple[float, fl
     return (lo, hi, True, False)
 
 
+def parse_levels(spec: Any, name: str = "complexity_levels") -> tuple[int, int] | None:
+    """Parse a band of complexity levels: ``"K0:K1"`` or a (start, steps) pair of ints, None for no band.
+
+    Only the form is checked here (``start >= 0``, ``steps >= 1``); whether the levels exist depends on the store's
+    patch size and is checked against its profile.
+
+    Raises
+    ------
+    SubsetError
+        Not ``K0:K1`` / a pair of non-negative ints with ``steps >= 1``.
+    """
+    if spec is None:
+        return None
+    parts = spec.split(":") if isinstance(spec, str) else spec
+    try:
+        k0, k1 = parts
+        if isinstance(spec, str):
+            k0, k1 = int(k0), int(k1)
+    except (TypeError, ValueError) as e:
+        raise SubsetError(f"{name}: expected K0:K1 (start level, number of levels, e.g. 0:4) or a (start, steps) "
+                          f"pair, got {spec!r}") from e
+    if any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in (k0, k1)) or k0 < 0 or k1 < 1:
+        raise SubsetError(f"{name}: expected integers start >= 0 and steps >= 1, got {spec!r}")
+    return int(k0), int(k1)
+
+
 def _in_range(v: np.ndarray, r: tuple[float, float, bool, bool]) -> np.ndarray:
     lo, hi, lo_incl, hi_incl = r
     return ((v >= lo) if lo_incl else (v > lo)) & ((v <= hi) if hi_incl else (v < hi))
@@ -226,8 +257,19 @@ def priorities(seed: int, indices: np.ndarray) -> np.ndarray:
     return bits_np(state, counter_np(SELECT_STREAM, 0))
 
 
+def _band_complexity(store: Any, levels: tuple[int, int]) -> np.ndarray:
+    """float64 [N]: the store's per-level complexity terms ``levels[0] <= k < levels[0] + levels[1]`` summed."""
+    from engine.metrics import complexity_from_profile
+
+    profile = store.complexity_profile
+    try:
+        return complexity_from_profile(profile, levels)
+    except ValueError as e:
+        raise SubsetError(f"complexity_levels: {e} (store patch size {store.patch_size})") from e
+
+
 def select(store: Any, count: int | None, *, sharpness: Any = None, complexity: Any = None,
-           category: str | Sequence[str] | None = None, seed: int = 0) -> Subset:
+           complexity_levels: Any = None, category: str | Sequence[str] | None = None, seed: int = 0) -> Subset:
     """Choose ``count`` patches of ``store`` that match every given criterion, deterministically and nested.
 
     Among the matching patches, the ``count`` of lowest ``priorities(seed, index)`` are kept, so for one seed and
@@ -243,6 +285,10 @@ def select(store: Any, count: int | None, *, sharpness: Any = None, complexity: 
         ``"low"`` | ``"medium"`` | ``"high"`` | ``"LO:HI"`` | (lo, hi), on the 0..255-scale Laplacian variance.
     complexity : str or pair of float, optional
         ``"LO:HI"`` | (lo, hi), on the 0..1-scale structural complexity.
+    complexity_levels : str or pair of int, optional
+        ``"K0:K1"`` | (start, steps): apply ``complexity`` to the sum of the per-level terms ``start <= k < start +
+        steps`` of the store's ``complexity_profile`` (as ``engine.metrics.complexity(x, levels=(start, steps))``).
+        Needs ``complexity``, and a store with the profile.
     category : str or sequence of str, optional
         A category name or several (a patch in any of them matches).
     seed : int
@@ -256,8 +302,10 @@ def select(store: Any, count: int | None, *, sharpness: Any = None, complexity: 
     Raises
     ------
     SubsetError
-        A malformed query, an unknown category, or fewer matching patches than ``count`` (the message says how
-        many match).
+        A malformed query, an unknown category, levels the store's patch size lacks, or fewer matching patches
+        than ``count`` (the message says how many match).
+    StoreError
+        ``complexity_levels`` on a store written without the profile.
     """
     from engine.data.store import open_store
 
@@ -268,6 +316,9 @@ def select(store: Any, count: int | None, *, sharpness: Any = None, complexity: 
         raise SubsetError(f"seed: expected a 64-bit integer, got {seed!r}")
     s_range = parse_range(sharpness, "sharpness", bands=True)
     c_range = parse_range(complexity, "complexity")
+    levels = parse_levels(complexity_levels)
+    if levels is not None and c_range is None:
+        raise SubsetError("complexity_levels: needs a complexity range (LO:HI) to apply to")
     keep = np.ones(store.count, dtype=bool)
     query: dict[str, Any] = {}
     if s_range is not None:
@@ -276,10 +327,12 @@ def select(store: Any, count: int | None, *, sharpness: Any = None, complexity: 
                               "lo": s_range[0], "hi": s_range[1], "lo_inclusive": s_range[2],
                               "hi_inclusive": s_range[3]}
     if c_range is not None:
-        keep &= _in_range(store.complexity, c_range)
+        keep &= _in_range(store.complexity if levels is None else _band_complexity(store, levels), c_range)
         query["complexity"] = {"spec": complexity if isinstance(complexity, str) else list(complexity),
                                "lo": c_range[0], "hi": c_range[1], "lo_inclusive": c_range[2],
                                "hi_inclusive": c_range[3]}
+        if levels is not None:
+            query["complexity"]["levels"] = list(levels)
     if category is not None:
         names = [category] if isinstance(category, str) else list(category)
         unknown = [c for c in names if c not in store.categories]

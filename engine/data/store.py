@@ -16,6 +16,10 @@ array           dtype, shape      meaning
 ``source``      int32 [N]         index into the ``sources`` attribute list; -1 when unknown.
 ``origin``      int32 [N, 2]      (y, x) of the patch's top-left corner in its source image, pixels.
 ``category``    int16 [N]         code into the ``categories`` attribute list.
+``complexity_   float64 [N, L]    per-level terms of the complexity (``engine.metrics.complexity_profile``),
+profile``                         ``L = floor(log2(P))``; they add up to ``complexity``. Stores written
+                                  before it was stored lack it (they still open; rebuild with precompute to
+                                  select by a band of scales).
 ==============  ================  ==========================================================================
 
 Group attributes live under one key, ``"rainsweep"``:
@@ -26,7 +30,7 @@ Group attributes live under one key, ``"rainsweep"``:
 that produced the store), ``counts`` (images read, skipped by reason, converted by reason, patches),
 ``patches_digest`` (sha256 over the big-endian CRC-32 of each chunk's valid patch bytes, chunk by chunk of
 ``chunk_patches`` patches), ``meta_sha256`` (sha256 of the metadata arrays' little-endian bytes,
-in the order sharpness, complexity, source, origin, category), ``rainsweep_version``, and ``run`` (timing
+in the order sharpness, complexity, source, origin, category, complexity_profile when present), ``rainsweep_version``, and ``run`` (timing
 fields: seconds, started/finished UTC; the only fields that differ between identical runs).
 
 Why this chunk layout: zarr-python's per-chunk overhead dominates small chunks, so sharded one-patch chunks are
@@ -65,6 +69,8 @@ META_ARRAYS: dict[str, tuple[str, tuple[int, ...]]] = {
     "origin": ("int32", (2,)),
     "category": ("int16", ()),
 }
+#: per-level complexity terms, float64 [N, profile_levels(P)]; optional when reading (older stores lack it)
+PROFILE_ARRAY = "complexity_profile"
 #: attribute fields that legitimately differ between two identical runs (excluded from the fingerprint)
 VOLATILE_ATTRS = ("run", "rainsweep_version")
 #: Open chunk-file descriptors kept per thread.
@@ -115,10 +121,26 @@ def combine_digests(digests: list[bytes]) -> str:
     return h.hexdigest()
 
 
+def profile_levels(patch_size: int) -> int:
+    """Number of levels ``L`` of a P x P patch's complexity profile, ``floor(log2(P))`` (as
+    ``kernels.complexity.num_levels(P, P)``)."""
+    return max(int(patch_size).bit_length() - 1, 0)
+
+
+def meta_arrays(patch_size: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The metadata arrays a store of P x P patches is written with: ``META_ARRAYS`` and ``PROFILE_ARRAY``
+    (name -> (dtype, trailing shape))."""
+    return {**META_ARRAYS, PROFILE_ARRAY: ("float64", (profile_levels(patch_size),))}
+
+
 def meta_digest(meta: dict[str, np.ndarray]) -> str:
-    """``meta_sha256``: sha256 of the metadata arrays' little-endian bytes in META_ARRAYS order."""
+    """``meta_sha256``: sha256 of the metadata arrays' little-endian bytes in META_ARRAYS order, then
+    ``PROFILE_ARRAY`` when ``meta`` has it."""
     h = hashlib.sha256()
-    for name, (dtype, _) in META_ARRAYS.items():
+    names = [(name, dtype) for name, (dtype, _) in META_ARRAYS.items()]
+    if PROFILE_ARRAY in meta:
+        names.append((PROFILE_ARRAY, "float64"))
+    for name, dtype in names:
         a = np.ascontiguousarray(meta[name], dtype=np.dtype(dtype).newbyteorder("<"))
         h.update(a.data)
     return h.hexdigest()
@@ -294,6 +316,22 @@ class PatchStore:
     def complexity(self) -> np.ndarray:
         """float64 [N], read-only: multiscale structural complexity of each patch scaled to 0..1."""
         return self._meta_array("complexity")
+
+    @property
+    def complexity_profile(self) -> np.ndarray:
+        """float64 [N, L], read-only: per-level complexity terms of each patch (``engine.metrics.
+        complexity_profile``, ``L = floor(log2(P))``); they add up to ``complexity``.
+
+        Raises
+        ------
+        StoreError
+            The store was written without the array (before it was stored): rebuild it with precompute.
+        """
+        if PROFILE_ARRAY not in self._meta and PROFILE_ARRAY not in self._group:
+            raise StoreError(f"store {str(self.path)!r}: has no {PROFILE_ARRAY!r} array (written before per-level "
+                             f"complexity was stored); rebuild it with precompute (rainsweep precompute) to query "
+                             f"complexity by levels")
+        return self._meta_array(PROFILE_ARRAY)
 
     @property
     def source(self) -> np.ndarray:
@@ -565,7 +603,7 @@ def create_layout(path: str | os.PathLike, patch_size: int, info: dict, *,
     cfg = {"write_empty_chunks": True}  # see writable()
     group.create_array("patches", shape=(capacity, P, P, 3), dtype="uint8", chunks=(chunk_patches, P, P, 3),
                        compressors=None, fill_value=0, config=cfg, dimension_names=["n", "y", "x", "c"])
-    for name, (dtype, tail) in META_ARRAYS.items():
+    for name, (dtype, tail) in meta_arrays(P).items():
         group.create_array(name, shape=(capacity, *tail), dtype=dtype, chunks=(META_CHUNK, *tail),
                            fill_value=0, config=cfg,
                            dimension_names=["n", "yx"] if tail else ["n"])
@@ -582,16 +620,16 @@ def writable(group, name: str):
 
 def write_meta(group, meta: dict[str, np.ndarray], n: int) -> None:
     """Resize the metadata arrays of ``group`` to ``n`` rows and write them whole from ``meta`` (name -> array,
-    see ``META_ARRAYS`` for dtypes and shapes)."""
-    for name, (dtype, tail) in META_ARRAYS.items():
+    see ``meta_arrays`` for dtypes and shapes)."""
+    for name, (dtype, tail) in meta_arrays(group["patches"].shape[1]).items():
         arr = writable(group, name)
         arr.resize((n, *tail))
         if n:
             arr[:] = np.asarray(meta[name], dtype=dtype)
 
 
-def _as_meta(n: int, P: int, patches: np.ndarray, sharpness, complexity, source, origin, category,
-             categories) -> tuple[dict[str, np.ndarray], list[str]]:
+def _as_meta(n: int, P: int, patches: np.ndarray, sharpness, complexity, complexity_profile, source, origin,
+             category, categories) -> tuple[dict[str, np.ndarray], list[str]]:
     from engine import metrics
 
     def vec(x, name, dtype, tail=()):
@@ -600,15 +638,18 @@ def _as_meta(n: int, P: int, patches: np.ndarray, sharpness, complexity, source,
             raise ValueError(f"{name}: expected shape {(n, *tail)} to match {n} patches, got {a.shape}")
         return a.astype(dtype)
 
-    def computed(fn) -> np.ndarray:  # batches of 256 bound the metrics' temporary memory
-        return np.concatenate([np.zeros(0)] + [np.asarray(fn(patches[s:s + 256]), np.float64)
-                                               for s in range(0, n, 256)])
+    def computed(fn, tail=()) -> np.ndarray:  # batches of 256 bound the metrics' temporary memory
+        return np.concatenate([np.zeros((0, *tail))] + [np.asarray(fn(patches[s:s + 256]), np.float64)
+                                                        for s in range(0, n, 256)])
 
     meta: dict[str, np.ndarray] = {}
     meta["sharpness"] = (vec(sharpness, "sharpness", np.float64) if sharpness is not None
                          else computed(metrics.sharpness))
     meta["complexity"] = (vec(complexity, "complexity", np.float64) if complexity is not None
                           else computed(metrics.complexity))
+    levels = (profile_levels(P),)
+    meta[PROFILE_ARRAY] = (vec(complexity_profile, PROFILE_ARRAY, np.float64, levels)
+                           if complexity_profile is not None else computed(metrics.complexity_profile, levels))
     meta["source"] = vec(source, "source", np.int32) if source is not None else np.full(n, -1, np.int32)
     meta["origin"] = vec(origin, "origin", np.int32, (2,)) if origin is not None else np.zeros((n, 2), np.int32)
     if category is None:
@@ -636,8 +677,8 @@ def _as_meta(n: int, P: int, patches: np.ndarray, sharpness, complexity, source,
     return meta, [str(c) for c in categories]
 
 
-def write_store(path: str | os.PathLike, patches: np.ndarray, *, sharpness=None, complexity=None, source=None,
-                origin=None, category=None, categories: list[str] | None = None,
+def write_store(path: str | os.PathLike, patches: np.ndarray, *, sharpness=None, complexity=None,
+                complexity_profile=None, source=None, origin=None, category=None, categories: list[str] | None = None,
                 sources_meta: list[dict] | None = None, params: dict | None = None,
                 chunk_patches: int = CHUNK_PATCHES, overwrite: bool = False) -> PatchStore:
     """Create a complete store at ``path`` from in-memory arrays and return it opened.
@@ -653,6 +694,8 @@ def write_store(path: str | os.PathLike, patches: np.ndarray, *, sharpness=None,
         uint8 [N, P, P, 3] (NHWC, RGB, 0..255), square patches.
     sharpness, complexity : array_like of float, optional
         [N] metrics on the 0..255 and 0..1 scales; computed with ``engine.metrics`` when None.
+    complexity_profile : array_like of float, optional
+        [N, floor(log2(P))] per-level complexity terms (``engine.metrics.complexity_profile``); computed when None.
     source : array_like of int, optional
         [N] index into ``sources_meta`` (default -1, unknown).
     origin : array_like of int, optional
@@ -694,7 +737,8 @@ def write_store(path: str | os.PathLike, patches: np.ndarray, *, sharpness=None,
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"store {str(path)!r} already exists (pass overwrite=True to replace it)")
-    meta, categories = _as_meta(n, h, patches, sharpness, complexity, source, origin, category, categories)
+    meta, categories = _as_meta(n, h, patches, sharpness, complexity, complexity_profile, source, origin, category,
+                                categories)
     digests = [chunk_digest(patches[s:s + chunk_patches]) for s in range(0, n, chunk_patches)]
     info = {
         "schema": SCHEMA_VERSION,
@@ -790,7 +834,10 @@ def verify(path: str | os.PathLike, *, progress: bool = False) -> list[str]:
         problems.append(f"patches: shape {tuple(store.patches.shape)} != attributes {(n, P, P, 3)}")
         return problems
     meta: dict[str, np.ndarray] = {}
-    for name, (dtype, tail) in META_ARRAYS.items():
+    expected = dict(META_ARRAYS)
+    if PROFILE_ARRAY in store._group:  # optional: stores written before it was stored lack it
+        expected[PROFILE_ARRAY] = meta_arrays(P)[PROFILE_ARRAY]
+    for name, (dtype, tail) in expected.items():
         try:
             arr = store._group[name]
         except KeyError:
@@ -803,7 +850,7 @@ def verify(path: str | os.PathLike, *, progress: bool = False) -> list[str]:
             meta[name] = np.asarray(arr[:])
         except Exception as e:
             problems.append(f"{name}: unreadable ({type(e).__name__}: {e})")
-    if len(meta) == len(META_ARRAYS):
+    if len(meta) == len(expected):
         if meta_digest(meta) != info.get("meta_sha256"):
             problems.append("metadata arrays do not match the recorded meta_sha256 (altered or damaged)")
         for name in ("sharpness", "complexity"):
