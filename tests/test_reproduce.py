@@ -57,42 +57,49 @@ def test_band_sizes_match_the_hand_made_store(banded_store: Path, tmp_path: Path
     expected = {"low": int((sharp < 50).sum()), "medium": int(((sharp >= 500) & (sharp <= 1000)).sum()),
                 "high": int((sharp > 5000).sum())}
     assert expected == {"low": 100, "medium": 100, "high": 100}  # the fixture's construction holds
-    stores = prepare_stores(tmp_path, R.SCALES["gpu"], str(banded_store), None, False, lambda s: None)
+    stores = prepare_stores(tmp_path, R.SCALES["gpu"], str(banded_store), str(banded_store), lambda s: None)
     assert stores.bands == expected and stores.count == 300 and stores.patch == 32 and not stores.built
 
 
-def test_gpu_plan_fig4(banded_store: Path, tmp_path: Path) -> None:
-    lines = reproduce("fig4", "gpu", tmp_path / "o", store=banded_store, plan_only=True, echo=lambda s: None)
+def test_gpu_plan_fig4(banded_store: Path, test_store: Path, tmp_path: Path) -> None:
+    lines = reproduce("fig4", "gpu", tmp_path / "o", store=banded_store, test_store=test_store, plan_only=True,
+                      echo=lambda s: None)
     runs = [_args(x) for x in lines]
-    top = 300 - R.SCALES["gpu"].test_count  # all but the held-out patches
-    counts = [8, 16, 32, 64, 128, top]
+    top = 299  # all but one patch (a sweep keeps one out); the held-out backgrounds come from the test store
+    counts = [8, 16, 32, 64, 128, 256, top]
     assert len(runs) == 3 * len(counts)
     assert [(a["--rain"], int(a["--count"])) for a in runs] == [(r, c) for r in ("small", "medium", "large")
                                                                 for c in counts]
     for a in runs:
         assert a["--model"] == "resnet" and a["--iters"] == "15000" and a["--device"] == "cuda"
         assert a["--batch"] == "16" and a["--test-rain"] == "heldout-layered" and a["--test-count"] == "64"
-        assert a["--heldout-exclude-count"] == str(top)  # one held-out set for every run
+        assert a["--test-store"] == str(test_store.resolve())  # one held-out set for every run
+        assert "--heldout-exclude-count" not in a
         assert a["--store"] == str(banded_store.resolve()) and Path(a["--out"]).is_absolute()
         assert Path(a["--out"]).parent == (tmp_path / "o" / "sweeps" / "counts" / "runs").resolve()
         assert "--threads" not in a
 
 
-def test_cpu_plan_fig4_uses_small_models_and_one_thread(banded_store: Path, tmp_path: Path) -> None:
-    lines = reproduce("fig4", "cpu", tmp_path / "o", store=banded_store, model_names=["resnet", "unet"],
-                      plan_only=True, echo=lambda s: None)
+def test_cpu_plan_fig4_uses_small_models_and_one_thread(banded_store: Path, test_store: Path,
+                                                         tmp_path: Path) -> None:
+    lines = reproduce("fig4", "cpu", tmp_path / "o", store=banded_store, test_store=test_store,
+                      model_names=["resnet", "unet"], plan_only=True, echo=lambda s: None)
     runs = [_args(x) for x in lines]
     assert {a["--model"] for a in runs} == {"resnet-s", "unet-s"}
-    assert sorted({int(a["--count"]) for a in runs}) == [8, 64, 236]
-    assert all(a["--device"] == "cpu" and a["--threads"] == "1" and a["--iters"] == "3000" for a in runs)
+    assert sorted({int(a["--count"]) for a in runs}) == [8, 64, 299]
+    assert all(a["--device"] == "cpu" and a["--threads"] == "1" and a["--iters"] == "6000" for a in runs)
 
 
 def test_plan_table3_and_fig6(banded_store: Path, test_store: Path, tmp_path: Path) -> None:
-    t3 = [_args(x) for x in reproduce("table3", "gpu", tmp_path / "o", store=banded_store, plan_only=True,
-                                      echo=lambda s: None)]
-    assert sorted((a["--rain"], int(a["--count"])) for a in t3) == [("large", 128), ("large", 236),
-                                                                     ("medium", 64), ("medium", 236)]
-    assert {a["--heldout-exclude-count"] for a in t3} == {"236"}  # the same held-out set as fig4's runs
+    t3 = [_args(x) for x in reproduce("table3", "gpu", tmp_path / "o", store=banded_store, test_store=test_store,
+                                      plan_only=True, echo=lambda s: None)]
+    assert sorted((a["--rain"], int(a["--count"])) for a in t3) == [("large", 128), ("large", 256),
+                                                                     ("medium", 64), ("medium", 299)]
+    # fig4's folder and arguments: a run fig4 finished is reused
+    fig4 = reproduce("fig4", "gpu", tmp_path / "o", store=banded_store, test_store=test_store, plan_only=True,
+                     echo=lambda s: None)
+    assert {x for x in reproduce("table3", "gpu", tmp_path / "o", store=banded_store, test_store=test_store,
+                                 plan_only=True, echo=lambda s: None) if "--count 128 " in x} <= set(fig4)
     f6 = [_args(x) for x in reproduce("fig6", "gpu", tmp_path / "o", store=banded_store, test_store=test_store,
                                       plan_only=True, echo=lambda s: None)]
     assert sorted(a["--sharpness"] for a in f6) == ["high", "low", "medium"]
@@ -114,17 +121,25 @@ def test_names_and_errors(banded_store: Path, tmp_path: Path) -> None:
         R.check_recipe("fig5")
     with pytest.raises(R.RecipeError, match="medium"):
         R.band_count(R.SCALES["cpu"], {"low": 5, "medium": 0, "high": 9})
-    assert R.band_count(R.SCALES["cpu"], {"low": 500, "medium": 300, "high": 900}) == 256
+    assert R.band_count(R.SCALES["cpu"], {"low": 5000, "medium": 300, "high": 900}) == 300
+    assert R.band_count(R.SCALES["cpu"], {"low": 5000, "medium": 3000, "high": 9000}) == 2048
     with pytest.raises(R.RecipeError, match="too few"):
-        R.fig4_sweeps(R.SCALES["gpu"], ("resnet",), 64)
-    with pytest.raises(R.RecipeError, match="separate test store"):
-        R.fig6_sweeps(R.SCALES["gpu"], ("resnet",), {"low": 9, "medium": 9, "high": 9})
+        R.fig4_sweeps(R.SCALES["gpu"], ("resnet",), 1, "/t")
     # an output folder remembers its scale: runs of another scale are never reused
-    stores = prepare_stores(tmp_path, R.SCALES["gpu"], str(banded_store), None, False, lambda s: None)
+    stores = prepare_stores(tmp_path, R.SCALES["gpu"], str(banded_store), str(banded_store), lambda s: None)
     check_out(tmp_path, R.SCALES["gpu"], stores)
     check_out(tmp_path, R.SCALES["gpu"], stores)
     with pytest.raises(R.RecipeError, match="another scale, iters .scale=.gpu., iters=15000."):
         check_out(tmp_path, R.SCALES["cpu"], stores)
+
+
+def test_stores_sharing_a_picture_are_refused(tmp_path: Path) -> None:
+    from engine.data.precompute import precompute
+
+    for name in ("a", "b"):
+        precompute(["builtin:procedural?images=2&size=64"], tmp_path / name, patch=32, stride=32, progress=False)
+    with pytest.raises(R.RecipeError, match="share 2 source picture"):
+        prepare_stores(tmp_path, R.SCALES["cpu"], str(tmp_path / "a"), str(tmp_path / "b"), lambda s: None)
 
 
 def test_cli_rejects_bad_scale_and_hides_tiny(tmp_path: Path) -> None:
@@ -155,7 +170,7 @@ def _row(rain: str, count: int, er: float, eb: float, run_dir: Path, label: str 
 
 def _context(tmp_path: Path, recipe: str) -> rep.Context:
     return rep.Context(recipe=recipe, scale=R.SCALES["cpu"], out=tmp_path / recipe, store="/s", store_count=999,
-                       patch=32, built_store=True, test_store=None, built_test_store=False, models=("resnet-s",),
+                       patch=32, built_store=True, test_store="/t", built_test_store=True, models=("resnet-s",),
                        wall_s=75.0)
 
 

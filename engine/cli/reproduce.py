@@ -22,11 +22,12 @@ def _scale(ctx: click.Context, param: click.Parameter, value: str) -> str:
               help="cpu: within 30 minutes on 2 CPU cores; gpu: the paper's setting scaled to minutes per run on one "
                    "GPU.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Output folder: store/, sweeps/, NAME/{results.csv, results.json, figures/, report.md}.")
+              help="Output folder: store/, test-store/, sweeps/, NAME/{results.csv, results.json, figures/, "
+                   "report.md}.")
 @click.option("--store", type=click.Path(exists=True, file_okay=False),
               help="Training patch store (default: built from built-in pictures under OUT/store).")
 @click.option("--test-store", type=click.Path(exists=True, file_okay=False),
-              help="Held-out background store (fig6 builds one from scikit-image's pictures when missing).")
+              help="Held-out background store (default: built from scikit-image's pictures under OUT/test-store).")
 @click.option("--model", "model_names", default="resnet",
               help="Models, comma-separated: families resnet, unet, swinir (small variants at --scale cpu) or full "
                    "model names.")

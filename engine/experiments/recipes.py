@@ -15,8 +15,9 @@ Recipes:
 - ``table3``: ResNet with the largest usable count / 64 backgrounds on medium rain, 256 / 128 on large rain.
 - ``toy``: the cosine-curve denoising grid of the paper's section V (``engine.experiments.toy``).
 
-Count recipes (``fig4``, ``table3``) share one folder of runs (``sweeps/counts``) and one held-out set (the patches
-outside the largest usable selection), so a run either recipe finished is reused by the other.
+Every run is scored on the same held-out backgrounds, taken from a separate test store (as the paper tests on
+another data set's backgrounds). Count recipes (``fig4``, ``table3``) share one folder of runs (``sweeps/counts``),
+so a run either recipe finished is reused by the other.
 """
 from __future__ import annotations
 
@@ -62,6 +63,9 @@ class Scale:
         Side and grid step (pixels) of the store built from ``sources`` when the user gives none.
     sources : tuple of str
         ``engine.data.precompute`` source specs of that store.
+    test_sources : tuple of str
+        Source specs of the held-out background store built when the user gives none (cut at the training store's
+        patch size, stride = patch).
     model_suffix : str
         Appended to a model family (``"-s"``: the small variants of ``models``).
     iters, batch : int
@@ -96,6 +100,7 @@ class Scale:
     patch: int
     stride: int
     sources: tuple[str, ...]
+    test_sources: tuple[str, ...]
     model_suffix: str
     iters: int
     batch: int
@@ -117,26 +122,30 @@ _TABLE3 = (("medium", None), ("medium", 64), ("large", 256), ("large", 128))
 
 SCALES: dict[str, Scale] = {
     "gpu": Scale(
-        name="gpu", patch=128, stride=128, sources=("builtin:skimage", "builtin:procedural?images=2048"),
-        model_suffix="", iters=15_000, batch=16, counts=(8, 16, 32, 64, 128, 256, 512, 1024), add_max=True,
-        rains=("small", "medium", "large"), band_count=512, table3=_TABLE3, device="cuda", threads=0, jobs=1,
-        eval_every=1000, test_count=64, toy={"device": "cuda"},
-        why="The paper's patch size (128 x 128), models and batch (16), on built-in backgrounds (scikit-image's "
-            "pictures and 2,048 procedural textures: about 33,000 patches, enough for the paper's 30,000) instead "
-            "of its photo collections, and 15,000 steps per run instead of the paper's several hundred thousand, "
-            "so that a run takes minutes on one GPU; 10,000 steps already showed the effect at the paper's size "
-            "(docs/science.md, section 5), 4,000 did not."),
+        name="gpu", patch=128, stride=128, sources=("builtin:procedural?images=2048",),
+        test_sources=("builtin:skimage",), model_suffix="", iters=15_000,
+        batch=16, counts=(8, 16, 32, 64, 128, 256, 512, 1024), add_max=True, rains=("small", "medium", "large"),
+        band_count=512, table3=_TABLE3, device="cuda", threads=0, jobs=1, eval_every=1000, test_count=64,
+        toy={"device": "cuda"},
+        why="The paper's patch size (128 x 128), models and batch (16); built-in procedural textures as training "
+            "backgrounds (2,048 pictures of 512 x 512: 32,768 patches, enough for the paper's 30,000) instead of its "
+            "photo collections; 15,000 steps per run instead of the paper's several hundred thousand, so that a run "
+            "takes minutes on one GPU (10,000 steps already showed the effect at the paper's size in a small "
+            "experiment with scikit-image's pictures, 4,000 did not)."),
     "cpu": Scale(
-        name="cpu", patch=32, stride=32, sources=("builtin:procedural",), model_suffix="-s", iters=3000, batch=16,
-        counts=(8, 64, 512), add_max=True, rains=("small", "medium", "large"), band_count=256, table3=_TABLE3,
-        device="cpu", threads=1, jobs=2, eval_every=500, test_count=64, toy={},
-        why="Sized to finish within 30 minutes on 2 CPU cores: 32 x 32 patches (16 x fewer pixels than the "
-            "paper's 128 x 128), the small model variants (resnet-s: 4 blocks x 16 channels, 22k parameters), "
-            "3,000 steps, four background counts instead of eight, two runs at once with one thread each, and the "
-            "built-in procedural textures as backgrounds (192 pictures of 512 x 512 with all three sharpness "
-            "bands populated)."),
+        name="cpu", patch=32, stride=32, sources=("builtin:procedural",),
+        test_sources=("builtin:skimage",), model_suffix="-s", iters=6000, batch=16,
+        counts=(8, 64, 512, 4096), add_max=True, rains=("small", "medium", "large"), band_count=2048,
+        table3=_TABLE3, device="cpu", threads=1, jobs=2, eval_every=500, test_count=64, toy={},
+        why="Sized to finish within 30 minutes on 2 CPU cores (about 2 CPU-minutes a run): 32 x 32 patches (16 x "
+            "fewer pixels than the paper's 128 x 128), the small model variants (resnet-s: 4 blocks x 16 channels, "
+            "22k parameters), 6,000 steps (at 3,000 the gap between 8 and 49,151 backgrounds was 25 E_R units, at "
+            "6,000 it was 33), five background counts instead of nine, two runs at once with one thread each. Training backgrounds are the built-in procedural textures (192 pictures of 512 x 512: 49,152 "
+            "patches, all three sharpness bands populated); tested on scikit-image's photographs, on which the "
+            "effect showed more clearly than on held-out textures in short measurements."),
     "tiny": Scale(
-        name="tiny", patch=32, stride=32, sources=("builtin:procedural?images=6&size=96",), model_suffix="-s",
+        name="tiny", patch=32, stride=32, sources=("builtin:procedural?images=6&size=96",),
+        test_sources=("builtin:skimage/camera",), model_suffix="-s",
         iters=4, batch=4, counts=(4, 8), add_max=False, rains=("small", "medium"), band_count=4,
         table3=(("medium", None), ("medium", 4)), device="cpu", threads=1, jobs=2, eval_every=2, test_count=4,
         toy={"iters": 5, "segments": 32, "width": 8},
@@ -198,51 +207,47 @@ def resolve_models(names: list[str] | tuple[str, ...] | None, scale: Scale) -> t
     return tuple(dict.fromkeys(out))
 
 
-def largest_count(store_count: int, scale: Scale, test_store: bool) -> int:
-    """The largest training count a store of ``store_count`` patches allows: all but the held-out patches, or all
-    but one with a separate test store (a sweep keeps at least one patch out)."""
-    return store_count - 1 if test_store else store_count - scale.test_count
+def largest_count(store_count: int) -> int:
+    """The largest training count a store of ``store_count`` patches allows: all but one (a sweep keeps at least one
+    patch out of training; the held-out backgrounds come from the separate test store)."""
+    return store_count - 1
 
 
-def base_extra(scale: Scale, device: str | None, test_store: str | None, heldout_exclude: int | None
-               ) -> tuple[str, ...]:
-    """train.py arguments every run of a recipe shares. ``heldout_exclude``: the count whose selection the held-out
-    patches stay outside (the same for every run, so every run is scored on the same patches)."""
+def base_extra(scale: Scale, device: str | None, test_store: str) -> tuple[str, ...]:
+    """train.py arguments every run of a recipe shares. Every run is scored on the same held-out backgrounds: the
+    first ``scale.test_count`` of a fixed permutation of ``test_store``."""
     args = ["--batch", str(scale.batch), "--device", device or scale.device, "--test-rain", TEST_RAIN,
-            "--test-count", str(scale.test_count), "--eval-every", str(scale.eval_every)]
+            "--test-store", test_store, "--test-count", str(scale.test_count), "--eval-every", str(scale.eval_every)]
     if scale.threads:
         args += ["--threads", str(scale.threads)]
-    if test_store:
-        args += ["--test-store", test_store]
-    elif heldout_exclude:
-        args += ["--heldout-exclude-count", str(heldout_exclude)]
     return tuple(args)
 
 
-def fig4_sweeps(scale: Scale, model_names: tuple[str, ...], store_count: int, device: str | None = None,
-                test_store: str | None = None) -> list[SweepSpec]:
-    """fig4: every count of the scale the store holds (and the largest usable one) x the scale's rains."""
-    top = largest_count(store_count, scale, bool(test_store))
+def _top(store_count: int) -> int:
+    top = largest_count(store_count)
     if top < 1:
-        raise RecipeError(f"the store holds {store_count} patches: too few for training and {scale.test_count} "
-                          f"held-out patches")
+        raise RecipeError(f"the store holds {store_count} patch(es): too few to train on")
+    return top
+
+
+def fig4_sweeps(scale: Scale, model_names: tuple[str, ...], store_count: int, test_store: str,
+                device: str | None = None) -> list[SweepSpec]:
+    """fig4: every count of the scale the store holds (and the largest usable one) x the scale's rains."""
+    top = _top(store_count)
     counts = [c for c in scale.counts if c <= top]
     if scale.add_max or not counts:
         counts.append(top)
     counts = sorted(set(counts))
-    return [SweepSpec("counts", tuple(counts), scale.rains, model_names, base_extra(scale, device, test_store, top),
+    return [SweepSpec("counts", tuple(counts), scale.rains, model_names, base_extra(scale, device, test_store),
                       "background count")]
 
 
-def table3_sweeps(scale: Scale, model_names: tuple[str, ...], store_count: int, device: str | None = None,
-                  test_store: str | None = None) -> list[SweepSpec]:
+def table3_sweeps(scale: Scale, model_names: tuple[str, ...], store_count: int, test_store: str,
+                  device: str | None = None) -> list[SweepSpec]:
     """table3: the scale's (rain, count) pairs, counts capped at the largest usable one; one sweep per rain, all in
-    the fig4 folder with fig4's held-out set."""
-    top = largest_count(store_count, scale, bool(test_store))
-    if top < 1:
-        raise RecipeError(f"the store holds {store_count} patches: too few for training and {scale.test_count} "
-                          f"held-out patches")
-    extra = base_extra(scale, device, test_store, top)
+    fig4's folder (a run fig4 finished is reused)."""
+    top = _top(store_count)
+    extra = base_extra(scale, device, test_store)
     by_rain: dict[str, list[int]] = {}
     for rain, count in scale.table3:
         by_rain.setdefault(rain, []).append(top if count is None else min(count, top))
@@ -260,18 +265,13 @@ def band_count(scale: Scale, band_sizes: dict[str, int]) -> int:
     return min(scale.band_count, smallest)
 
 
-def fig6_sweeps(scale: Scale, model_names: tuple[str, ...], band_sizes: dict[str, int], device: str | None = None,
-                test_store: str | None = None) -> list[SweepSpec]:
-    """fig6: one sweep per sharpness band, same count, medium rain, evaluated every ``scale.eval_every`` steps.
-
-    The held-out patches must be the same for the three bands, so a separate test store is required: without one
-    train.py would keep each band's training patches (and their source pictures) out of its own held-out set, and the
-    three sets would differ in sharpness themselves."""
-    if not test_store:
-        raise RecipeError("fig6 needs a separate test store (--test-store), so that the three bands are scored on the "
-                          "same held-out patches")
+def fig6_sweeps(scale: Scale, model_names: tuple[str, ...], band_sizes: dict[str, int], test_store: str,
+                device: str | None = None) -> list[SweepSpec]:
+    """fig6: one sweep per sharpness band, the same count each, medium rain, evaluated every ``scale.eval_every``
+    steps. The separate test store matters here: held-out patches taken from the training store would depend on
+    each band's training patches and differ in sharpness themselves."""
     n = band_count(scale, band_sizes)
-    extra = base_extra(scale, device, test_store, None)
+    extra = base_extra(scale, device, test_store)
     return [SweepSpec(f"sharpness-{b}", (n,), ("medium",), model_names, (*extra, "--sharpness", b), f"sharpness {b}")
             for b in BANDS]
 

@@ -34,7 +34,7 @@ class Context:
     store_count: int
     patch: int
     built_store: bool
-    test_store: str | None
+    test_store: str
     built_test_store: bool
     models: tuple[str, ...]
     wall_s: float
@@ -108,11 +108,8 @@ def setup_section(ctx: Context, rows: list[dict]) -> str:
     seconds = sum(train_seconds(read_log(r["run_dir"])) for r in rows if r.get("run_dir"))
     store = f"`{ctx.store}` ({ctx.store_count} patches of {ctx.patch} x {ctx.patch}" + (
         f", built from {', '.join(sc.sources)})" if ctx.built_store else ", the user's)")
-    if ctx.test_store:
-        held = (f"{sc.test_count} patches of a separate store `{ctx.test_store}`"
-                + (" (scikit-image's pictures, built)" if ctx.built_test_store else " (the user's)"))
-    else:
-        held = f"the same {sc.test_count} patches of the store for every run (outside the largest training selection)"
+    held = (f"the same {sc.test_count} patches of a separate store, `{ctx.test_store}`"
+            + (f" (built here from {', '.join(sc.test_sources)})" if ctx.built_test_store else " (the user's)"))
     lines = [
         "## Setup",
         "",

@@ -3,8 +3,8 @@
 Layout of ``OUT`` (every path absolute, every file written atomically):
 
 - ``store/``: the training patch store, built from the scale's built-in sources unless ``--store`` names one;
-  ``test-store/``: held-out backgrounds (scikit-image's pictures at the store's patch size) for recipes that need a
-  separate test set, unless ``--test-store`` names one;
+- ``test-store/``: the held-out backgrounds (the scale's test sources, scikit-image's pictures, cut at the store's
+  patch size) unless ``--test-store`` names a store (the paper, too, tests on another data set's backgrounds);
 - ``sweeps/<key>/``: the runs of each ``sweep()`` call (``runs/<name>/{config.json, log.jsonl, metrics.json,
   samples.png}``); finished runs are skipped on a rerun, so an interrupted recipe continues where it stopped;
 - ``<recipe>/``: ``results.csv``, ``results.json``, ``figures/*.png`` and ``report.md`` (engine.experiments.report);
@@ -26,19 +26,16 @@ from engine.atomic import atomic_write_json
 from engine.experiments import recipes as R
 from engine.experiments import report as rep
 
-#: Sources of the held-out background store built when a recipe needs one and the user gives none.
-TEST_SOURCES: tuple[str, ...] = ("builtin:skimage",)
-
-
 @dataclass(frozen=True)
 class Stores:
-    """The stores a recipe trains and tests on: absolute paths, patch count, patch size, band sizes, origins."""
+    """The stores a recipe trains and tests on: absolute paths, patch count and size, sharpness band sizes, whether
+    each was built here, and fingerprints."""
 
     store: str
     count: int
     patch: int
     bands: dict
-    test_store: str | None
+    test_store: str
     built: bool
     test_built: bool
     fingerprint: str
@@ -70,34 +67,41 @@ def band_sizes(store) -> dict[str, int]:
     return {b: select(store, None, sharpness=b).matched for b in R.BANDS}
 
 
-def prepare_stores(out: Path, scale: R.Scale, store: str | None, test_store: str | None, need_test: bool,
+def pictures(store) -> set[str]:
+    """sha256 digests of the source pictures a store was cut from (empty when the store does not record them)."""
+    return {str(s["sha256"]) for s in store.attrs.get("sources") or [] if isinstance(s, dict) and s.get("sha256")}
+
+
+def prepare_stores(out: Path, scale: R.Scale, store: str | None, test_store: str | None,
                    echo: Callable[[str], None]) -> Stores:
-    """Open (building when needed) the training store and, when ``need_test`` or given, the test store."""
+    """Open the training and test stores, building either from built-in pictures when not given.
+
+    Raises RecipeError when their patch sizes differ or they share a source picture (held-out backgrounds would
+    then be training backgrounds)."""
     from engine.data.store import open_store
 
-    built = store is None
+    built, test_built = store is None, test_store is None
     path = ensure_store(out / "store", scale.sources, scale.patch, scale.stride, echo) if built \
         else Path(store).resolve()
     st = open_store(path)
-    test_path, test_built, test_fp = None, False, ""
-    if test_store is not None:
-        test_path = Path(test_store).resolve()
-    elif need_test:
-        test_built = True
-        test_path = ensure_store(out / "test-store", TEST_SOURCES, st.patch_size, st.patch_size, echo)
-    if test_path is not None:
-        ts = open_store(test_path)
-        if ts.patch_size != st.patch_size:
-            raise R.RecipeError(f"--test-store {test_path}: patches of {ts.patch_size} pixels, the store's are "
-                                f"{st.patch_size}")
-        test_fp = str(ts.fingerprint)
-    return Stores(str(path), int(st.count), int(st.patch_size), band_sizes(st), str(test_path) if test_path else None,
-                  built, test_built, str(st.fingerprint), test_fp)
+    test_path = ensure_store(out / "test-store", scale.test_sources, st.patch_size, st.patch_size, echo) if test_built \
+        else Path(test_store).resolve()
+    ts = open_store(test_path)
+    if ts.patch_size != st.patch_size:
+        raise R.RecipeError(f"--test-store {test_path}: patches of {ts.patch_size} pixels, the store's are "
+                            f"{st.patch_size}")
+    shared = pictures(st) & pictures(ts)
+    if shared:
+        raise R.RecipeError(f"the store {path} and the test store {test_path} share {len(shared)} source picture(s): "
+                            f"held-out backgrounds must be unseen; pass a --test-store made from other pictures")
+    return Stores(str(path), int(st.count), int(st.patch_size), band_sizes(st), str(test_path), built, test_built,
+                  str(st.fingerprint), str(ts.fingerprint))
 
 
 def check_out(out: Path, scale: R.Scale, stores: Stores) -> None:
     """Record (or check) what ``out`` is made with, so runs trained for another scale or store are never reused."""
     record = {"scale": scale.name, "store": stores.store, "store_fingerprint": stores.fingerprint,
+              "test_store": stores.test_store, "test_store_fingerprint": stores.test_fingerprint,
               "iters": scale.iters, "batch": scale.batch}
     path = out / "reproduce.json"
     if path.exists():
@@ -130,11 +134,11 @@ def sweep_specs(recipe: str, scale: R.Scale, model_names: tuple[str, ...], store
                 device: str | None) -> list[R.SweepSpec]:
     """The sweep calls of a deraining recipe."""
     if recipe == "fig4":
-        return R.fig4_sweeps(scale, model_names, stores.count, device, stores.test_store)
+        return R.fig4_sweeps(scale, model_names, stores.count, stores.test_store, device)
     if recipe == "table3":
-        return R.table3_sweeps(scale, model_names, stores.count, device, stores.test_store)
+        return R.table3_sweeps(scale, model_names, stores.count, stores.test_store, device)
     if recipe == "fig6":
-        return R.fig6_sweeps(scale, model_names, stores.bands, device, stores.test_store)
+        return R.fig6_sweeps(scale, model_names, stores.bands, stores.test_store, device)
     raise R.RecipeError(f"recipe {recipe!r} trains no deraining models")
 
 
@@ -231,7 +235,7 @@ def reproduce(recipe: str, scale: str, out: str | os.PathLike, store: str | os.P
         return run_toy(sc, out / "toy", device=device, echo=echo, started=t0)
     model_list = R.resolve_models(model_names, sc)
     stores = prepare_stores(out, sc, None if store is None else str(store),
-                            None if test_store is None else str(test_store), recipe == "fig6", echo)
+                            None if test_store is None else str(test_store), echo)
     check_out(out, sc, stores)
     specs = sweep_specs(recipe, sc, model_list, stores, device)
     if plan_only:
