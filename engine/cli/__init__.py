@@ -16,6 +16,7 @@ COMMANDS = {
     "sweep": "engine.cli.train:sweep",
     "demo": "engine.cli.train:demo",
     "toy": "engine.cli.toy:toy",
+    "reproduce": "engine.cli.reproduce:reproduce",
 }
 
 

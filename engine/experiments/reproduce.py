@@ -1,0 +1,253 @@
+"""``rainsweep reproduce``: run a recipe of the paper's experiments (engine.experiments.recipes) end to end.
+
+Layout of ``OUT`` (every path absolute, every file written atomically):
+
+- ``store/``: the training patch store, built from the scale's built-in sources unless ``--store`` names one;
+- ``test-store/``: the held-out backgrounds (the scale's test sources, scikit-image's pictures, cut at the store's
+  patch size) unless ``--test-store`` names a store (the paper, too, tests on another data set's backgrounds);
+- ``sweeps/<key>/``: the runs of each ``sweep()`` call (``runs/<name>/{config.json, log.jsonl, metrics.json,
+  samples.png}``); finished runs are skipped on a rerun, so an interrupted recipe continues where it stopped;
+- ``<recipe>/``: ``results.csv``, ``results.json``, ``figures/*.png`` and ``report.md`` (engine.experiments.report);
+- ``reproduce.json``: the scale and stores ``OUT`` was made with; another scale or store needs another ``OUT``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from engine.atomic import atomic_write_json
+from engine.experiments import recipes as R
+from engine.experiments import report as rep
+
+@dataclass(frozen=True)
+class Stores:
+    """The stores a recipe trains and tests on: absolute paths, patch count and size, sharpness band sizes, whether
+    each was built here, and fingerprints."""
+
+    store: str
+    count: int
+    patch: int
+    bands: dict
+    test_store: str
+    built: bool
+    test_built: bool
+    fingerprint: str
+    test_fingerprint: str
+
+
+def ensure_store(path: Path, sources: tuple[str, ...], patch: int, stride: int,
+                 echo: Callable[[str], None]) -> Path:
+    """Build the store at ``path`` from ``sources`` (or finish or reuse it); RecipeError when ``path`` holds a store
+    made with other arguments."""
+    from engine.data.precompute import PrecomputeError, precompute
+
+    try:
+        summary = precompute(list(sources), path, patch=patch, stride=stride, progress=False)
+    except PrecomputeError as err:
+        raise R.RecipeError(f"{path}: {err}") from None
+    if summary.already_complete:
+        echo(f"store: reusing {path} ({summary.patches} patches)")
+    else:
+        echo(f"store: {summary.patches} patches of {patch} x {patch} from {summary.images} pictures "
+             f"({', '.join(sources)}) -> {path} in {summary.seconds:.0f} s")
+    return path
+
+
+def band_sizes(store) -> dict[str, int]:
+    """Patches of ``store`` in each of fig6's sharpness bands."""
+    from engine.data.select import select
+
+    return {b: select(store, None, sharpness=b).matched for b in R.BANDS}
+
+
+def pictures(store) -> set[str]:
+    """sha256 digests of the source pictures a store was cut from (empty when the store does not record them)."""
+    return {str(s["sha256"]) for s in store.attrs.get("sources") or [] if isinstance(s, dict) and s.get("sha256")}
+
+
+def prepare_stores(out: Path, scale: R.Scale, store: str | None, test_store: str | None,
+                   echo: Callable[[str], None]) -> Stores:
+    """Open the training and test stores, building either from built-in pictures when not given.
+
+    Raises RecipeError when their patch sizes differ or they share a source picture (held-out backgrounds would
+    then be training backgrounds)."""
+    from engine.data.store import open_store
+
+    built, test_built = store is None, test_store is None
+    path = ensure_store(out / "store", scale.sources, scale.patch, scale.stride, echo) if built \
+        else Path(store).resolve()
+    st = open_store(path)
+    test_path = ensure_store(out / "test-store", scale.test_sources, st.patch_size, st.patch_size, echo) if test_built \
+        else Path(test_store).resolve()
+    ts = open_store(test_path)
+    if ts.patch_size != st.patch_size:
+        raise R.RecipeError(f"--test-store {test_path}: patches of {ts.patch_size} pixels, the store's are "
+                            f"{st.patch_size}")
+    shared = pictures(st) & pictures(ts)
+    if shared:
+        raise R.RecipeError(f"the store {path} and the test store {test_path} share {len(shared)} source picture(s): "
+                            f"held-out backgrounds must be unseen; pass a --test-store made from other pictures")
+    return Stores(str(path), int(st.count), int(st.patch_size), band_sizes(st), str(test_path), built, test_built,
+                  str(st.fingerprint), str(ts.fingerprint))
+
+
+def check_out(out: Path, scale: R.Scale, stores: Stores) -> None:
+    """Record (or check) what ``out`` is made with, so runs trained for another scale or store are never reused."""
+    record = {"scale": scale.name, "store": stores.store, "store_fingerprint": stores.fingerprint,
+              "test_store": stores.test_store, "test_store_fingerprint": stores.test_fingerprint,
+              "iters": scale.iters, "batch": scale.batch}
+    path = out / "reproduce.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = [k for k in record if old.get(k) != record[k]]
+        if diff:
+            raise R.RecipeError(f"--out {out} holds runs made with another {', '.join(diff)} "
+                                f"({', '.join(f'{k}={old.get(k)!r}' for k in diff)}); choose another --out")
+        return
+    atomic_write_json(path, record, indent=2)
+
+
+@contextlib.contextmanager
+def run_threads(threads: int) -> Iterator[None]:
+    """Limit the numba threads of the training processes started inside (their torch threads are train.py's
+    ``--threads``). numba's OpenMP launches reset the OpenMP thread count that torch's convolutions then use, so a
+    ``--threads 1`` run still ran its convolutions on two threads: with two runs on two cores every step waited on
+    descheduled threads (measured 13x slower steps). A value the user set wins."""
+    if not threads or "NUMBA_NUM_THREADS" in os.environ:
+        yield
+        return
+    os.environ["NUMBA_NUM_THREADS"] = str(threads)
+    try:
+        yield
+    finally:
+        os.environ.pop("NUMBA_NUM_THREADS", None)
+
+
+def sweep_specs(recipe: str, scale: R.Scale, model_names: tuple[str, ...], stores: Stores,
+                device: str | None) -> list[R.SweepSpec]:
+    """The sweep calls of a deraining recipe."""
+    if recipe == "fig4":
+        return R.fig4_sweeps(scale, model_names, stores.count, stores.test_store, device)
+    if recipe == "table3":
+        return R.table3_sweeps(scale, model_names, stores.count, stores.test_store, device)
+    if recipe == "fig6":
+        return R.fig6_sweeps(scale, model_names, stores.bands, stores.test_store, device)
+    raise R.RecipeError(f"recipe {recipe!r} trains no deraining models")
+
+
+def plan_lines(specs: list[R.SweepSpec], stores: Stores, scale: R.Scale, out: Path,
+               python: str = sys.executable) -> list[str]:
+    """One line per run: the train.py command ``sweep()`` starts for it (the grid point, then ``extra``)."""
+    from engine.experiments.sweep import plan
+
+    lines = []
+    for spec in specs:
+        for cfg in plan(spec.models, spec.rains, spec.counts):
+            run_dir = out / "sweeps" / spec.key / "runs" / cfg.name
+            cmd = [python, "-m", "train", "--store", stores.store, "--count", str(cfg.count), "--rain", cfg.rain,
+                   "--model", cfg.model, "--iters", str(scale.iters), "--seed", str(cfg.seed), "--out", str(run_dir),
+                   *spec.extra]
+            lines.append(shlex.join(cmd))
+    return lines
+
+
+def run_specs(specs: list[R.SweepSpec], stores: Stores, scale: R.Scale, out: Path, jobs: int,
+              echo: Callable[[str], None]) -> tuple[list[dict], list[str]]:
+    """Run every sweep; returns the rows (with ``label``, ``sweep`` and ``run_dir``) and the failed runs' names."""
+    from engine.experiments.sweep import SweepError, sweep
+
+    rows: list[dict] = []
+    failed: list[str] = []
+    for spec in specs:
+        sweep_dir = out / "sweeps" / spec.key
+        echo(f"== {spec.label}: {len(spec.models) * len(spec.rains) * len(spec.counts)} run(s) -> {sweep_dir}")
+        try:
+            with run_threads(scale.threads):
+                got = sweep(stores.store, list(spec.counts), list(spec.rains), list(spec.models), scale.iters,
+                            str(sweep_dir), extra=list(spec.extra), jobs=jobs, test_rain=R.TEST_RAIN, echo=echo)
+        except SweepError as err:
+            echo(f"sweep: {err}")
+            results = sweep_dir / "results.json"
+            got = json.loads(results.read_text()) if results.exists() else []
+            failed += [r["run"] for r in got if str(r.get("status", "")).startswith("failed")]
+        for r in got:
+            rows.append({**r, "label": spec.label, "sweep": spec.key,
+                         "run_dir": str(sweep_dir / "runs" / r["run"])})
+    return rows, failed
+
+
+def reproduce(recipe: str, scale: str, out: str | os.PathLike, store: str | os.PathLike | None = None,
+              test_store: str | os.PathLike | None = None, model_names: list[str] | None = None,
+              device: str | None = None, jobs: int | None = None, plan_only: bool = False,
+              echo: Callable[[str], None] = print) -> Path | list[str]:
+    """Run ``recipe`` at ``scale`` into ``out``.
+
+    Parameters
+    ----------
+    recipe : str
+        One of ``recipes.RECIPES``.
+    scale : str
+        ``cpu``, ``gpu`` (or ``tiny``, for tests); see ``recipes.SCALES``.
+    out : str or os.PathLike
+        Output folder (see the module docstring); made absolute against the current directory.
+    store, test_store : str or os.PathLike, optional
+        The user's training store and held-out background store (built from built-in pictures when missing).
+    model_names : list of str, optional
+        Model families or names (``recipes.resolve_models``); default ResNet.
+    device : str, optional
+        train.py ``--device`` (default: the scale's).
+    jobs : int, optional
+        Runs at once (default: the scale's).
+    plan_only : bool
+        Return the train.py command of every run instead of training (stores are still built: the plan depends on
+        their size).
+    echo : callable
+        Receives every progress line.
+
+    Returns
+    -------
+    Path or list of str
+        The report's path, or with ``plan_only`` the command lines.
+
+    Raises
+    ------
+    RecipeError
+        For bad names, a store too small for the recipe, an ``out`` made with another scale or store, or failed
+        runs (after the report is written).
+    """
+    t0 = time.perf_counter()
+    R.check_recipe(recipe)
+    sc = R.get_scale(scale)
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if recipe == "toy":
+        from engine.experiments.toy_recipe import run_toy
+
+        if plan_only:
+            return [f"toy grid {R.toy_grid()} with ToyConfig overrides {sc.toy or 'none'} -> {out / 'toy'}"]
+        return run_toy(sc, out / "toy", device=device, echo=echo, started=t0)
+    model_list = R.resolve_models(model_names, sc)
+    stores = prepare_stores(out, sc, None if store is None else str(store),
+                            None if test_store is None else str(test_store), echo)
+    check_out(out, sc, stores)
+    specs = sweep_specs(recipe, sc, model_list, stores, device)
+    if plan_only:
+        return plan_lines(specs, stores, sc, out)
+    rows, failed = run_specs(specs, stores, sc, out, jobs or sc.jobs, echo)
+    context = rep.Context(recipe=recipe, scale=sc, out=out / recipe, store=stores.store, store_count=stores.count,
+                          patch=stores.patch, built_store=stores.built, test_store=stores.test_store,
+                          built_test_store=stores.test_built, models=model_list,
+                          wall_s=time.perf_counter() - t0, bands=stores.bands)
+    path = rep.write_recipe(context, rows)
+    echo(f"report: {path}")
+    if failed:
+        raise R.RecipeError(f"{len(failed)} run(s) failed: {', '.join(failed)} (see their train.out); the report "
+                            f"lists the finished ones")
+    return path
