@@ -15,16 +15,21 @@ from click.testing import CliRunner
 
 from engine.cli.toy import format_table, toy
 from engine.experiments.toy import (
+    CurveResult,
+    SettingResult,
     ToyConfig,
     ToyNet,
+    Trained,
+    batch_order,
     evaluate,
     n_parameters,
     run_grid,
-    test_curve,
+    test_curves,
     train_network,
     write_results,
 )
 from engine.experiments.toy_data import Noise, ground_truth, make_curve, make_segments, stream_seed
+from engine.experiments.toy_figures import mse_figure, relative_luminance, setting_figure, text_colors
 
 TINY = dict(iters=150, batch=16, lr=3e-3, segments=256, points=200, width=16)
 
@@ -138,9 +143,9 @@ def test_bad_order_rejected(order):
 
 def test_network_size_and_shapes():
     net = ToyNet()
-    # independent count: five convs 2->120->120->120->120->2, kernel 9, with biases
-    chans = [2, 120, 120, 120, 120, 2]
-    expected = sum(a * b * 9 + b for a, b in zip(chans[:-1], chans[1:]))
+    # independent count: five convs 2->163->163->163->163->2, kernel 5, with biases
+    chans = [2, 163, 163, 163, 163, 2]
+    expected = sum(a * b * 5 + b for a, b in zip(chans[:-1], chans[1:]))
     assert n_parameters(net) == expected
     assert 350_000 <= expected <= 450_000  # the paper's "about 400k"
     assert sum(isinstance(m, torch.nn.Conv1d) for m in net.modules()) == 5
@@ -151,6 +156,19 @@ def test_network_size_and_shapes():
         net(torch.zeros(2, 1, 128))
 
 
+def test_network_scales_its_inputs_and_output():
+    torch.manual_seed(0)
+    net = ToyNet(width=6, kernel=3, y_in_scale=40.0)
+    z = torch.randn(2, 2, 17) * 10
+    # reference: the same convolutions applied by hand to (x / 10, y / 40), output times 10
+    h = torch.stack([z[:, 0] / 10, z[:, 1] / 40], 1)
+    for mod in net.body:
+        h = mod(h)
+    torch.testing.assert_close(net(z), h * 10, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="y_in_scale"):
+        ToyNet(y_in_scale=0)
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="loss"):
         ToyConfig(loss="l3")
@@ -158,9 +176,25 @@ def test_config_validation():
         ToyConfig(points=100)
     with pytest.raises(ValueError, match="iters"):
         ToyConfig(iters=0)
+    with pytest.raises(ValueError, match="y_in_scale"):
+        ToyConfig(y_in_scale=-1.0)
 
 
 # ------------------------------------------------------------------------------------------------- training
+
+
+def test_batch_order_walks_whole_batches_of_fresh_permutations():
+    rng = np.random.default_rng(3)
+    order = batch_order(10, 3, 7, rng)
+    assert order.shape == (7, 3) and order.dtype == np.int64
+    # 10 segments in batches of 3: three batches per epoch, the tenth segment of each epoch is left out
+    for epoch in (order[0:3], order[3:6]):
+        flat = epoch.ravel()
+        assert len(set(flat.tolist())) == 9 and flat.min() >= 0 and flat.max() <= 9
+    # the same draws as taking permutations one epoch at a time
+    ref = np.random.default_rng(3)
+    expected = np.concatenate([ref.permutation(10)[:9] for _ in range(3)]).reshape(-1, 3)[:7]
+    np.testing.assert_array_equal(order, expected)
 
 
 def test_training_is_deterministic():
@@ -195,10 +229,24 @@ def test_trained_network_beats_identity_on_its_training_distribution(loss):
     cfg = ToyConfig(**TINY, loss=loss)
     noise = Noise(0, 1)
     trained = train_network(1, noise, cfg)
-    res = evaluate(trained.model, *test_curve(1, noise, cfg))
+    res = evaluate(trained.model, *test_curves(1, noise, cfg))
     # the identity map scores about sigma^2 = 1; a denoiser must do clearly better
     assert 0.7 < res.mse_input < 1.3
     assert res.mse < 0.5 * res.mse_input, (res.mse, res.mse_input)
+
+
+@pytest.mark.slow
+def test_order1_network_ignores_mean_shifted_noise_that_the_order8_network_follows():
+    """The paper's finding on a tiny problem: the order-1 network learns its curve from x and removes unseen
+    N(10, 5) noise; the order-8 network learns to filter the noise and lets most of the shifted noise through."""
+    cfg = ToyConfig(iters=600, batch=16, lr=3e-3, segments=512, points=300, width=24, test_curves=4)
+    passed = {}
+    for order in (1, 8):
+        trained = train_network(order, Noise(0, 1), cfg)
+        res = evaluate(trained.model, *test_curves(order, Noise(10, 5), cfg))
+        passed[order] = res.mse / res.mse_input  # fraction of the noise's MSE left in the output
+    assert passed[8] > 0.3, passed
+    assert passed[1] < passed[8] / 10, passed
 
 
 def test_evaluate_scores_y_channel_against_reference():
@@ -214,6 +262,40 @@ def test_evaluate_scores_y_channel_against_reference():
     res = evaluate(Fixed(), inp, tgt)
     np.testing.assert_allclose(res.mse, np.mean((1.0 - tgt[1].astype(np.float64)) ** 2), rtol=1e-6)
     np.testing.assert_allclose(res.mse_input, np.mean((inp[1].astype(np.float64) - tgt[1]) ** 2), rtol=1e-6)
+
+
+def test_evaluate_averages_over_curves_and_scores_the_training_curve():
+    class Shift(torch.nn.Module):  # outputs x and y + 1
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, z):
+            return torch.stack([z[:, 0], z[:, 1] + 1], 1)
+
+    rng = np.random.default_rng(2)
+    pairs = [make_curve(4, Noise(0, s), 200, rng) for s in (0.5, 2.0)]
+    inp, tgt = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+    res = evaluate(Shift(), inp, tgt, train_order=1)
+    noise = inp[:, 1].astype(np.float64) - tgt[:, 1]
+    # equal-length curves: the mean over all points is the mean of the per-curve MSEs
+    np.testing.assert_allclose(res.mse, np.mean([np.mean((n + 1) ** 2) for n in noise]), rtol=1e-6)
+    np.testing.assert_allclose(res.mse_input, (np.mean(noise[0] ** 2) + np.mean(noise[1] ** 2)) / 2, rtol=1e-6)
+    own = 10 * np.cos(np.pi * inp[:, 0].astype(np.float64) / 10)
+    np.testing.assert_allclose(res.mse_train_curve, np.mean((inp[:, 1] + 1.0 - own) ** 2), rtol=1e-5)
+    np.testing.assert_array_equal(res.x, inp[0, 0])  # the figures show the first curve
+    assert evaluate(Shift(), inp[0], tgt[0]).mse_train_curve is None
+    with pytest.raises(ValueError, match="shape"):
+        evaluate(Shift(), inp[:, :1], tgt[:, :1])
+
+
+def test_test_curves_are_independent_draws_and_extend_consistently():
+    cfg = ToyConfig(**{**TINY, "test_curves": 3})
+    inp, tgt = test_curves(4, Noise(0, 1), cfg)
+    assert inp.shape == tgt.shape == (3, 2, TINY["points"])
+    assert not np.array_equal(inp[0, 0], inp[1, 0])
+    more, _ = test_curves(4, Noise(0, 1), ToyConfig(**{**TINY, "test_curves": 5}))
+    np.testing.assert_array_equal(more[:3], inp)
 
 
 # -------------------------------------------------------------------------------------------------- command
@@ -283,10 +365,10 @@ def test_command_bad_input(tmp_path, option, value, message):
 
 def test_write_results_is_complete_and_atomic(tmp_path):
     records = [{"train_order": 1, "train_noise": [0.0, 1.0], "test_order": 4, "test_noise": [10.0, 5.0],
-                "mse": 0.25, "mse_input": 125.0}]
+                "mse": 0.25, "mse_input": 125.0, "mse_train_curve": 40.5}]
     write_results(tmp_path, records, {"seed": 0})
     assert json.loads((tmp_path / "results.json").read_text()) == records
-    assert (tmp_path / "results.csv").read_text().splitlines()[1] == "1,0.0,1.0,4,10.0,5.0,0.25,125.0"
+    assert (tmp_path / "results.csv").read_text().splitlines()[1] == "1,0.0,1.0,4,10.0,5.0,0.25,125.0,40.5"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "results.csv", "results.json"]
 
 
@@ -297,3 +379,69 @@ def test_format_table_lists_every_cell():
     assert "O=1 N(0,1)" in text and "O=4 N(0,2)" in text
     for r in records:
         assert f"{r['mse']:.4g}" in text
+
+
+@pytest.mark.slow
+def test_worker_processes_train_the_same_networks_as_one_process():
+    cfg = ToyConfig(**{**TINY, "iters": 15})
+    args = ([1, 8], [Noise(0, 1)], [1, 4], [Noise(0, 1), Noise(10, 5)], cfg)
+    alone = run_grid(*args, jobs=1)  # this process, one thread (fixture)
+    parallel = run_grid(*args, jobs=2, threads=1)
+    assert [r for s in parallel for r in s.records()] == [r for s in alone for r in s.records()]
+    for a, b in zip(alone, parallel):
+        assert a.trained.final_loss == b.trained.final_loss
+        for k, v in a.trained.model.state_dict().items():
+            torch.testing.assert_close(b.trained.model.state_dict()[k], v, rtol=0, atol=0)
+
+
+def test_run_grid_rejects_bad_jobs():
+    cfg = ToyConfig(**{**TINY, "iters": 1})
+    with pytest.raises(ValueError, match="jobs"):
+        run_grid([1], [Noise(0, 1)], [1], [Noise(0, 1)], cfg, jobs=0)
+    with pytest.raises(ValueError, match="jobs"):
+        run_grid([1, 4], [Noise(0, 1)], [1], [Noise(0, 1)], ToyConfig(**{**TINY, "device": "cuda"}), jobs=2)
+
+
+# --------------------------------------------------------------------------------------------------- figures
+
+
+def _fake_setting(train_order: int, cells: dict[tuple[int, Noise], float]) -> SettingResult:
+    """A SettingResult without training: the prediction is the truth plus a constant offset whose square is the
+    cell's MSE."""
+    scored = {}
+    for (order, noise), mse in cells.items():
+        inp, tgt = make_curve(order, noise, 50, np.random.default_rng(order))
+        pred = tgt[1] + np.float32(np.sqrt(mse))
+        scored[(order, noise)] = CurveResult(inp[0], inp[1], tgt[1], pred, mse, 1.0)
+    return SettingResult(train_order, Noise(0, 1), Trained(ToyNet(width=2, kernel=1), 0.0, 0.0), scored)
+
+
+def test_relative_luminance_hand_values():
+    np.testing.assert_allclose(relative_luminance([[1, 1, 1, 1], [0, 0, 0, 1], [0, 1, 0, 0.5]]), [1.0, 0.0, 0.7152])
+    # sRGB 0.5 is 0.214 linear (the standard transfer function)
+    np.testing.assert_allclose(relative_luminance([0.5, 0.5, 0.5]), 0.21404, atol=1e-5)
+    assert list(text_colors(np.array([[1, 1, 0.2], [0.2, 0.0, 0.3]]))) == ["black", "white"]
+
+
+def test_mse_map_numbers_are_dark_on_light_cells_and_light_on_dark_cells():
+    cells = {(1, Noise(0, 1)): 0.001, (8, Noise(10, 5)): 100.0}
+    fig = mse_figure([_fake_setting(1, cells), _fake_setting(8, {k: v * 0.5 for k, v in cells.items()})])
+    ax = fig.axes[0]
+    texts = {t.get_text(): t.get_color() for t in ax.texts}
+    # log scale from 0.0005 to 100: the smallest value sits on viridis' dark purple, the largest on its yellow
+    assert texts["0.0005"] == "white" and texts["100"] == "black"
+    assert len(texts) == 4
+
+
+def test_setting_figure_labels_every_panel():
+    noises = [Noise(0, 1), Noise(10, 5)]
+    res = _fake_setting(1, {(o, n): 0.5 for o in (1, 8) for n in noises})
+    fig = setting_figure(res)
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(panels) == 4
+    for ax in panels:
+        assert ax.get_xlabel() == "x" and ax.get_ylabel() == "y"
+        assert "mse 0.5" in ax.get_title() and "test O=" in ax.get_title()
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert {"noisy input", "ground truth", "prediction", "training curve (O=1)"} <= set(legend)
+    assert "order 1" in fig.get_suptitle()

@@ -4,26 +4,44 @@ A network trained on a simple curve (low order) can lower its loss by learning t
 compute from x alone, and then it removes any noise, including noise it never saw. On a complex curve (high order)
 learning the curve is harder than learning the noise, so the network learns to remove the training noise and fails
 on other noise. ``run_grid`` trains one network per training setting (order x noise) and tests every cell of a
-test grid; ``write_results`` / ``write_figures`` store the outcome (see ``rainsweep toy``).
+test grid; ``write_results`` and ``engine.experiments.toy_figures`` store the outcome (see ``rainsweep toy``).
 
 How x is carried: the network sees two channels, x and the noisy y, and outputs two channels, x and the denoised
 y; the target's x channel is the input's x, and the loss covers both channels (the paper maps ``(x, y + n)`` to
-``(x, y)``). The x input is what lets a network "learn the background": the clean y is a function of x. Reported
-MSE is on the y channel only (the quantity of interest), in squared y units.
+``(x, y)``). The x input is what lets a network "learn the background": the clean y is a function of x. Data,
+targets and reported MSE are in the curve's own units (x in [-10, 10], y in [-10, 10] plus noise); MSE is on the
+y channel only, in squared y units.
 
-Everything is in the curve's own units (x in [-10, 10], y in [-10, 10] plus noise); the network scales its input
-by 1/10 and its output by 10 internally so that its activations stay O(1).
+The default regime (``ToyConfig()``, what ``rainsweep toy`` runs without options) and why:
+
+- Network: five convolutions of kernel 5 and 163 channels (402,449 parameters, the paper's "about 400k") with
+  LeakyReLU; receptive field 21 points. A network that denoises from y alone averages over about its receptive
+  field and scores about 1/21 = 0.048 on N(0, 1), the paper's figure for its order-8 network (0.047). A wider field
+  (kernel 9: 41 points) makes that averaging shortcut twice as good and holds the order-1 network in it for
+  thousands of steps longer.
+- Input scales: x enters divided by 10 (into [-1, 1]), the noisy y divided by ``y_in_scale`` = 100; the output is
+  multiplied by 10. Every first-layer unit mixes x and y, so a network that fits the curve from x can still carry
+  y inside its features and cancel it only over the y values it was trained on (about [-13, 13]). Mean-shifted
+  noise N(10, 5) moves y to about [-5, 35], past kinks that training never constrained, and the output bends (with
+  y scaled like x: mse about 7 under N(10, 5) for an order-1 network that scores 0.001 on its own cell). With y
+  entering at a tenth of x's scale the response to y stays close to linear over that whole range, so the
+  insensitivity learned in range holds out of range and the order-1 network's output stops depending on the noisy
+  y, as the paper reports. Networks that need y (orders 4 and 8) still learn to use it and follow shifted noise.
+- Training: Adam at lr 2e-3, cosine-decayed to 0, 6,000 steps of 16 segments (9.6 passes over the 10,000
+  segments), L1 loss (the paper's) on both channels. The order-1 network fits the cosine from x to about 1e-3 mse
+  only in the late, low-learning-rate steps.
+- CPU: one worker process per network (``run_grid(jobs=...)``), one torch thread each. Convolutions this small gain
+  little from a second thread, while independent networks use every core.
 """
 from __future__ import annotations
 
 import contextlib
 import csv
 import io
-import json
-import os
-import tempfile
+import multiprocessing
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,36 +49,40 @@ import numpy as np
 import torch
 from torch import nn
 
+from engine.atomic import atomic_write_json, atomic_write_text
+from engine.experiments.toy_config import ToyConfig
 from engine.experiments.toy_data import (
-    DEFAULT_POINTS,
-    DEFAULT_SEGMENTS,
     PURPOSE_TEST_CURVE,
     PURPOSE_TRAIN_DATA,
     PURPOSE_TRAIN_INIT,
-    SEGMENT_LEN,
     Noise,
     check_order,
+    ground_truth,
     make_curve,
     make_segments,
     stream_seed,
 )
 
-#: y-unit scale the network divides its input by and multiplies its output by
+#: the x input, the x output and the y output are divided / multiplied by this (curve units -> O(1))
 UNIT_SCALE = 10.0
-LOSSES = ("l1", "l2")
 
 
 class ToyNet(nn.Module):
-    """Five 1-D convolutions with LeakyReLU between them: float32 ``(N, 2, L)`` -> ``(N, 2, L)``, any ``L``.
+    """Five 1-D convolutions with LeakyReLU (slope 0.2) between them: float32 ``(N, 2, L)`` -> ``(N, 2, L)``, any
+    ``L``, channels 0 = x and 1 = y in curve units.
 
-    Channels: 0 = x, 1 = y, in curve units. With the defaults (width 120, kernel 9) it has 393,602 parameters
-    (the paper's "about 400k") and a receptive field of 41 points. 'same' zero padding keeps the length.
+    The input x is divided by 10 and the input y by ``y_in_scale``; the output (x, y) is the last convolution's
+    output times 10. With the defaults (width 163, kernel 5) it has 402,449 parameters (the paper's "about 400k")
+    and a receptive field of 21 points; 'same' zero padding keeps the length.
     """
 
-    def __init__(self, width: int = 120, kernel: int = 9, layers: int = 5, negative_slope: float = 0.2) -> None:
+    def __init__(self, width: int = 163, kernel: int = 5, y_in_scale: float = 200.0, layers: int = 5,
+                 negative_slope: float = 0.2) -> None:
         super().__init__()
         if width < 1 or layers < 2 or kernel < 1 or kernel % 2 == 0:
             raise ValueError(f"need width >= 1, layers >= 2 and an odd kernel, got {width=}, {kernel=}, {layers=}")
+        if not y_in_scale > 0:
+            raise ValueError(f"y_in_scale must be > 0, got {y_in_scale}")
         mods: list[nn.Module] = []
         cin = 2
         for i in range(layers):
@@ -70,48 +92,23 @@ class ToyNet(nn.Module):
                 mods.append(nn.LeakyReLU(negative_slope))
             cin = cout
         self.body = nn.Sequential(*mods)
+        self.register_buffer("in_scale", torch.tensor([1.0 / UNIT_SCALE, 1.0 / y_in_scale]).view(1, 2, 1),
+                             persistent=False)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if z.ndim != 3 or z.shape[1] != 2:
             raise ValueError(f"ToyNet expects (N, 2, L) input (channels x, y), got shape {tuple(z.shape)}")
-        return self.body(z / UNIT_SCALE) * UNIT_SCALE
+        return self.body(z * self.in_scale) * UNIT_SCALE
 
 
 def n_parameters(model: nn.Module) -> int:
+    """Number of trainable values in ``model``."""
     return sum(p.numel() for p in model.parameters())
 
 
-@dataclass(frozen=True)
-class ToyConfig:
-    """Settings of one experiment. ``iters`` optimizer steps of ``batch`` segments each; Adam at ``lr`` with a
-    cosine decay to 0. Sizes in points; ``loss`` is "l1" (the paper's default) or "l2"."""
-
-    iters: int = 1200
-    batch: int = 16
-    lr: float = 2e-3
-    segments: int = DEFAULT_SEGMENTS
-    points: int = DEFAULT_POINTS
-    seg_len: int = SEGMENT_LEN
-    width: int = 120
-    kernel: int = 9
-    loss: str = "l1"
-    seed: int = 0
-    device: str = "cpu"
-
-    def __post_init__(self) -> None:
-        for name in ("iters", "batch", "segments", "points", "seg_len", "width", "kernel"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.seg_len > self.points:
-            raise ValueError(f"seg_len ({self.seg_len}) must not exceed points ({self.points})")
-        if self.kernel % 2 == 0:
-            raise ValueError(f"kernel must be odd, got {self.kernel}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
+def build_network(cfg: ToyConfig) -> ToyNet:
+    """The ToyNet that ``cfg`` describes (on the CPU, freshly initialized from torch's current seed)."""
+    return ToyNet(cfg.width, cfg.kernel, cfg.y_in_scale)
 
 
 @dataclass
@@ -125,14 +122,16 @@ class Trained:
 
 @dataclass
 class CurveResult:
-    """One test cell: the curve (float32 ``(P,)`` each: x, noisy y, clean y, predicted y) and its MSEs."""
+    """One test cell: its first test curve (float32 ``(P,)`` each: x, noisy y, clean y, predicted y), for the
+    figures, and MSEs of the y channel (y units squared) over all its test curves."""
 
     x: np.ndarray
     noisy: np.ndarray
     truth: np.ndarray
     pred: np.ndarray
-    mse: float  # prediction vs truth, y channel
+    mse: float  # prediction vs truth
     mse_input: float  # noisy input vs truth: what the identity map scores
+    mse_train_curve: float | None = None  # prediction vs the clean curve of the network's training order
 
 
 @contextlib.contextmanager
@@ -153,6 +152,15 @@ def _seed_int(ss: np.random.SeedSequence) -> int:
     return int(ss.generate_state(1, np.uint64)[0] >> np.uint64(1))  # torch.manual_seed wants < 2**63 to be safe
 
 
+def batch_order(n_segments: int, batch: int, iters: int, rng: np.random.Generator) -> np.ndarray:
+    """Segment indices of every training step, int64 ``(iters, batch)``: epochs of ``rng.permutation``, each cut
+    into whole batches (an epoch's incomplete remainder is dropped, the next epoch reshuffles)."""
+    per_epoch = n_segments // batch
+    epochs = -(-iters // per_epoch)
+    perms = [rng.permutation(n_segments)[:per_epoch * batch] for _ in range(epochs)]
+    return np.concatenate(perms).reshape(-1, batch)[:iters]
+
+
 def train_network(order: int, noise: Noise, cfg: ToyConfig) -> Trained:
     """Train one ToyNet on ``cfg.segments`` segments of the curve of ``order`` with ``noise``.
 
@@ -167,54 +175,65 @@ def train_network(order: int, noise: Noise, cfg: ToyConfig) -> Trained:
     device = torch.device(cfg.device)
     xin = torch.from_numpy(inputs).to(device)
     xtg = torch.from_numpy(targets).to(device)
+    batch = min(cfg.batch, cfg.segments)
+    steps = torch.from_numpy(batch_order(cfg.segments, batch, cfg.iters, np.random.default_rng(batch_ss))).to(device)
     torch.manual_seed(_seed_int(stream_seed(cfg.seed, PURPOSE_TRAIN_INIT, order, noise)))
-    model = ToyNet(cfg.width, cfg.kernel).to(device)
+    model = build_network(cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.iters)
     loss_fn = nn.L1Loss() if cfg.loss == "l1" else nn.MSELoss()
-    batch_rng = np.random.default_rng(batch_ss)
-    batch = min(cfg.batch, cfg.segments)
-    perm = batch_rng.permutation(cfg.segments)
-    pos = 0
     tail = max(1, cfg.iters // 10)
-    tail_sum = 0.0
+    tail_sum = torch.zeros((), device=device)
     t0 = time.perf_counter()
     model.train()
     for step in range(cfg.iters):
-        if pos + batch > cfg.segments:  # new epoch: reshuffle, drop the incomplete remainder
-            perm, pos = batch_rng.permutation(cfg.segments), 0
-        idx = torch.from_numpy(perm[pos:pos + batch]).to(device)
-        pos += batch
+        idx = steps[step]
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(xin[idx]), xtg[idx])
         loss.backward()
         opt.step()
         sched.step()
         if step >= cfg.iters - tail:
-            tail_sum += float(loss.detach())
+            tail_sum += loss.detach()  # summed on the device: no host sync per step
     model.eval()
-    return Trained(model, tail_sum / tail, time.perf_counter() - t0)
+    return Trained(model, float(tail_sum) / tail, time.perf_counter() - t0)
 
 
-def test_curve(order: int, noise: Noise, cfg: ToyConfig) -> tuple[np.ndarray, np.ndarray]:
-    """The whole noisy test curve of one cell and its target, float32 ``(2, cfg.points)``; the same for every
-    network evaluated with the same ``cfg.seed`` and ``cfg.points``."""
+def test_curves(order: int, noise: Noise, cfg: ToyConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The ``cfg.test_curves`` whole noisy test curves of one cell and their targets, float32
+    ``(cfg.test_curves, 2, cfg.points)`` each; the same for every network evaluated with the same ``cfg.seed``,
+    ``cfg.points`` and ``cfg.test_curves`` (and the first curves are the same whatever ``cfg.test_curves``)."""
     rng = np.random.default_rng(stream_seed(cfg.seed, PURPOSE_TEST_CURVE, order, noise))
-    return make_curve(order, noise, cfg.points, rng)
+    pairs = [make_curve(order, noise, cfg.points, rng) for _ in range(cfg.test_curves)]
+    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
-test_curve.__test__ = False  # not a pytest test despite the name
+test_curves.__test__ = False  # not a pytest test despite the name
 
 
 @torch.no_grad()
-def evaluate(model: ToyNet, inputs: np.ndarray, targets: np.ndarray) -> CurveResult:
-    """Run ``model`` on one whole curve (float32 ``(2, P)`` input and target) and score the y channel."""
+def evaluate(model: ToyNet, inputs: np.ndarray, targets: np.ndarray, train_order: int | None = None) -> CurveResult:
+    """Run ``model`` on whole curves (float32 input and target, ``(2, P)`` for one curve or ``(R, 2, P)`` for
+    ``R``) and score the y channel over all of them; with ``train_order``, also against that order's clean curve.
+
+    Several curves make a steadier score: a denoiser's errors are correlated over its receptive field, so one
+    1,000-point curve holds only about 50 independent errors and its MSE varies by 15-20 % from curve to curve.
+    """
+    if inputs.ndim == 2:
+        inputs, targets = inputs[None], targets[None]
+    if inputs.ndim != 3 or inputs.shape[1] != 2 or targets.shape != inputs.shape:
+        raise ValueError(f"expected inputs and targets of shape (2, P) or (R, 2, P), got {inputs.shape} and "
+                         f"{targets.shape}")
     device = next(model.parameters()).device
-    out = model(torch.from_numpy(inputs)[None].to(device))[0].cpu().numpy()
-    truth, noisy, pred = targets[1], inputs[1], out[1]
+    pred = model(torch.from_numpy(inputs).to(device))[:, 1].cpu().numpy()
+    x, noisy, truth = inputs[:, 0], inputs[:, 1], targets[:, 1]
     mse = float(np.mean((pred.astype(np.float64) - truth) ** 2))
     mse_input = float(np.mean((noisy.astype(np.float64) - truth) ** 2))
-    return CurveResult(inputs[0].copy(), noisy.copy(), truth.copy(), pred.copy(), mse, mse_input)
+    mse_train = None
+    if train_order is not None:
+        own = ground_truth(x.astype(np.float64), train_order)
+        mse_train = float(np.mean((pred.astype(np.float64) - own) ** 2))
+    return CurveResult(x[0].copy(), noisy[0].copy(), truth[0].copy(), pred[0].copy(), mse, mse_input, mse_train)
 
 
 @dataclass
@@ -235,9 +254,48 @@ class SettingResult:
                 "test_noise": noise.as_list(),
                 "mse": res.mse,
                 "mse_input": res.mse_input,
+                "mse_train_curve": res.mse_train_curve,
             }
             for (order, noise), res in self.cells.items()
         ]
+
+
+def _train_state(order: int, noise: Noise, cfg: ToyConfig) -> tuple[dict[str, np.ndarray], float, float]:
+    """Worker-process body of ``run_grid``: train one network (deterministic algorithms) and return its weights as
+    numpy arrays (plain bytes across the process boundary), its final loss and its training seconds."""
+    with deterministic(cfg.device):
+        trained = train_network(order, noise, cfg)
+    state = {k: v.detach().cpu().numpy() for k, v in trained.model.state_dict().items()}
+    return state, trained.final_loss, trained.seconds
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _trained_networks(
+    settings: list[tuple[int, Noise]], cfg: ToyConfig, jobs: int, threads: int | None
+) -> Iterator[Trained]:
+    """Train the networks of ``settings`` and yield them in order: in this process when ``jobs == 1``, else in
+    ``jobs`` worker processes with ``threads`` torch threads each (default 1)."""
+    if jobs == 1 or len(settings) == 1:
+        with deterministic(cfg.device):
+            for order, noise in settings:
+                yield train_network(order, noise, cfg)
+        return
+    # spawn, not fork: a forked child inherits torch's OpenMP pool in an undefined state
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(jobs, len(settings)), ctx, _init_worker, (threads or 1,)) as pool:
+        futures = [pool.submit(_train_state, order, noise, cfg) for order, noise in settings]
+        try:
+            for fut in futures:
+                state, final_loss, seconds = fut.result()
+                model = build_network(cfg)
+                model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+                yield Trained(model.eval(), final_loss, seconds)
+        finally:
+            for fut in futures:
+                fut.cancel()
 
 
 def run_grid(
@@ -248,79 +306,67 @@ def run_grid(
     cfg: ToyConfig,
     log: Callable[[str], None] = lambda s: None,
     on_setting: Callable[[SettingResult], None] = lambda r: None,
+    jobs: int = 1,
+    threads: int | None = None,
 ) -> list[SettingResult]:
     """Train one network per (train order, train noise), test it on every (test order, test noise) cell.
 
-    ``log`` gets one progress line per network; ``on_setting`` is called after each network (e.g. to write
-    results so far). Returns the settings in grid order (orders outer, noises inner).
+    ``jobs > 1`` trains up to that many networks at once in worker processes (CPU only), each with ``threads``
+    torch threads (default 1); ``jobs == 1`` trains them one after another in this process with its current
+    thread count. A network depends only on ``cfg``, its setting and the thread count it was trained with, not on
+    the grid or on ``jobs``. ``log`` gets one progress line per network; ``on_setting`` is called after each
+    network in grid order (e.g. to write results so far). Returns the settings in grid order (orders outer,
+    noises inner).
     """
     if not (train_orders and train_noises and test_orders and test_noises):
         raise ValueError("every order and noise list must be non-empty")
+    if jobs < 1 or (threads is not None and threads < 1):
+        raise ValueError(f"jobs and threads must be >= 1, got jobs={jobs}, threads={threads}")
+    if jobs > 1 and cfg.device != "cpu":
+        raise ValueError(f"jobs > 1 trains in CPU worker processes; with device {cfg.device!r} use jobs=1")
     settings = [(check_order(o), n) for o in train_orders for n in train_noises]
     cells = [(check_order(o), n) for o in test_orders for n in test_noises]
-    tests = {cell: test_curve(cell[0], cell[1], cfg) for cell in cells}
+    tests = {cell: test_curves(cell[0], cell[1], cfg) for cell in cells}
     results: list[SettingResult] = []
-    with deterministic(cfg.device):
-        for i, (order, noise) in enumerate(settings, 1):
-            trained = train_network(order, noise, cfg)
-            scored = {cell: evaluate(trained.model, *tests[cell]) for cell in cells}
-            res = SettingResult(order, noise, trained, scored)
-            results.append(res)
-            worst = max(scored.items(), key=lambda kv: kv[1].mse)
-            log(
-                f"[{i}/{len(settings)}] train order {order} noise {noise.label()}: {cfg.iters} steps in "
-                f"{trained.seconds:.1f} s, final {cfg.loss} loss {trained.final_loss:.3f}; test mse "
-                f"{min(r.mse for r in scored.values()):.3f}..{worst[1].mse:.3f} "
-                f"(worst: order {worst[0][0]} {worst[0][1].label()})"
-            )
-            on_setting(res)
+    networks = _trained_networks(settings, cfg, jobs, threads)
+    for i, ((order, noise), trained) in enumerate(zip(settings, networks), 1):
+        scored = {cell: evaluate(trained.model, *tests[cell], train_order=order) for cell in cells}
+        res = SettingResult(order, noise, trained, scored)
+        results.append(res)
+        worst = max(scored.items(), key=lambda kv: kv[1].mse)
+        log(
+            f"[{i}/{len(settings)}] train order {order} noise {noise.label()}: {cfg.iters} steps in "
+            f"{trained.seconds:.1f} s, final {cfg.loss} loss {trained.final_loss:.4f}; test mse "
+            f"{min(r.mse for r in scored.values()):.4g}..{worst[1].mse:.4g} "
+            f"(worst: order {worst[0][0]} {worst[0][1].label()})"
+        )
+        on_setting(res)
     return results
 
 
 # ---------------------------------------------------------------------------------------------------- writing
 
 
-def _read_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder, then rename (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-CSV_FIELDS = ("train_order", "train_mu", "train_sigma", "test_order", "test_mu", "test_sigma", "mse", "mse_input")
+CSV_FIELDS = (
+    "train_order", "train_mu", "train_sigma", "test_order", "test_mu", "test_sigma", "mse", "mse_input",
+    "mse_train_curve",
+)
 
 
 def write_results(out: Path, records: list[dict], config: dict) -> None:
     """Write ``results.json`` (the records), ``results.csv`` (the same, noise split into mu / sigma columns) and
     ``config.json`` (the settings that produced them) into ``out``, atomically."""
-    _atomic_write_bytes(out / "results.json", (json.dumps(records, indent=1) + "\n").encode())
+    atomic_write_json(out / "results.json", records, indent=1)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_FIELDS)
     for r in records:
         w.writerow([
             r["train_order"], *r["train_noise"], r["test_order"], *r["test_noise"],
-            repr(r["mse"]), repr(r["mse_input"]),
+            repr(r["mse"]), repr(r["mse_input"]), repr(r["mse_train_curve"]),
         ])
-    _atomic_write_bytes(out / "results.csv", buf.getvalue().encode())
-    _atomic_write_bytes(out / "config.json", (json.dumps(config, indent=1) + "\n").encode())
+    atomic_write_text(out / "results.csv", buf.getvalue())
+    atomic_write_json(out / "config.json", config, indent=1)
 
 
 def config_record(cfg: ToyConfig, train_orders, train_noises, test_orders, test_noises, threads: int) -> dict:
@@ -332,83 +378,10 @@ def config_record(cfg: ToyConfig, train_orders, train_noises, test_orders, test_
         "test_order": list(test_orders),
         "test_noise": [n.as_list() for n in test_noises],
         "threads": threads,
-        "parameters": n_parameters(ToyNet(cfg.width, cfg.kernel)),
+        "parameters": n_parameters(build_network(cfg)),
         "torch": torch.__version__,
         "mse": "mean squared error of the predicted y channel against the clean curve, y units squared",
         "mse_input": "the same for the noisy input (the identity map's score)",
+        "mse_train_curve": "mean squared error of the predicted y against the clean curve of the training order at "
+                           "the test x: small on other orders when a network draws its own training curve",
     }
-
-
-def _noise_tag(noise: Noise) -> str:
-    return f"{noise.mu:g}_{noise.sigma:g}"
-
-
-def figure_name(order: int, noise: Noise) -> str:
-    """File name of one training setting's figure, e.g. ``train_order4_noise0_1.png``."""
-    return f"train_order{order}_noise{_noise_tag(noise)}.png"
-
-
-def _save_figure(fig, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    _atomic_write_bytes(path, buf.getvalue())
-
-
-def write_setting_figure(out: Path, res: SettingResult) -> Path:
-    """One PNG per training setting, laid out like the paper's Figs. 11-14: rows = test order, columns = test
-    noise; each panel shows the noisy test points, the ground truth and the network's prediction."""
-    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
-
-    orders = sorted({o for o, _ in res.cells})
-    noises = list(dict.fromkeys(n for _, n in res.cells))
-    fig = Figure(figsize=(3.6 * len(noises), 2.6 * len(orders)), layout="constrained")
-    axes = fig.subplots(len(orders), len(noises), squeeze=False, sharex=True)
-    for r, order in enumerate(orders):
-        for c, noise in enumerate(noises):
-            ax = axes[r][c]
-            cell = res.cells.get((order, noise))
-            if cell is None:
-                ax.set_axis_off()
-                continue
-            ax.scatter(cell.x, cell.noisy, s=1.5, color="0.6", label="noisy input", rasterized=True)
-            ax.plot(cell.x, cell.truth, color="tab:green", lw=1.2, label="ground truth")
-            ax.plot(cell.x, cell.pred, color="tab:red", lw=1.0, label="prediction")
-            seen = order == res.train_order and noise == res.train_noise
-            ax.set_title(
-                f"test O={order}, {noise.label()}{' (train)' if seen else ''}\nmse {cell.mse:.3g} "
-                f"(input {cell.mse_input:.3g})",
-                fontsize=8,
-            )
-            ax.tick_params(labelsize=7)
-            if r == len(orders) - 1:
-                ax.set_xlabel("x", fontsize=8)
-            if c == 0:
-                ax.set_ylabel("y", fontsize=8)
-    axes[0][0].legend(fontsize=6, loc="lower left", markerscale=4)
-    fig.suptitle(f"trained on order {res.train_order}, noise {res.train_noise.label()}", fontsize=10)
-    path = out / figure_name(res.train_order, res.train_noise)
-    _save_figure(fig, path)
-    return path
-
-
-def write_mse_figure(out: Path, results: Sequence[SettingResult]) -> Path:
-    """``mse.png``: a heat map of log10 MSE, rows = training settings, columns = test cells."""
-    from matplotlib.colors import LogNorm
-    from matplotlib.figure import Figure
-
-    cells = list(results[0].cells)
-    mse = np.array([[res.cells[c].mse for c in cells] for res in results])
-    fig = Figure(figsize=(1.0 + 0.9 * len(cells), 1.2 + 0.5 * len(results)), layout="constrained")
-    ax = fig.subplots()
-    im = ax.imshow(mse, norm=LogNorm(vmin=max(mse.min(), 1e-6), vmax=max(mse.max(), 1e-5)), cmap="viridis")
-    for i in range(mse.shape[0]):
-        for j in range(mse.shape[1]):
-            ax.text(j, i, f"{mse[i, j]:.2g}", ha="center", va="center", fontsize=7, color="w")
-    ax.set_xticks(range(len(cells)), [f"O={o}\n{n.label()}" for o, n in cells], fontsize=7)
-    ax.set_yticks(range(len(results)), [f"O={r.train_order} {r.train_noise.label()}" for r in results], fontsize=7)
-    ax.set_xlabel("test cell")
-    ax.set_ylabel("training setting")
-    fig.colorbar(im, ax=ax, label="mse (y units²)")
-    path = out / "mse.png"
-    _save_figure(fig, path)
-    return path
