@@ -140,7 +140,8 @@ SCALES: dict[str, Scale] = {
         why="Sized to finish within 30 minutes on 2 CPU cores (about 2 CPU-minutes a run): 32 x 32 patches (16 x "
             "fewer pixels than the paper's 128 x 128), the small model variants (resnet-s: 4 blocks x 16 channels, "
             "22k parameters), 6,000 steps (at 3,000 the gap between 8 and 49,151 backgrounds was 25 E_R units, at "
-            "6,000 it was 33), five background counts instead of nine, two runs at once with one thread each. Training backgrounds are the built-in procedural textures (192 pictures of 512 x 512: 49,152 "
+            "6,000 it was 33), five background counts instead of nine, two runs at once with one thread each. "
+            "Training backgrounds are the built-in procedural textures (192 pictures of 512 x 512: 49,152 "
             "patches, all three sharpness bands populated); tested on scikit-image's photographs, on which the "
             "effect showed more clearly than on held-out textures in short measurements."),
     "tiny": Scale(

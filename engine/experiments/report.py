@@ -99,6 +99,12 @@ def finished(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r.get("E_R") is not None]
 
 
+def ceiling(done: list[dict]) -> str:
+    """The E_R ceiling of the finished runs (the same held-out set for all: one value), formatted."""
+    values = sorted({round(r["E_R_ceiling"], 1) for r in done if r.get("E_R_ceiling") is not None})
+    return " / ".join(f"{v:.1f}" for v in values) or "n/a"
+
+
 def setup_section(ctx: Context, rows: list[dict]) -> str:
     """How the numbers were made: scale, stores, models, steps, held-out set, timing."""
     sc = ctx.scale
@@ -106,7 +112,7 @@ def setup_section(ctx: Context, rows: list[dict]) -> str:
     skipped = sum(str(r.get("status", "")).startswith("skipped") for r in rows)
     failed = sum(str(r.get("status", "")).startswith("failed") for r in rows)
     seconds = sum(train_seconds(read_log(r["run_dir"])) for r in rows if r.get("run_dir"))
-    store = f"`{ctx.store}` ({ctx.store_count} patches of {ctx.patch} x {ctx.patch}" + (
+    store = f"`{ctx.store}` ({ctx.store_count:,} patches of {ctx.patch} x {ctx.patch}" + (
         f", built from {', '.join(sc.sources)})" if ctx.built_store else ", the user's)")
     held = (f"the same {sc.test_count} patches of a separate store, `{ctx.test_store}`"
             + (f" (built here from {', '.join(sc.test_sources)})" if ctx.built_test_store else " (the user's)"))
@@ -141,15 +147,18 @@ FIG4_COLUMNS = ("model", "rain", "count", *METRICS, "iters", "status", "run")
 FLAT = 1.0
 
 
-def trend(lo: float, hi: float, up: str, down: str) -> str:
-    """``up`` / ``down`` / "stays within 1" for a change from ``lo`` to ``hi``."""
+def trend(lo: float, hi: float) -> str:
+    """How E_R (or E_B) changes from ``lo`` (fewest backgrounds) to ``hi`` (most), in words."""
     if hi - lo >= FLAT:
-        return up
-    return down if lo - hi >= FLAT else f"stays within {FLAT:g}"
+        return f"rises by {hi - lo:.1f}"
+    if lo - hi >= FLAT:
+        return f"falls by {lo - hi:.1f}"
+    return f"changes by less than {FLAT:g} ({hi - lo:+.1f})"
 
 
 def direction_counts(done: list[dict]) -> list[str]:
-    """One sentence per (model, rain) line on how E_R and E_B change from the smallest to the largest count."""
+    """One sentence per (model, rain) line: its E_R and E_B at every count, and how E_R changes from the smallest to
+    the largest count."""
     out = []
     for model in sorted({r["model"] for r in done}):
         for rain in sorted({r["rain"] for r in done if r["model"] == model}, key=F.rain_order):
@@ -157,24 +166,48 @@ def direction_counts(done: list[dict]) -> list[str]:
             if len(pts) < 2:
                 continue
             lo, hi = pts[0], pts[-1]
-            out.append(f"{model}, {rain} rain: E_R {trend(lo['E_R'], hi['E_R'], 'rises', 'falls')} from "
-                       f"{lo['E_R']:.1f} ({lo['count']:,} backgrounds) to {hi['E_R']:.1f} ({hi['count']:,}; ceiling "
-                       f"{hi['E_R_ceiling']:.1f}), E_B {trend(lo['E_B'], hi['E_B'], 'rises', 'falls')} from "
-                       f"{lo['E_B']:.1f} to {hi['E_B']:.1f}.")
+            ers = ", ".join(f"{r['E_R']:.1f}" for r in pts)
+            ebs = ", ".join(f"{r['E_B']:.1f}" for r in pts)
+            counts = ", ".join(f"{r['count']:,}" for r in pts)
+            out.append(f"{model}, {rain} rain: E_R {ers} and E_B {ebs} at {counts} backgrounds (E_R ceiling "
+                       f"{hi['E_R_ceiling']:.1f}): E_R {trend(lo['E_R'], hi['E_R'])} from the fewest to the most.")
     return out
 
 
+#: Why our absolute numbers cannot be compared with the paper's, only directions and ratios.
+ABSOLUTE = ("Absolute values are not comparable: other backgrounds, training length, model size and test rain "
+            "(the E_R ceiling, what a network removing exactly the rain scores, is {ceiling} here). Compare the "
+            "direction and the ratio of many to few backgrounds.")
+
+
 def paper_rows(done: list[dict]) -> list[list]:
-    """Rows comparing ResNet on medium rain at 64 and at the largest count with the paper's 53.3 and 31.2."""
+    """Rows comparing ResNet on medium rain at 64 and at the largest count with the paper's 53.3 and 31.2, and the
+    ratio of the two."""
     res = [r for r in done if r["model"].startswith("resnet") and r["rain"] == "medium"]
-    rows = []
     if not res:
-        return rows
+        return []
+    rows, ours = [], {}
     for paper_count, paper_er in R.PAPER["resnet_medium_E_R"].items():
-        ours = min(res, key=lambda r: abs(math.log(r["count"]) - math.log(paper_count)))
+        ours[paper_count] = min(res, key=lambda r: abs(math.log(r["count"]) - math.log(paper_count)))
+        o = ours[paper_count]
         rows.append([f"ResNet, medium rain, {paper_count:,} backgrounds", fmt(paper_er),
-                     f"{fmt(ours['E_R'])} ({ours['model']}, {ours['count']:,} backgrounds)"])
+                     f"{fmt(o['E_R'])} ({o['model']}, {o['count']:,} backgrounds)"])
+    (few, p_few), (many, p_many) = sorted(R.PAPER["resnet_medium_E_R"].items())
+    if ours[few] is not ours[many]:
+        rows.append(["ratio many / few", f"{p_many / p_few:.2f}", f"{ours[many]['E_R'] / ours[few]['E_R']:.2f}"])
     return rows
+
+
+def ratio_sentence(rows: list[list]) -> str:
+    """Whether the many-to-few ratio of ``paper_rows`` is stronger or weaker than the paper's ("" without one)."""
+    ratio = next((r for r in rows if r[0] == "ratio many / few"), None)
+    if ratio is None:
+        return ""
+    paper, ours = float(ratio[1]), float(ratio[2])
+    if ours >= 1:
+        return f" Between these counts our E_R does not fall (ratio {ours:.2f}; the paper's {paper:.2f})."
+    strength = "weaker than" if ours > paper else "as strong as or stronger than"
+    return f" Between these counts the fall is {strength} the paper's (ratio {ours:.2f} against {paper:.2f})."
 
 
 def write_fig4(ctx: Context, rows: list[dict]) -> Path:
@@ -191,18 +224,20 @@ def write_fig4(ctx: Context, rows: list[dict]) -> Path:
         table.append([r["model"], r["rain"], f"{r['count']:,}", fmt(r["E_R"]), fmt(r["E_B"]), fmt(r["PSNR"], 2),
                       fmt(r["E_R_ceiling"])])
     directions = direction_counts(done)
-    shows = sum("E_R falls" in d for d in directions)
+    shows = sum("E_R falls by" in d for d in directions)
     verdict = (f"The direction of the paper's effect (with fewer backgrounds the network learns the background: it "
                f"removes more of the unseen rain, E_R higher, and reconstructs the background worse, E_B higher) "
                f"shows for {shows} of {len(directions)} training-rain line(s): E_R falls by at least {FLAT:g} from "
-               f"the fewest to the most backgrounds." if directions else "Too few finished runs to judge the direction.")
+               f"the fewest to the most backgrounds."
+               if directions else "Too few finished runs to judge the direction.")
     compared = paper_rows(done)
     body = [
         f"Held-out E_R and E_B against the number of training backgrounds, one line per training-rain range "
         f"(the paper's Figs. 4 and 10). Figures: {', '.join(f'`figures/{p.name}`' for p in figs)}.",
         "## Against the paper\n\n" + (md_table(["", "paper E_R", "ours E_R"], compared)
                                       if compared else "No ResNet run on medium rain.")
-        + "\n\nAll other points: see the paper's Fig. 4 (E_R) and Fig. 10 (E_B).",
+        + "\n\nAll other points: see the paper's Fig. 4 (E_R) and Fig. 10 (E_B). "
+        + ABSOLUTE.format(ceiling=ceiling(done)) + ratio_sentence(compared),
         "## Our numbers\n\n" + md_table(["model", "training rain", "backgrounds", "E_R", "E_B", "PSNR (dB)",
                                          "E_R ceiling"], table),
         "## Direction\n\n" + verdict + ("\n\n" + "\n".join(f"- {d}" for d in directions) if directions else ""),
@@ -242,7 +277,8 @@ def write_table3(ctx: Context, rows: list[dict]) -> Path:
                + " on medium rain here." if medium else "No pair of medium-rain runs finished.")
     body = [
         f"ResNet trained on many and on few backgrounds (the paper's Table III). Figure: `figures/{fig.name}`. "
-        f"The largest count here is {top:,}, the most the store allows (the paper's is 30,000).",
+        f"The largest count here is {top:,}, the most the store allows (the paper's is 30,000). "
+        + ABSOLUTE.format(ceiling=ceiling(done)),
         "## Ours beside the paper\n\n" + md_table(["model", "training rain", "backgrounds", "E_R", "E_B", "PSNR (dB)",
                                                     "paper E_R"], table),
         "## Direction\n\n" + verdict + ("\n\n" + "\n".join(f"- {s}" for s in sentences) if sentences else ""),
@@ -282,9 +318,9 @@ def write_fig6(ctx: Context, rows: list[dict]) -> Path:
         er = {r["band"]: r["E_R"] for r in final if r["model"] == model}
         if "low" in er and "high" in er:
             ok = er["low"] > er["high"]
+            verb = "removes more" if ok else "does not remove more"
             sentences.append(f"{model}: final E_R {er['low']:.1f} (low) / {fmt(er.get('medium'))} (medium) / "
-                             f"{er['high']:.1f} (high): the blurry band {'removes more' if ok else 'does not remove more'}"
-                             f" unseen rain than the sharp band.")
+                             f"{er['high']:.1f} (high): the blurry band {verb} unseen rain than the sharp band.")
     verdict = ("The paper's direction (models trained on blurry, low-sharpness backgrounds learn the background and "
                "remove more unseen rain; sharp backgrounds make them learn the rain) "
                + ("shows" if sentences and all("removes more" in s for s in sentences) else "does not show")

@@ -17,7 +17,8 @@ from engine.atomic import atomic_write
 #: Line colours of the training rain ranges and sharpness bands, as in the paper's figures (small/low blue ...).
 COLORS = {"small": "tab:blue", "medium": "tab:orange", "large": "tab:green",
           "low": "tab:blue", "high": "tab:green"}
-LABELS = {"E_R": "E_R: rain removal (0..255, higher is better)", "E_B": "E_B: background error (0..255, lower is better)"}
+LABELS = {"E_R": "E_R: rain removal (0..255, higher is better)",
+          "E_B": "E_B: background error (0..255, lower is better)"}
 
 
 def rain_order(name: str) -> tuple:

@@ -26,6 +26,7 @@ from engine.atomic import atomic_write_json
 from engine.experiments import recipes as R
 from engine.experiments import report as rep
 
+
 @dataclass(frozen=True)
 class Stores:
     """The stores a recipe trains and tests on: absolute paths, patch count and size, sharpness band sizes, whether
@@ -158,29 +159,40 @@ def plan_lines(specs: list[R.SweepSpec], stores: Stores, scale: R.Scale, out: Pa
     return lines
 
 
-def run_specs(specs: list[R.SweepSpec], stores: Stores, scale: R.Scale, out: Path, jobs: int,
+def run_sweep(spec: R.SweepSpec, stores: Stores, scale: R.Scale, out: Path, jobs: int,
               echo: Callable[[str], None]) -> tuple[list[dict], list[str]]:
-    """Run every sweep; returns the rows (with ``label``, ``sweep`` and ``run_dir``) and the failed runs' names."""
+    """One sweep call; returns its rows (with ``label``, ``sweep`` and ``run_dir``) and its failed runs' names."""
     from engine.experiments.sweep import SweepError, sweep
 
-    rows: list[dict] = []
+    sweep_dir = out / "sweeps" / spec.key
+    echo(f"== {spec.label}: {len(spec.models) * len(spec.rains) * len(spec.counts)} run(s) -> {sweep_dir}")
     failed: list[str] = []
-    for spec in specs:
-        sweep_dir = out / "sweeps" / spec.key
-        echo(f"== {spec.label}: {len(spec.models) * len(spec.rains) * len(spec.counts)} run(s) -> {sweep_dir}")
-        try:
-            with run_threads(scale.threads):
-                got = sweep(stores.store, list(spec.counts), list(spec.rains), list(spec.models), scale.iters,
-                            str(sweep_dir), extra=list(spec.extra), jobs=jobs, test_rain=R.TEST_RAIN, echo=echo)
-        except SweepError as err:
-            echo(f"sweep: {err}")
-            results = sweep_dir / "results.json"
-            got = json.loads(results.read_text()) if results.exists() else []
-            failed += [r["run"] for r in got if str(r.get("status", "")).startswith("failed")]
-        for r in got:
-            rows.append({**r, "label": spec.label, "sweep": spec.key,
-                         "run_dir": str(sweep_dir / "runs" / r["run"])})
+    try:
+        got = sweep(stores.store, list(spec.counts), list(spec.rains), list(spec.models), scale.iters,
+                    str(sweep_dir), extra=list(spec.extra), jobs=jobs, test_rain=R.TEST_RAIN, echo=echo)
+    except SweepError as err:
+        echo(f"sweep: {err}")
+        results = sweep_dir / "results.json"
+        got = json.loads(results.read_text()) if results.exists() else []
+        failed = [r["run"] for r in got if str(r.get("status", "")).startswith("failed")]
+    rows = [{**r, "label": spec.label, "sweep": spec.key, "run_dir": str(sweep_dir / "runs" / r["run"])}
+            for r in got]
     return rows, failed
+
+
+def run_specs(specs: list[R.SweepSpec], stores: Stores, scale: R.Scale, out: Path, jobs: int,
+              echo: Callable[[str], None]) -> tuple[list[dict], list[str]]:
+    """Run every sweep; returns all rows (in ``specs`` order) and the failed runs' names.
+
+    Sweeps in different folders run side by side when ``jobs`` allows (fig6's three one-run sweeps would otherwise
+    leave all but one core idle), splitting ``jobs`` between them; sweeps sharing a folder run one after another, as
+    each rewrites its folder's results files."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    outer = min(jobs, len(specs)) if len({s.key for s in specs}) == len(specs) else 1
+    with run_threads(scale.threads), ThreadPoolExecutor(max_workers=outer) as pool:
+        done = list(pool.map(lambda spec: run_sweep(spec, stores, scale, out, max(1, jobs // outer), echo), specs))
+    return [r for rows, _ in done for r in rows], [name for _, failed in done for name in failed]
 
 
 def reproduce(recipe: str, scale: str, out: str | os.PathLike, store: str | os.PathLike | None = None,
