@@ -54,6 +54,7 @@ import numpy as np
 # engine first: engine.runtime sets OMP_WAIT_POLICY=PASSIVE, which torch's OpenMP runtime reads once, when torch is
 # imported; with spinning OpenMP threads numba's and torch's pools take each other's cores (CPU steps ~10x slower).
 import engine  # noqa: E402,F401,I001
+import numba
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -202,9 +203,14 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
 
 
 def seed_everything(seed: int, threads: int, device: torch.device) -> None:
-    """Seed torch and numpy; deterministic algorithms on the CPU, so a resumed run is bit-exact there."""
+    """Seed torch and numpy; deterministic algorithms on the CPU, so a resumed run is bit-exact there.
+
+    ``threads`` (0: the libraries' defaults) limits torch and numba alike: the loader's numba rain kernels run
+    between torch's steps, and a numba pool wider than the cores given to the run takes them from torch.
+    """
     if threads:
         torch.set_num_threads(threads)
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     if device.type == "cpu":
@@ -767,7 +773,8 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int) -> None
 @click.option("--eval-every", default=0, type=click.IntRange(0), help="Held-out evaluation every K steps (0: end only).")
 @click.option("--ckpt-every", default=1000, type=click.IntRange(1), help="Checkpoint every K steps.")
 @click.option("--log-every", default=50, type=click.IntRange(1), help="Log (and check the loss) every K steps.")
-@click.option("--threads", default=0, type=click.IntRange(0), help="CPU threads for torch (0: torch's default).")
+@click.option("--threads", default=0, type=click.IntRange(0),
+              help="CPU threads for torch and numba (0: their defaults).")
 @click.option("--resume", is_flag=True, help="Continue from OUT/ckpt.pt.")
 @click.option("--fault-at", default=0, type=int, hidden=True, help="Test hook: make the loss NaN at this step.")
 @click.option("--stop-after", default=0, type=int, hidden=True,
