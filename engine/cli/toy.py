@@ -95,7 +95,8 @@ class NoiseList(click.ParamType):
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=DEFAULTS.device, show_default=True)
 @click.option("--jobs", type=click.IntRange(min=1), default=None,
               help="CPU: networks trained at once, one worker process each (default: one per network, at most "
-                   "one per CPU core). CUDA: always 1.")
+                   "two per CPU core, so that a grid of a few more networks than cores keeps every core busy to "
+                   "the end instead of training its last networks in a round of their own). CUDA: always 1.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch CPU threads per network (default: 1 with several jobs, all cores with one). A network "
                    "is reproducible for a fixed thread count.")
@@ -132,7 +133,7 @@ def toy(train_order, train_noise, test_order, test_noise, out, iters, epochs, ba
                                      param_hint="--jobs")
         jobs = 1
     else:
-        jobs = min(n_nets, jobs or len(os.sched_getaffinity(0)))
+        jobs = min(n_nets, jobs or 2 * len(os.sched_getaffinity(0)))
     if threads is not None and jobs == 1:
         torch.set_num_threads(threads)
     if epochs is not None:

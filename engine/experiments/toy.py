@@ -19,12 +19,12 @@ The default regime (``ToyConfig()``, what ``rainsweep toy`` runs without options
   field and scores about 1/21 = 0.048 on N(0, 1), the paper's figure for its order-8 network (0.047). A wider field
   (kernel 9: 41 points) makes that averaging shortcut twice as good and holds the order-1 network in it for
   thousands of steps longer.
-- Input scales: x enters divided by 10 (into [-1, 1]), the noisy y divided by ``y_in_scale`` = 100; the output is
+- Input scales: x enters divided by 10 (into [-1, 1]), the noisy y divided by ``y_in_scale`` = 200; the output is
   multiplied by 10. Every first-layer unit mixes x and y, so a network that fits the curve from x can still carry
   y inside its features and cancel it only over the y values it was trained on (about [-13, 13]). Mean-shifted
   noise N(10, 5) moves y to about [-5, 35], past kinks that training never constrained, and the output bends (with
   y scaled like x: mse about 7 under N(10, 5) for an order-1 network that scores 0.001 on its own cell). With y
-  entering at a tenth of x's scale the response to y stays close to linear over that whole range, so the
+  entering at a twentieth of x's scale the response to y stays close to linear over that whole range, so the
   insensitivity learned in range holds out of range and the order-1 network's output stops depending on the noisy
   y, as the paper reports. Networks that need y (orders 4 and 8) still learn to use it and follow shifted noise.
 - Training: Adam at lr 2e-3, cosine-decayed to 0, 6,000 steps of 16 segments (9.6 passes over the 10,000
