@@ -60,14 +60,15 @@ import torch.nn.functional as F
 
 import models
 from engine.atomic import atomic_write, atomic_write_json, atomic_write_text
-from engine.data.select import SubsetError, check_subset, load_subset, select
 from engine.data.paired_store import is_paired_store
+from engine.data.select import SubsetError, check_subset, load_subset, select
 from engine.data.store import PatchStore, open_store
 from engine.experiments.heldout import HeldOut, HeldOutError, build_heldout, build_paired_heldout
+# full_float32, predict, per_image_mean and SAMPLE_TITLES stay reachable as train.<name>
+from engine.experiments.scoring import (SAMPLE_TITLES, full_float32, per_image_mean, predict,  # noqa: F401
+                                        rain_ceiling, save_samples, score)
 from engine.loader import MODES, LoaderError
 from engine.loader.steps import Position, TrainingStream
-from engine.experiments.scoring import (SAMPLE_TITLES, full_float32, per_image_mean, predict, rain_ceiling,  # noqa: F401
-                                        save_samples, score)
 from engine.rain import RainSpec
 
 CKPT = "ckpt.pt"
@@ -374,7 +375,7 @@ def run_config(cfg: TrainConfig, data: Data, state: TrainState, device: torch.de
         "model": cfg.model, "parameters": models.parameter_count(state.net), "store": str(cfg.store),
         "store_fingerprint": str(getattr(data.store, "fingerprint", "")), "subset": cfg.subset, "count": cfg.count,
         "sharpness": cfg.sharpness, "train_patches": int(len(data.train_indices)), "rain": cfg.train_rain.name,
-        "rain_spec": cfg.train_rain.describe(), "rain_prob": cfg.rain_prob, "test_rain": cfg.test_rain_spec.name,
+        "rain_spec": cfg.train_rain.describe(), "rain_prob": cfg.rain_prob, "test_rain": data.held.describe()["rain"],
         "heldout": data.held.describe(), "test_store": cfg.test_store, "iters": cfg.iters, "batch": cfg.batch,
         "lr": cfg.lr, "betas": list(BETAS), "milestones": cfg.milestone_steps, "gamma": cfg.gamma,
         "ema": cfg.ema, "loss": "l1", "seed": cfg.seed, "device": str(device), "world_size": world,

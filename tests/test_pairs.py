@@ -17,7 +17,7 @@ from engine.cli import main as cli
 from engine.data.builtin_images import builtin_patches
 from engine.data.paired_store import (PairedStoreError, open_paired_store, precompute_pairs, rain_estimate,
                                       round_up)
-from engine.data.pairs import PairingError, pair_folders
+from engine.data.pairs import SCHEME_NAMES, PairingError, pair_folders
 from engine.data.sources import cut_patches
 from engine.data.store import StoreError, open_store
 from engine.experiments.heldout import build_paired_heldout
@@ -262,6 +262,10 @@ def test_reruns_and_other_stores(tmp_path: Path, synthetic) -> None:
 
 
 def test_command_line(tmp_path: Path, synthetic) -> None:
+    from engine.cli.pairs import precompute_pairs as command
+
+    schemes = next(p for p in command.params if p.name == "scheme").type.choices
+    assert tuple(schemes) == SCHEME_NAMES  # the option lists every scheme engine.data.pairs knows
     clean, rain = synthetic
     rainy_dir, clean_dir = make_set(tmp_path, "rain100", clean, [r[0] for r in rain])
     out = tmp_path / "rain100l.zarr"

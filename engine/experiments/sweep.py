@@ -326,8 +326,8 @@ def sweep(store: str | os.PathLike, counts: Sequence[int], rains: Sequence[str],
     from engine.data.paired_store import is_paired_store
     from engine.data.store import open_store
 
-    if test_store is not None and is_paired_store(test_store):  # scored on its stored rain: say so in the figures
-        test_rain = f"paired:{Path(test_store).name}"
+    paired = test_store is not None and is_paired_store(test_store)  # scored on its stored rain: figures say so
+    shown_rain = f"paired:{Path(test_store).name}" if paired else test_rain
     store = str(absolute(store))
     st = open_store(store)
     too_big = [c for c in counts if c >= st.count]
@@ -363,7 +363,7 @@ def sweep(store: str | os.PathLike, counts: Sequence[int], rains: Sequence[str],
         list(pool.map(work, range(len(configs))))
     final = [r for r in rows if r is not None]
     write_results(out_dir, final)
-    figs = plot_results(out_dir, final, test_rain) + sample_sheet(out_dir, final)
+    figs = plot_results(out_dir, final, shown_rain) + sample_sheet(out_dir, final)
     for p in figs:
         echo(f"figure: {p}")
     failed = [r["run"] for r in final if r["status"].startswith("failed")]
