@@ -38,7 +38,6 @@ float32 (no TF32), so the same weights always score the same.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -46,7 +45,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Any, TextIO
 
 import click
 import numpy as np
@@ -61,13 +60,15 @@ import torch.nn.functional as F
 
 import models
 from engine.atomic import atomic_write, atomic_write_json, atomic_write_text
+from engine.data.paired_store import is_paired_store
 from engine.data.select import SubsetError, check_subset, load_subset, select
 from engine.data.store import PatchStore, open_store
-from engine.experiments.figures import visible_patches, write_grid
-from engine.experiments.heldout import HeldOut, HeldOutError, build_heldout
+from engine.experiments.heldout import HeldOut, HeldOutError, build_heldout, build_paired_heldout
+# full_float32, predict, per_image_mean and SAMPLE_TITLES stay reachable as train.<name>
+from engine.experiments.scoring import (SAMPLE_TITLES, full_float32, per_image_mean, predict,  # noqa: F401
+                                        rain_ceiling, save_samples, score)
 from engine.loader import MODES, LoaderError
 from engine.loader.steps import Position, TrainingStream
-from engine.metrics import decoupled
 from engine.rain import RainSpec
 
 CKPT = "ckpt.pt"
@@ -247,15 +248,17 @@ def make_data(cfg: TrainConfig, device: torch.device, rank: int, world: int) -> 
     Raises click errors naming the option when the store, the subset or the held-out set cannot work.
     """
     store = open_store_option(cfg.store, "--store")
-    test_store = open_store_option(cfg.test_store, "--test-store") if cfg.test_store else None
+    # A paired test store (rainsweep precompute-pairs) is scored on its stored rainy images: no synthesis.
+    paired = bool(cfg.test_store) and is_paired_store(cfg.test_store)
+    test_store = open_store_option(cfg.test_store, "--test-store") if cfg.test_store and not paired else None
     train_indices = training_indices(cfg, store)
     excluded = heldout_exclusion(cfg, store, train_indices)
     try:
-        held = build_heldout(store, excluded, cfg.test_rain_spec, count=cfg.test_count, seed=cfg.test_seed,
-                             test_store=test_store)
+        held = build_paired_heldout(cfg.test_store) if paired else build_heldout(
+            store, excluded, cfg.test_rain_spec, count=cfg.test_count, seed=cfg.test_seed, test_store=test_store)
     except HeldOutError as err:
         raise click.UsageError(str(err)) from None
-    if test_store is None and np.isin(held.indices, train_indices).any():
+    if not cfg.test_store and np.isin(held.indices, train_indices).any():
         raise RuntimeError("held-out patches overlap the training subset")  # guarded by build_heldout; be sure
     try:
         # The loader gets the path: it caches loaders by store path, which stays valid across in-process runs.
@@ -372,7 +375,7 @@ def run_config(cfg: TrainConfig, data: Data, state: TrainState, device: torch.de
         "model": cfg.model, "parameters": models.parameter_count(state.net), "store": str(cfg.store),
         "store_fingerprint": str(getattr(data.store, "fingerprint", "")), "subset": cfg.subset, "count": cfg.count,
         "sharpness": cfg.sharpness, "train_patches": int(len(data.train_indices)), "rain": cfg.train_rain.name,
-        "rain_spec": cfg.train_rain.describe(), "rain_prob": cfg.rain_prob, "test_rain": cfg.test_rain_spec.name,
+        "rain_spec": cfg.train_rain.describe(), "rain_prob": cfg.rain_prob, "test_rain": data.held.describe()["rain"],
         "heldout": data.held.describe(), "test_store": cfg.test_store, "iters": cfg.iters, "batch": cfg.batch,
         "lr": cfg.lr, "betas": list(BETAS), "milestones": cfg.milestone_steps, "gamma": cfg.gamma,
         "ema": cfg.ema, "loss": "l1", "seed": cfg.seed, "device": str(device), "world_size": world,
@@ -411,54 +414,10 @@ def train_step(model: torch.nn.Module, state: TrainState, rainy: torch.Tensor, c
     return loss.detach()
 
 
-@contextlib.contextmanager
-def full_float32() -> Iterator[None]:
-    """Matmuls and convolutions in full float32 on CUDA (TF32 off), restoring torch's flags afterwards."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-def per_image_mean(metrics: dict) -> dict:
-    """Mean over images of each per-image metric (NaN-safe: images without rain have no E_R; all NaN -> NaN)."""
-    out = {}
-    for k, v in metrics.items():
-        v = np.asarray(v, dtype=np.float64)
-        out[k] = float(np.nanmean(v)) if np.isfinite(v).any() or np.isinf(v).any() else float("nan")
-    return out
-
-
-@torch.no_grad()
-def predict(net: torch.nn.Module, rainy_nhwc_255: np.ndarray, device: torch.device, batch: int) -> np.ndarray:
-    """Run ``net`` on NHWC images on the 0..255 scale; returns float32 NHWC on 0..255, unquantized and unclipped
-    (the decoupled metrics score exactly what the network produced)."""
-    outs = []
-    for i in range(0, len(rainy_nhwc_255), batch):
-        x = torch.from_numpy(np.ascontiguousarray(rainy_nhwc_255[i:i + batch])).to(device)
-        x = x.permute(0, 3, 1, 2).float().div_(255.0)
-        outs.append(net(x).float().mul_(255.0).permute(0, 2, 3, 1).cpu().numpy())
-    return np.concatenate(outs)
-
-
 def evaluate(net: torch.nn.Module, held, device: torch.device, batch: int) -> tuple[dict, np.ndarray]:
-    """Decoupled metrics (means over the held-out images) and the outputs, float32 NHWC on 0..255; in full float32."""
-    was_training = net.training
-    net.eval()
-    with full_float32():
-        out = predict(net, held.rainy, device, batch)
-    net.train(was_training)
-    return per_image_mean(decoupled(out, held.rainy, held.background, held.mask)), out
-
-
-def rain_ceiling(held) -> float:
-    """The E_R of a perfect output (the clean background): mean over images of the RMS of background - rainy over
-    the rain mask, on the 0..255 scale; the highest E_R a model can reach on this set."""
-    return per_image_mean({"E_R": np.sqrt(
-        (held.mask[..., None] * (held.rainy.astype(np.float64) - held.background) ** 2).sum(axis=(1, 2, 3))
-        / np.maximum(held.mask.sum(axis=(1, 2)) * 3, 1))})["E_R"]
+    """Decoupled metrics (means over the held-out images) and the outputs, float32 NHWC on 0..255; in full float32
+    (``engine.experiments.scoring.score``: whole images of several sizes are scored on their own sizes)."""
+    return score(net, held, device, batch)
 
 
 # ---- checkpoints and outputs -----------------------------------------------------------------------------------------
@@ -516,20 +475,6 @@ def append_log(out: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-#: Column titles of samples.png.
-SAMPLE_TITLES = ("rainy input", "output", "clean")
-
-
-def save_samples(path: Path, held, output: np.ndarray, n: int = 4) -> None:
-    """PNG of ``n`` held-out images with visible content (``engine.experiments.figures.visible_patches``), one row
-    each, under the column titles rainy input | output | clean; upscaled so a patch is at least 128 pixels, the
-    output (float32 NHWC 0..255) clipped and rounded for display."""
-    pick = visible_patches(held.background, n)
-    tiles = np.stack([np.asarray(held.rainy[pick], dtype=np.float32), output[pick],
-                      held.background[pick].astype(np.float32)], axis=1)
-    write_grid(path, tiles, SAMPLE_TITLES, fsync=True)
-
-
 def finish(cfg: TrainConfig, data: Data, state: TrainState, step: int, device: torch.device) -> None:
     """Score the EMA weights on the held-out set; write model.pt, samples.png and metrics.json; print a summary."""
     out = Path(cfg.out)
@@ -543,7 +488,8 @@ def finish(cfg: TrainConfig, data: Data, state: TrainState, step: int, device: t
     save_samples(out / "samples.png", data.held, output)
     atomic_write_json(out / "metrics.json", result, indent=2, fsync=True)
     click.echo(f"{out}: step {step}  E_R {metrics['E_R']:.2f}  E_B {metrics['E_B']:.2f}  "
-               f"PSNR {metrics['PSNR']:.2f} dB  (held-out {data.held.rain.name}, {len(data.held.indices)} patches)")
+               f"PSNR {metrics['PSNR']:.2f} dB  (held-out {data.held.describe()['rain']}, {len(data.held.indices)} "
+               f"{'patches' if data.held.rain is not None else 'paired items'})")
 
 
 # ---- logging and progress ------------------------------------------------------------------------------------------
@@ -753,7 +699,9 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int) -> None
 @click.option("--rain", default="medium", help="Training rain: preset or spec (RainSpec.parse).")
 @click.option("--rain-prob", default=0.9, type=click.FloatRange(0, 1), help="Fraction of patches that get rain.")
 @click.option("--test-rain", default="heldout-layered", help="Held-out rain preset or spec.")
-@click.option("--test-store", type=click.Path(exists=True), help="Separate store for held-out backgrounds.")
+@click.option("--test-store", type=click.Path(exists=True),
+              help="Separate store for held-out backgrounds, or a paired store (rainsweep precompute-pairs): then "
+                   "every stored rainy image is scored as it is (--test-rain and --test-count do not apply).")
 @click.option("--test-count", default=64, type=click.IntRange(1), help="Held-out patches.")
 @click.option("--test-seed", default=1000, type=int, help="Fixes the held-out set (same for every run).")
 @click.option("--heldout-exclude-count", default=0, type=click.IntRange(0),

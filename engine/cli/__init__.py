@@ -11,6 +11,8 @@ COMMANDS = {
     "preview": "engine.cli.preview:preview",
     "bench": "engine.cli.bench:bench",
     "precompute": "engine.cli.store:precompute",
+    "precompute-pairs": "engine.cli.pairs:precompute_pairs",
+    "evaluate": "engine.cli.evaluate:evaluate",
     "info": "engine.cli.store:info",
     "select": "engine.cli.store:select",
     "sweep": "engine.cli.train:sweep",

@@ -59,6 +59,8 @@ from engine.data.lru import LRUCache
 
 SCHEMA_VERSION = 1
 ATTR_KEY = "rainsweep"
+#: The ``kind`` attribute of paired test stores (``engine.data.paired_store``); patch stores have no ``kind``.
+PAIRED_KIND = "paired"
 CHUNK_PATCHES = 64
 META_CHUNK = 65536
 #: metadata arrays: name -> (dtype, trailing shape)
@@ -218,6 +220,9 @@ class PatchStore:
         if not isinstance(info, dict):
             raise StoreError(f"store {str(p)!r}: a Zarr group but not a rainsweep store (no {ATTR_KEY!r} "
                              f"attribute)")
+        if info.get("kind") == PAIRED_KIND:
+            raise StoreError(f"store {str(p)!r}: a paired test store (rainsweep precompute-pairs), not a patch store: "
+                             f"score on it with train.py --test-store or `rainsweep evaluate --store`")
         schema = info.get("schema")
         if schema != SCHEMA_VERSION:
             raise StoreError(f"store {str(p)!r}: schema version {schema}, this rainsweep reads version "

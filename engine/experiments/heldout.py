@@ -1,9 +1,15 @@
 """The held-out evaluation set: background patches the model never trained on, with rain of a held-out family,
-fixed by a seed so every run of a sweep is scored on the same images when it can be.
+fixed by a seed so every run of a sweep is scored on the same images when it can be; or the stored pairs of a paired
+test set.
 
 Backgrounds come from ``test_store`` when given (all of it is unseen), else from the training store, preferring
 patches cut from source images that no training patch came from; when the training subset touches every source
 image, the set falls back to patches that are merely not in the training subset (``HeldOut.policy`` says which).
+
+``build_paired_heldout`` takes every item of a paired store (``engine.data.paired_store``) as it is: its rainy
+images, its clean backgrounds and the mask ``rain > threshold`` of its rain layer estimate; nothing is synthesized.
+Whole images of several sizes keep their sizes (``HeldOut.sizes`` / ``input_sizes``; scored by
+``engine.experiments.scoring`` on each image's own region).
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import dataclasses
 import hashlib
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,21 +49,34 @@ class HeldOut:
         uint8 NHWC [n, P, P, 3], the backgrounds with held-out rain on the 0..255 scale (``engine.synth.synthesize``).
     mask : np.ndarray
         bool NHW [n, P, P], the pixels where the rain layer exceeds the spec's threshold (before beta).
-    rain : RainSpec
-        The held-out rain spec used, with ``rain_prob`` 1 (every patch gets rain).
+    rain : RainSpec or None
+        The held-out rain spec used, with ``rain_prob`` 1 (every patch gets rain); None for a paired store's stored
+        rain.
     seed : int
-        Seed of both the patch choice and the rain.
+        Seed of both the patch choice and the rain (0 for a paired store).
     policy : str
-        ``"test-store"``, ``"disjoint-sources"`` or ``"disjoint-patches"``: how the backgrounds were chosen.
+        ``"test-store"``, ``"disjoint-sources"`` or ``"disjoint-patches"``: how the backgrounds were chosen;
+        ``"paired"``: every item of a paired store.
+    sizes : np.ndarray or None
+        int32 [n, 2], (h, w) of each item's scored region at the top left of its arrays, when items differ in size;
+        None when every item fills its arrays.
+    input_sizes : np.ndarray or None
+        int32 [n, 2], (h, w) of the region a network sees (the scored region padded to a multiple of the stride);
+        set with ``sizes``.
+    paired : dict or None
+        ``PairedStore.describe()`` of the paired store the set came from.
     """
 
     indices: np.ndarray
     background: np.ndarray
     rainy: np.ndarray
     mask: np.ndarray
-    rain: RainSpec
+    rain: RainSpec | None
     seed: int
     policy: str
+    sizes: np.ndarray | None = None
+    input_sizes: np.ndarray | None = None
+    paired: dict | None = None
 
     def describe(self) -> dict:
         """JSON-ready summary for metrics.json / config.json.
@@ -66,8 +86,14 @@ class HeldOut:
         dict
             ``count``, ``rain`` (name), ``rain_spec`` (``RainSpec.describe``), ``seed``, ``policy`` and
             ``indices_sha256`` (first 16 hex digits of the sha256 of the int64 indices), which identifies the set.
+            A paired set has ``rain`` ``"paired:<store folder name>"``, ``rain_spec`` None and ``paired`` (the
+            store's description: path, fingerprint, layout, threshold).
         """
         digest = hashlib.sha256(np.ascontiguousarray(self.indices, dtype=np.int64).tobytes()).hexdigest()[:16]
+        if self.rain is None:
+            name = "paired:" + Path(str((self.paired or {}).get("store", ""))).name
+            return {"count": int(len(self.indices)), "rain": name, "rain_spec": None, "seed": int(self.seed),
+                    "policy": self.policy, "indices_sha256": digest, "paired": self.paired}
         return {"count": int(len(self.indices)), "rain": self.rain.name, "rain_spec": self.rain.describe(),
                 "seed": int(self.seed), "policy": self.policy, "indices_sha256": digest}
 
@@ -194,4 +220,44 @@ def build_heldout(store: Any, train_indices: np.ndarray, rain: RainSpec, count: 
                    mask=np.asarray(res.mask).astype(bool), rain=spec, seed=seed, policy=policy)
 
 
-__all__ = ["DEFAULT_COUNT", "HeldOut", "HeldOutError", "build_heldout", "choice_order", "choose_indices"]
+def build_paired_heldout(store: Any, threshold: int | None = None) -> HeldOut:
+    """Every item of a paired store as a held-out set: stored rainy images, clean backgrounds, the estimated mask.
+
+    Parameters
+    ----------
+    store : str, os.PathLike or PairedStore
+        A paired store (``engine.data.paired_store``, ``rainsweep precompute-pairs``).
+    threshold : int, optional
+        Mask threshold on the 0..255 scale (default: the store's recorded one, 50 unless chosen otherwise).
+
+    Returns
+    -------
+    HeldOut
+        ``rain`` None, ``policy`` ``"paired"``, ``indices`` 0..N-1; ``sizes`` / ``input_sizes`` set when the items
+        do not all fill the canvas (whole images of several sizes, or padded to a multiple of the stride).
+
+    Raises
+    ------
+    HeldOutError
+        ``store`` is not a usable paired store, or ``threshold`` lies outside 0..254.
+    """
+    from engine.data.paired_store import PairedStore, PairedStoreError, open_paired_store
+
+    try:
+        paired = store if isinstance(store, PairedStore) else open_paired_store(store)
+    except PairedStoreError as err:
+        raise HeldOutError(f"--test-store: {err}") from None
+    t = paired.threshold if threshold is None else int(threshold)
+    if not 0 <= t <= 254:
+        raise HeldOutError(f"threshold: expected 0..254 on the 0..255 scale, got {threshold}")
+    items = paired.read()
+    H, W = paired.canvas
+    fills = bool((items.size == (H, W)).all() and (items.input_size == (H, W)).all())
+    return HeldOut(indices=np.arange(paired.count, dtype=np.int64), background=items.clean, rainy=items.rainy,
+                   mask=items.rain > t, rain=None, seed=0, policy="paired",
+                   sizes=None if fills else items.size, input_sizes=None if fills else items.input_size,
+                   paired={**paired.describe(), "threshold": t})
+
+
+__all__ = ["DEFAULT_COUNT", "HeldOut", "HeldOutError", "build_heldout", "build_paired_heldout", "choice_order",
+           "choose_indices"]

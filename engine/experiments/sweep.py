@@ -184,15 +184,16 @@ def run_one(cfg: RunConfig, store: str | os.PathLike, out_dir: Path, iters: int,
     return row
 
 
-def write_results(out_dir: Path, rows: list[dict]) -> None:
-    """Write ``rows`` to ``out_dir/results.json`` (every field) and ``out_dir/results.csv`` (the ``CONFIG`` and
-    ``METRICS`` columns; empty cells for missing metrics), each atomically."""
+def write_results(out_dir: Path, rows: list[dict], extra_columns: Sequence[str] = ()) -> None:
+    """Write ``rows`` to ``out_dir/results.json`` (every field) and ``out_dir/results.csv`` (the ``CONFIG``,
+    ``METRICS`` and ``extra_columns`` columns; empty cells for missing values), each atomically."""
     atomic_write_json(out_dir / "results.json", rows, indent=2)
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=[*CONFIG, *METRICS], extrasaction="ignore", lineterminator="\n")
+    fields = [*CONFIG, *METRICS, *extra_columns]
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in (*CONFIG, *METRICS)})
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
     atomic_write_text(out_dir / "results.csv", buf.getvalue())
 
 
@@ -302,7 +303,8 @@ def sweep(store: str | os.PathLike, counts: Sequence[int], rains: Sequence[str],
     test_rain : str
         Held-out rain preset or spec, passed to every run and named in figure titles ("": train.py's default).
     test_store : str or os.PathLike, optional
-        Separate store of held-out backgrounds. Without it every run is scored on the same held-out patches of
+        Separate store of held-out backgrounds, or a paired store (``rainsweep precompute-pairs``) whose stored
+        rainy images every run is scored on. Without it every run is scored on the same held-out patches of
         ``store``: those outside the largest (nested) training selection.
     python : str
         Interpreter that runs ``-m train``.
@@ -321,8 +323,11 @@ def sweep(store: str | os.PathLike, counts: Sequence[int], rains: Sequence[str],
         For a count the store cannot hold or ``jobs < 1`` (before any run), or naming the failed runs (after the
         results are written).
     """
+    from engine.data.paired_store import is_paired_store
     from engine.data.store import open_store
 
+    paired = test_store is not None and is_paired_store(test_store)  # scored on its stored rain: figures say so
+    shown_rain = f"paired:{Path(test_store).name}" if paired else test_rain
     store = str(absolute(store))
     st = open_store(store)
     too_big = [c for c in counts if c >= st.count]
@@ -358,7 +363,7 @@ def sweep(store: str | os.PathLike, counts: Sequence[int], rains: Sequence[str],
         list(pool.map(work, range(len(configs))))
     final = [r for r in rows if r is not None]
     write_results(out_dir, final)
-    figs = plot_results(out_dir, final, test_rain) + sample_sheet(out_dir, final)
+    figs = plot_results(out_dir, final, shown_rain) + sample_sheet(out_dir, final)
     for p in figs:
         echo(f"figure: {p}")
     failed = [r["run"] for r in final if r["status"].startswith("failed")]
