@@ -1,0 +1,298 @@
+"""``rainsweep sweep --executor ray`` against a real Ray cluster that this module starts on 127.0.0.1.
+
+Ray probes a public address on start to learn its own IP and binds to the machine's interface, so the cluster runs in
+a network namespace made here with only loopback up (``unshare -n``, then ``ip link set lo up``), started with
+``--node-ip-address 127.0.0.1``; every sweep driver joins that namespace (``nsenter --net``). One cluster (two CPUs)
+serves the whole module and is stopped at its end, success or failure: every process in the namespace is ended by
+its pid. Skipped, with the reason, where Ray is not installed or namespaces cannot be made (not root).
+
+The references are independent of Ray: the same sweep command with the local executor, and on the CPU a resumed run
+ends with exactly the weights of an uninterrupted one, so the metrics must agree exactly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from engine.cli.train import sweep as sweep_cli
+from engine.data.store import write_store
+from engine.experiments import sweep as sw
+from engine.experiments.executors.ray_executor import HEADER
+
+pytest.importorskip("ray", reason='Ray is not installed (pip install "rainsweep[ray]")')
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+PORT = 6379
+ITERS = 24
+COUNTS = ("4", "8")
+# Tiny runs, one thread each, a checkpoint every 4 steps (the kill test resumes from one).
+TRAIN = ("--batch", "4", "--device", "cpu", "--train-arg=--test-count=4", "--train-arg=--log-every=4",
+         "--train-arg=--threads=1", "--train-arg=--ckpt-every=4", "--view-every", "1")
+
+
+def sweep_args(store: Path, out: Path, counts: tuple[str, ...] = COUNTS) -> list[str]:
+    return ["--store", str(store), "--counts", ",".join(counts), "--rain", "medium", "--model", "resnet-s",
+            "--iters", str(ITERS), "--out", str(out), *TRAIN]
+
+
+def namespaces_work() -> str | None:
+    """None when this process can make a network namespace with loopback up, else why not."""
+    for tool in ("unshare", "nsenter", "ip"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed"
+    res = subprocess.run(["unshare", "-n", "sh", "-c", "ip link set lo up"], capture_output=True, text=True)
+    return None if res.returncode == 0 else f"cannot make a network namespace: {res.stderr.strip()}"
+
+
+def net_namespace(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/net")
+    except OSError:
+        return None
+
+
+def listeners(pid: int) -> list[str]:
+    """Local addresses (hex ip:port, as /proc shows them) of every TCP socket listening and every UDP socket bound in
+    the network namespace of ``pid``."""
+    found = []
+    for name, wanted in (("tcp", "0A"), ("tcp6", "0A"), ("udp", None), ("udp6", None)):
+        path = Path(f"/proc/{pid}/net/{name}")
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines()[1:]:
+            fields = line.split()
+            if wanted is None or fields[3] == wanted:
+                found.append(fields[1])
+    return found
+
+
+LOOPBACK = ("0100007F", "00000000000000000000000001000000")  # 127.0.0.1 and ::1 as /proc/net writes them
+
+
+@dataclass
+class Cluster:
+    """A Ray head started in its own network namespace; ``holder`` is its ``ray start --block`` process."""
+
+    holder: subprocess.Popen
+    env: dict
+    address: str = f"127.0.0.1:{PORT}"
+
+    @property
+    def netns(self) -> str:
+        return f"--net=/proc/{self.holder.pid}/ns/net"
+
+    def run(self, argv: list[str], timeout: float = 600, **kw) -> subprocess.CompletedProcess:
+        """``argv`` inside the cluster's network namespace, output captured."""
+        return subprocess.run(["nsenter", self.netns, *argv], env=self.env, capture_output=True, text=True,
+                              timeout=timeout, **kw)
+
+    def sweep(self, args: list[str], *wrap: str) -> subprocess.CompletedProcess:
+        """``rainsweep sweep ARGS --executor ray`` inside the namespace (after ``wrap``, a command prefix)."""
+        cli = [sys.executable, "-m", "engine.cli", "sweep", *args, "--executor", "ray", "--address", self.address]
+        return self.run([*wrap, *cli])
+
+    def members(self) -> list[int]:
+        """Pids of every process in the cluster's network namespace but the holder."""
+        ns = net_namespace(self.holder.pid)
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+        return [p for p in pids if p != self.holder.pid and ns is not None and net_namespace(p) == ns]
+
+
+def stop(cluster: Cluster) -> None:
+    """End every process of the cluster by pid: SIGTERM, then SIGKILL what is left after 20 s."""
+    members = cluster.members()
+    for pid in [cluster.holder.pid, *members]:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + 20
+    while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in members):
+        time.sleep(0.2)
+    for pid in [*members, cluster.holder.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    cluster.holder.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Cluster:
+    why = namespaces_work()
+    if why:
+        pytest.skip(why)
+    temp = tempfile.mkdtemp(prefix="rsray-", dir="/tmp")  # short: Ray's socket paths must fit 107 characters
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    start = (f"ip link set lo up && exec {ray_cli} start --head --block --node-ip-address 127.0.0.1 --port {PORT} "
+             f"--num-cpus 2 --num-gpus 0 --include-dashboard false --disable-usage-stats "
+             f"--object-store-memory 100000000 --temp-dir {temp}")
+    log = Path(temp) / "head.out"
+    with open(log, "w") as f:
+        holder = subprocess.Popen(["unshare", "-n", "sh", "-c", start], stdout=f, stderr=subprocess.STDOUT, env=env)
+    c = Cluster(holder, env)
+    try:
+        deadline = time.time() + 180
+        while "Ray runtime started" not in log.read_text():
+            if holder.poll() is not None or time.time() > deadline:
+                pytest.fail(f"the Ray head did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield c
+    finally:
+        stop(c)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(11)
+    small = rng.integers(0, 256, size=(24, 4, 4, 3)).astype(np.float64)
+    patches = np.repeat(np.repeat(small, 4, axis=1), 4, axis=2).astype(np.uint8)  # 16 x 16 patches
+    path = tmp_path_factory.mktemp("ray-store") / "s.zarr"
+    write_store(path, patches, source=np.arange(24) % 6)
+    return path
+
+
+@pytest.fixture(scope="module")
+def local_sweep(store: Path, tmp_path_factory) -> Path:
+    """The reference: the same sweep command with the local executor."""
+    out = tmp_path_factory.mktemp("local") / "sw"
+    res = CliRunner().invoke(sweep_cli, [*sweep_args(store, out), "--jobs", "2"])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def result_files(out: Path) -> dict[str, bytes]:
+    files = ["results.csv", "results.json", *(f"figures/{p.name}" for p in (out / "figures").iterdir()),
+             *(f"samples/{p.name}" for p in (out / "samples").iterdir())]
+    return {f: (out / f).read_bytes() for f in sorted(files)}
+
+
+def test_ray_sweep_equals_the_local_sweep(cluster: Cluster, store: Path, local_sweep: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sw"
+    res = cluster.sweep(sweep_args(store, out))
+    assert res.returncode == 0, res.stdout + res.stderr
+    ours, theirs = result_files(out), result_files(local_sweep)
+    assert sorted(ours) == sorted(theirs) and len(ours) >= 6
+    for name in theirs:
+        assert ours[name] == theirs[name], name  # results.csv, results.json, figures and samples, byte for byte
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["status"] for r in rows] == ["trained", "trained"]
+    for r in rows:
+        assert f"{r['run']} | {HEADER}node 127.0.0.1" in res.stdout  # each run's lines reach the driver
+        assert f"{r['run']} | step {ITERS}/{ITERS}" in res.stdout
+    assert "sweep: 2 cells:" in res.stdout  # the live view
+    # Rerun with the other executor: nothing is trained again.
+    again = CliRunner().invoke(sweep_cli, sweep_args(store, out))
+    assert again.exit_code == 0, again.output
+    assert [r["status"] for r in json.loads((out / "results.json").read_text())] == ["skipped (finished)"] * 2
+    # Every socket the cluster listens on is on loopback (its workers have started by now).
+    found = listeners(cluster.holder.pid)
+    assert found and all(addr.split(":")[0] in LOOPBACK for addr in found), found
+    assert not (out / ".rainsweep-visible").exists()
+
+
+def test_a_killed_worker_is_retried_and_resumes(cluster: Cluster, store: Path, local_sweep: Path,
+                                                tmp_path: Path) -> None:
+    out = tmp_path / "sw"
+    cfg = sw.RunConfig("resnet-s", "medium", 4)
+    run_dir = out / "runs" / cfg.name
+    # One cell of the reference sweep (same held-out set: the reference's largest count is 8).
+    args = [*sweep_args(store, out, ("4",)), "--train-arg=--heldout-exclude-count=8"]
+    extra = ["--batch", "4", "--device", "cpu", *(a.split("=", 1)[1] for a in TRAIN if a.startswith("--train-arg")),
+             "--heldout-exclude-count=8"]
+    # That cell in a local sweep preempted after its checkpoint at step 8: the Ray sweep takes it over.
+    unit = sw.cell_unit(cfg, store, out, ITERS, extra, test_rain="heldout-layered")
+    pre = subprocess.run([*unit.command(), "--stop-after", "8"], env=cluster.env, capture_output=True, text=True,
+                         timeout=600)
+    assert pre.returncode == 0 and (run_dir / "ckpt.pt").exists(), pre.stdout + pre.stderr
+    log_path = tmp_path / "driver.out"
+    with open(log_path, "w") as log:
+        driver = subprocess.Popen(["nsenter", cluster.netns, sys.executable, "-m", "engine.cli", "sweep", *args,
+                                   "--executor", "ray", "--address", cluster.address, "--max-retries", "2"],
+                                  env=cluster.env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        # The first attempt's worker, once its training process runs: SIGKILL it mid-cell.
+        deadline, worker, child = time.time() + 300, 0, None
+        while child is None:
+            assert time.time() < deadline and driver.poll() is None, log_path.read_text()
+            text = (run_dir / "train.out").read_text() if (run_dir / "train.out").exists() else ""
+            heads = [ln for ln in text.splitlines() if ln.startswith(HEADER)]
+            if heads:
+                worker = int(heads[0].split("worker pid ")[1].split(",")[0])
+                child = next((int(p) for p in os.listdir("/proc") if p.isdigit() and parent(int(p)) == worker), None)
+            time.sleep(0.05)
+        os.kill(worker, signal.SIGKILL)
+        driver.wait(timeout=600)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    assert driver.returncode == 0, log_path.read_text()
+    deadline = time.time() + 30
+    while alive(child) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not alive(child)  # the training process died with its worker: no orphan races the retry
+    text = (run_dir / "train.out").read_text()
+    heads = [ln for ln in text.splitlines() if ln.startswith(HEADER)]
+    assert len(heads) == 2 and heads[0] != heads[1] and all(h.endswith(", resuming") for h in heads), heads
+    resumed = re.findall(r"resuming at step (\d+) of 24", text)
+    assert resumed and int(resumed[-1]) >= 8
+    (row,) = json.loads((out / "results.json").read_text())
+    assert row["status"] == "trained"
+    reference = local_sweep / "runs" / cfg.name
+    assert json.loads((run_dir / "metrics.json").read_text()) == json.loads((reference / "metrics.json").read_text())
+    assert (run_dir / "samples.png").read_bytes() == (reference / "samples.png").read_bytes()
+    # The status view of the finished sweep.
+    status = CliRunner().invoke(sweep_cli, ["--status", str(out)])
+    assert status.exit_code == 0 and "1 cells: 1 done, 0 running, 0 failed, 0 queued" in status.output
+    assert "attempt 2" in status.output and "not running" in status.output
+
+
+def parent(pid: int) -> int:
+    """The parent pid of ``pid`` (0 when it is gone)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_a_path_workers_cannot_see_is_named(cluster: Cluster, store: Path, tmp_path: Path) -> None:
+    # The driver mounts a private tmpfs (its own mount namespace) and puts the sweep folder and a copy of the store
+    # there: the driver sees both, the cluster's workers see neither.
+    private = tmp_path / "private"
+    private.mkdir()
+    setup = f"mount -t tmpfs rs-private {private} && cp -r {store} {private}/s.zarr && exec \"$@\""
+    res = cluster.sweep(sweep_args(private / "s.zarr", private / "out"), "unshare", "-m", "sh", "-c", setup, "sh")
+    if "mount" in res.stderr and "permission denied" in res.stderr.lower():
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert f"--out {private}/out: cannot read .rainsweep-visible" in res.stderr
+    assert f"--store {private}/s.zarr: does not exist here" in res.stderr
+    assert "Ray node 127.0.0.1" in res.stderr and "shared storage" in res.stderr
+    assert not list(private.iterdir())  # nothing was written where the workers look
