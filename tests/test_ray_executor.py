@@ -80,7 +80,8 @@ def listeners(pid: int) -> list[str]:
     return found
 
 
-LOOPBACK = ("0100007F", "00000000000000000000000001000000")  # 127.0.0.1 and ::1 as /proc/net writes them
+#: 127.0.0.1, ::ffff:127.0.0.1 and ::1 as /proc/net writes them (32-bit words in host order)
+LOOPBACK = ("0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000")
 
 
 @dataclass
@@ -90,6 +91,7 @@ class Cluster:
     holder: subprocess.Popen
     env: dict
     address: str = f"127.0.0.1:{PORT}"
+    ns: str | None = None  # the namespace's identity (``/proc/PID/ns/net`` link), once the head runs
 
     @property
     def netns(self) -> str:
@@ -107,20 +109,19 @@ class Cluster:
 
     def members(self) -> list[int]:
         """Pids of every process in the cluster's network namespace but the holder."""
-        ns = net_namespace(self.holder.pid)
         pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
-        return [p for p in pids if p != self.holder.pid and ns is not None and net_namespace(p) == ns]
+        return [p for p in pids if p != self.holder.pid and self.ns is not None and net_namespace(p) == self.ns]
 
 
 def stop(cluster: Cluster) -> None:
-    """End every process of the cluster by pid: SIGTERM, then SIGKILL what is left after 20 s."""
+    """End every process of the cluster by pid: SIGTERM, then SIGKILL what is left after 10 s."""
     members = cluster.members()
     for pid in [cluster.holder.pid, *members]:
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-    deadline = time.time() + 20
+    deadline = time.time() + 10
     while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in members):
         time.sleep(0.2)
     for pid in [*members, cluster.holder.pid]:
@@ -150,6 +151,10 @@ def cluster() -> Cluster:
     c = Cluster(holder, env)
     try:
         deadline = time.time() + 180
+        while c.ns is None and holder.poll() is None and time.time() < deadline:
+            ns = net_namespace(holder.pid)  # the parent's until unshare has made the new one
+            c.ns = ns if ns != net_namespace(os.getpid()) else None
+            time.sleep(0.01)
         while "Ray runtime started" not in log.read_text():
             if holder.poll() is not None or time.time() > deadline:
                 pytest.fail(f"the Ray head did not start:\n{log.read_text()[-3000:]}")
@@ -214,8 +219,12 @@ def test_a_killed_worker_is_retried_and_resumes(cluster: Cluster, store: Path, l
     out = tmp_path / "sw"
     cfg = sw.RunConfig("resnet-s", "medium", 4)
     run_dir = out / "runs" / cfg.name
-    # One cell of the reference sweep (same held-out set: the reference's largest count is 8).
-    args = [*sweep_args(store, out, ("4",)), "--train-arg=--heldout-exclude-count=8"]
+    # The reference sweep's cells (same held-out set: its largest count is 8); n8 fails on its own (a corrupt
+    # checkpoint), which must not stop n4.
+    args = [*sweep_args(store, out), "--train-arg=--heldout-exclude-count=8"]
+    broken = out / "runs" / "resnet-s_medium_n8_s0" / "ckpt.pt"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"not a checkpoint")
     extra = ["--batch", "4", "--device", "cpu", *(a.split("=", 1)[1] for a in TRAIN if a.startswith("--train-arg")),
              "--heldout-exclude-count=8"]
     # That cell in a local sweep preempted after its checkpoint at step 8: the Ray sweep takes it over.
@@ -245,7 +254,8 @@ def test_a_killed_worker_is_retried_and_resumes(cluster: Cluster, store: Path, l
         if driver.poll() is None:
             driver.kill()
             driver.wait()
-    assert driver.returncode == 0, log_path.read_text()
+    assert driver.returncode == 1, log_path.read_text()
+    assert "1 run(s) failed: resnet-s_medium_n8_s0" in log_path.read_text()
     deadline = time.time() + 30
     while alive(child) and time.time() < deadline:
         time.sleep(0.1)
@@ -255,14 +265,15 @@ def test_a_killed_worker_is_retried_and_resumes(cluster: Cluster, store: Path, l
     assert len(heads) == 2 and heads[0] != heads[1] and all(h.endswith(", resuming") for h in heads), heads
     resumed = re.findall(r"resuming at step (\d+) of 24", text)
     assert resumed and int(resumed[-1]) >= 8
-    (row,) = json.loads((out / "results.json").read_text())
+    row, bad = json.loads((out / "results.json").read_text())
     assert row["status"] == "trained"
+    assert bad["status"] == "failed (exit 1)" and bad["error"] and bad["E_R"] is None
     reference = local_sweep / "runs" / cfg.name
     assert json.loads((run_dir / "metrics.json").read_text()) == json.loads((reference / "metrics.json").read_text())
     assert (run_dir / "samples.png").read_bytes() == (reference / "samples.png").read_bytes()
     # The status view of the finished sweep.
     status = CliRunner().invoke(sweep_cli, ["--status", str(out)])
-    assert status.exit_code == 0 and "1 cells: 1 done, 0 running, 0 failed, 0 queued" in status.output
+    assert status.exit_code == 0 and "2 cells: 1 done, 0 running, 1 failed, 0 queued" in status.output
     assert "attempt 2" in status.output and "not running" in status.output
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -26,9 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 FAKE_PYTHON = """#!{python}
 import json, os, signal, sys, time
 args = sys.argv[1:]
-if "-m" not in args:
+if "-c" in args:  # train_env's probe for train.py: say nothing
     sys.exit(0)
-out = args[args.index("--out") + 1]
+opt = dict(zip(args, args[1:]))
+out = opt["--out"]
 os.makedirs(out, exist_ok=True)
 with open(os.path.join(out, "..", "..", "..", "calls.txt"), "a") as f:
     f.write(" ".join(args) + "\\n")
@@ -37,7 +37,7 @@ def log(step):
         f.write(json.dumps({{"step": step, "patches_per_s": 64.0, "steps_per_s": 16.0}}) + "\\n")
 log(2)
 time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
-if args[args.index("--count") + 1] == "8" and "--resume" not in args:
+if opt["--count"] == "8" and "--resume" not in args:
     open(os.path.join(out, "ckpt.pt"), "w").close()
     os.kill(os.getppid(), signal.SIGKILL)
     sys.exit(9)
@@ -49,9 +49,11 @@ with open(os.path.join(out, "metrics.json"), "w") as f:
 
 @pytest.fixture
 def fake_python(tmp_path: Path) -> str:
-    path = tmp_path / "fake-python"
+    """FAKE_PYTHON as an executable ``bin/python``."""
+    path = tmp_path / "bin" / "python"
+    path.parent.mkdir()
     path.write_text(FAKE_PYTHON.format(python=sys.executable))
-    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    os.chmod(path, 0o755)
     return str(path)
 
 

@@ -86,7 +86,6 @@ def sweep(store: str | None, counts: str, rains: str, model_names: str, iters: i
     _check_rains(rain_list, "--rain")
     _check_rains([test_rain], "--test-rain")
     extra = ["--batch", str(batch), "--device", device, *train_args]
-    resources = None
     try:
         runner = None
         if executor == "ray":
@@ -98,11 +97,10 @@ def sweep(store: str | None, counts: str, rains: str, model_names: str, iters: i
                 runner = RayExecutor(address, cpus_per_run, gpus, max_retries)
             except ExecutorError as err:
                 raise click.ClickException(str(err)) from None
-            resources = runner.resources
         try:
             rows = sw.sweep(store, count_list, rain_list, model_list, iters, out, seeds=seed_list, extra=extra,
                             jobs=jobs, test_rain=test_rain, test_store=test_store, echo=click.echo,
-                            executor=runner, resources=resources, view_every=view_every)
+                            executor=runner, view_every=view_every)
         finally:
             if runner is not None:
                 runner.close()

@@ -46,6 +46,8 @@ from engine.experiments.train_command import TrainRun, absolute, train_argv
 METRICS = ("E_R", "E_B", "rain_residual", "PSNR", "E_R_ceiling")
 #: Configuration columns of results.csv, in order.
 CONFIG = ("run", "model", "rain", "count", "seed", "iters", "status")
+#: Seconds between writes of sweep_state.json when no live view is shown.
+HEARTBEAT_S = 30.0
 
 
 class SweepError(ValueError):
@@ -344,7 +346,7 @@ def sweep(store: str | os.PathLike, counts: Sequence[int], rains: Sequence[str],
         Where the runs execute (default: ``LocalExecutor(jobs)``, subprocesses of this machine); e.g. a
         ``RayExecutor``. The results are the same whichever runs them. The caller closes it.
     resources : Resources, optional
-        What each run asks of the executor (CPUs, GPUs; used by the Ray executor).
+        What each run asks of the executor (CPUs, GPUs; used by the Ray executor); default: the executor's.
     view_every : float
         Seconds between live views (0: none). ``OUT/sweep_state.json`` records the cells' states for
         ``rainsweep sweep --status`` either way.
@@ -377,6 +379,7 @@ def sweep(store: str | os.PathLike, counts: Sequence[int], rains: Sequence[str],
     if test_store is None and not any(str(a).startswith(("--test-store", "--heldout-exclude-count")) for a in extra):
         extra = [*extra, "--heldout-exclude-count", str(max(counts))]
     executor = executor or LocalExecutor(jobs)
+    resources = resources or executor.resources
     rows: list[dict | None] = [None] * len(configs)
     todo = [i for i, cfg in enumerate(configs) if not finished(cfg, out_dir)]
     units = [cell_unit(configs[i], store, out_dir, iters, extra, python, test_rain or None, test_store, resources)
@@ -412,13 +415,15 @@ def sweep(store: str | os.PathLike, counts: Sequence[int], rains: Sequence[str],
     stop = threading.Event()
 
     def view() -> None:
-        while not stop.wait(view_every):
+        # also the driver's heartbeat in sweep_state.json, which --status on another machine judges it by
+        while not stop.wait(view_every or HEARTBEAT_S):
             tracker.save()
-            for line in live_lines(tracker.views()):
-                say(line)
+            if view_every:
+                for line in live_lines(tracker.views()):
+                    say(line)
 
     viewer = threading.Thread(target=view, name="sweep-view", daemon=True)
-    if units and view_every > 0:
+    if units:
         viewer.start()
     try:
         executor.run(units, events)

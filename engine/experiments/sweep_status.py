@@ -112,7 +112,8 @@ class SweepTracker:
     executor : str
         The executor's name, recorded in the state file.
     view_every : float
-        Seconds between the live view's updates (recorded: ``load_status`` judges a silent driver by it).
+        Seconds between the live view's updates, and so between saves of the state file (0: no view, saves every
+        30 s); recorded: ``load_status`` judges a silent driver by it.
     """
 
     def __init__(self, out_dir: Path, cells: Sequence[tuple[str, int]], executor: str, view_every: float) -> None:
@@ -184,7 +185,7 @@ def driver_alive(state: dict, now: float) -> bool:
         except PermissionError:
             return True
         return True
-    return now - float(state.get("updated", 0)) < max(3 * float(state.get("view_every") or 0), 60.0)
+    return now - float(state.get("updated", 0)) < max(3 * float(state.get("view_every") or 30.0), 60.0)
 
 
 def load_status(out_dir: str | os.PathLike, now: float | None = None) -> SweepStatus:

@@ -139,6 +139,8 @@ class Executor(ABC):
 
     #: Short name, as ``--executor`` spells it.
     name: str = ""
+    #: What a unit asks for unless it says otherwise.
+    resources: Resources = Resources()
 
     def check_visible(self, out_dir: Path, inputs: Mapping[str, Path]) -> None:
         """Make sure whatever runs the units sees ``out_dir`` (and can write there) and every path of ``inputs``

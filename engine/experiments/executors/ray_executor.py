@@ -150,7 +150,9 @@ class RayExecutor(Executor):
             options = dict(init_options or {})
             options.setdefault("log_to_driver", False)  # the driver follows each unit's log itself
             if address is None and not os.environ.get("RAY_ADDRESS"):
+                # a new one-machine cluster: nothing beyond this machine needs to reach it
                 options.setdefault("include_dashboard", False)
+                options.setdefault("_node_ip_address", "127.0.0.1")
             try:
                 ray.init(address=address, **options)
             except (ConnectionError, ValueError, RuntimeError) as err:
