@@ -30,10 +30,8 @@ from click.testing import CliRunner
 from engine.cli.train import sweep as sweep_cli
 from engine.data.store import write_store
 from engine.experiments import sweep as sw
-from engine.experiments.executors.ray_executor import HEADER
-
-pytest.importorskip("ray", reason='Ray is not installed (pip install "rainsweep[ray]")')
-pytestmark = pytest.mark.slow
+from engine.experiments.executors.base import Unit, path_problem, visible_token_path
+from engine.experiments.executors.ray_executor import HEADER, LogFollower
 
 ROOT = Path(__file__).resolve().parents[1]
 PORT = 6379
@@ -134,6 +132,7 @@ def stop(cluster: Cluster) -> None:
 
 @pytest.fixture(scope="module")
 def cluster() -> Cluster:
+    pytest.importorskip("ray", reason='Ray is not installed (pip install "rainsweep[ray]")')
     why = namespaces_work()
     if why:
         pytest.skip(why)
@@ -190,6 +189,44 @@ def result_files(out: Path) -> dict[str, bytes]:
     return {f: (out / f).read_bytes() for f in sorted(files)}
 
 
+# ---- the pieces, without a cluster -----------------------------------------------------------------------------
+
+def test_a_unit_resumes_once_a_run_folder_holds_a_checkpoint(tmp_path: Path) -> None:
+    runs = (tmp_path / "a", tmp_path / "b")
+    unit = Unit("g", ("/driver/python", "-P", "-m", "train", "--out", str(runs[0])), runs, tmp_path / "g.out")
+    assert unit.command() == list(unit.argv) and not unit.resumes()
+    runs[1].mkdir()
+    (runs[1] / "ckpt.pt").write_bytes(b"")
+    assert unit.command("/node/python") == ["/node/python", *unit.argv[1:], "--resume"]
+    assert Unit("g", unit.argv, runs, unit.log, resume_flag=None).command() == list(unit.argv)
+
+
+def test_the_log_follower_hands_out_complete_lines_only(tmp_path: Path) -> None:
+    log = tmp_path / "train.out"
+    log.write_text("from an earlier attempt\n")
+    follow = LogFollower(log)
+    assert follow.new_lines() == []
+    with open(log, "a") as f:
+        f.write("one\ntw")
+    assert follow.new_lines() == ["one"]
+    with open(log, "a") as f:
+        f.write("o\nthr")
+    assert follow.new_lines() == ["two"] and follow.new_lines(final=True) == ["thr"]
+    assert LogFollower(tmp_path / "missing").new_lines(final=True) == []
+
+
+def test_path_problems_name_the_option_and_the_path(tmp_path: Path) -> None:
+    assert path_problem("--store", tmp_path) is None
+    assert path_problem("--store", tmp_path / "s.zarr") == f"--store {tmp_path}/s.zarr: does not exist here"
+    assert "cannot read .rainsweep-visible" in path_problem("--out", tmp_path, "t0")
+    visible_token_path(tmp_path).write_text("t0")
+    assert path_problem("--out", tmp_path, "t0") is None and list(tmp_path.iterdir()) == [visible_token_path(tmp_path)]
+    assert "a different folder of that name" in path_problem("--out", tmp_path, "t1")
+
+
+# ---- against a Ray cluster ---------------------------------------------------------------------------------------
+
+@pytest.mark.slow
 def test_ray_sweep_equals_the_local_sweep(cluster: Cluster, store: Path, local_sweep: Path, tmp_path: Path) -> None:
     out = tmp_path / "sw"
     res = cluster.sweep(sweep_args(store, out))
@@ -214,6 +251,7 @@ def test_ray_sweep_equals_the_local_sweep(cluster: Cluster, store: Path, local_s
     assert not (out / ".rainsweep-visible").exists()
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_retried_and_resumes(cluster: Cluster, store: Path, local_sweep: Path,
                                                 tmp_path: Path) -> None:
     out = tmp_path / "sw"
@@ -293,6 +331,7 @@ def alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_a_path_workers_cannot_see_is_named(cluster: Cluster, store: Path, tmp_path: Path) -> None:
     # The driver mounts a private tmpfs (its own mount namespace) and puts the sweep folder and a copy of the store
     # there: the driver sees both, the cluster's workers see neither.

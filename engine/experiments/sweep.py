@@ -39,15 +39,13 @@ from typing import Callable, Sequence
 from engine.atomic import atomic_write, atomic_write_json, atomic_write_text
 from engine.experiments.executors.base import Events, Executor, ExecutorError, Outcome, Resources, Unit
 from engine.experiments.executors.local import LocalExecutor, run_unit
-from engine.experiments.sweep_status import SweepTracker, live_lines
+from engine.experiments.sweep_status import LiveView, SweepTracker
 from engine.experiments.train_command import TrainRun, absolute, train_argv
 
 #: Metric columns of results.csv, in order.
 METRICS = ("E_R", "E_B", "rain_residual", "PSNR", "E_R_ceiling")
 #: Configuration columns of results.csv, in order.
 CONFIG = ("run", "model", "rain", "count", "seed", "iters", "status")
-#: Seconds between writes of sweep_state.json when no live view is shown.
-HEARTBEAT_S = 30.0
 
 
 class SweepError(ValueError):
@@ -381,9 +379,10 @@ def sweep(store: str | os.PathLike, counts: Sequence[int], rains: Sequence[str],
     executor = executor or LocalExecutor(jobs)
     resources = resources or executor.resources
     rows: list[dict | None] = [None] * len(configs)
-    todo = [i for i, cfg in enumerate(configs) if not finished(cfg, out_dir)]
+    # Each unit of work trains the cells (indices into configs) of its group: one cell per unit here.
+    groups = [[i] for i, cfg in enumerate(configs) if not finished(cfg, out_dir)]
     units = [cell_unit(configs[i], store, out_dir, iters, extra, python, test_rain or None, test_store, resources)
-             for i in todo]
+             for (i,) in groups]
     tracker = SweepTracker(out_dir, [(c.name, iters) for c in configs], executor.name, view_every)
     lock = threading.Lock()
 
@@ -400,8 +399,9 @@ def sweep(store: str | os.PathLike, counts: Sequence[int], rains: Sequence[str],
             echo(f"[{sum(r is not None for r in rows)}/{len(configs)}] {configs[i].name}: {row['status']}{metrics}")
             write_results(out_dir, [r for r in rows if r is not None])
 
+    pending = {i for g in groups for i in g}
     for i in range(len(configs)):
-        if i not in todo:
+        if i not in pending:
             record(i, cell_row(configs[i], out_dir, iters, None))
     if units:
         inputs = {"--store": Path(store), **({} if test_store is None else {"--test-store": absolute(test_store)})}
@@ -409,31 +409,21 @@ def sweep(store: str | os.PathLike, counts: Sequence[int], rains: Sequence[str],
             executor.check_visible(out_dir, inputs)
         except ExecutorError as err:
             raise SweepError(str(err)) from None
-    events = Events(started=lambda k, where: tracker.started(configs[todo[k]].name, where),
-                    line=lambda k, text: say(f"{configs[todo[k]].name} | {text}"),
-                    finished=lambda k, outcome: record(todo[k], cell_row(configs[todo[k]], out_dir, iters, outcome)))
-    stop = threading.Event()
 
-    def view() -> None:
-        # also the driver's heartbeat in sweep_state.json, which --status on another machine judges it by
-        while not stop.wait(view_every or HEARTBEAT_S):
-            tracker.save()
-            if view_every:
-                for line in live_lines(tracker.views()):
-                    say(line)
+    def started(k: int, where: str) -> None:
+        for i in groups[k]:
+            tracker.started(configs[i].name, where)
 
-    viewer = threading.Thread(target=view, name="sweep-view", daemon=True)
-    if units:
-        viewer.start()
+    def ended(k: int, outcome: Outcome) -> None:
+        for i in groups[k]:
+            record(i, cell_row(configs[i], out_dir, iters, outcome))
+
+    events = Events(started=started, line=lambda k, text: say(f"{units[k].name} | {text}"), finished=ended)
     try:
-        executor.run(units, events)
+        with LiveView(tracker, view_every, say, active=bool(units)):
+            executor.run(units, events)
     except ExecutorError as err:
         raise SweepError(str(err)) from None
-    finally:
-        stop.set()
-        if viewer.is_alive():
-            viewer.join()
-        tracker.save(finished=True)
     final = [r for r in rows if r is not None]
     write_results(out_dir, final)
     figs = plot_results(out_dir, final, test_rain) + sample_sheet(out_dir, final)

@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from engine.atomic import atomic_write_json
 
@@ -30,6 +30,8 @@ STATE_FILE = "sweep_state.json"
 STATES = ("done", "running", "failed", "queued", "interrupted")
 #: Bytes read from the end of a log.jsonl to find its last training record.
 TAIL_BYTES = 16384
+#: Seconds between saves of the state file (the driver's heartbeat) when no live view is shown.
+HEARTBEAT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ class SweepTracker:
         The executor's name, recorded in the state file.
     view_every : float
         Seconds between the live view's updates, and so between saves of the state file (0: no view, saves every
-        30 s); recorded: ``load_status`` judges a silent driver by it.
+        ``HEARTBEAT_S``); recorded: ``load_status`` judges a silent driver by it.
     """
 
     def __init__(self, out_dir: Path, cells: Sequence[tuple[str, int]], executor: str, view_every: float) -> None:
@@ -153,6 +155,46 @@ class SweepTracker:
             atomic_write_json(self.out_dir / STATE_FILE, state, indent=1)
 
 
+class LiveView:
+    """While the ``with`` block runs: every ``every`` seconds, save the tracker's state file (the driver's heartbeat)
+    and hand ``live_lines`` to ``echo``; at its end, save the state file as finished.
+
+    Parameters
+    ----------
+    tracker : SweepTracker
+        The sweep's cell states.
+    every : float
+        Seconds between views (0: no view; the state file is still saved every ``HEARTBEAT_S``).
+    echo : callable
+        Gets each line of the view.
+    active : bool
+        False: no thread (nothing runs), only the final save.
+    """
+
+    def __init__(self, tracker: SweepTracker, every: float, echo: Callable[[str], None], active: bool = True) -> None:
+        self.tracker, self.every, self.echo = tracker, every, echo
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.loop, name="sweep-view", daemon=True) if active else None
+
+    def loop(self) -> None:
+        while not self.stop.wait(self.every or HEARTBEAT_S):
+            self.tracker.save()
+            if self.every:
+                for line in live_lines(self.tracker.views()):
+                    self.echo(line)
+
+    def __enter__(self) -> "LiveView":
+        if self.thread is not None:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+        self.tracker.save(finished=True)
+
+
 @dataclass(frozen=True)
 class SweepStatus:
     """Where a sweep stands (``load_status``).
@@ -185,7 +227,7 @@ def driver_alive(state: dict, now: float) -> bool:
         except PermissionError:
             return True
         return True
-    return now - float(state.get("updated", 0)) < max(3 * float(state.get("view_every") or 30.0), 60.0)
+    return now - float(state.get("updated", 0)) < max(3 * float(state.get("view_every") or HEARTBEAT_S), 60.0)
 
 
 def load_status(out_dir: str | os.PathLike, now: float | None = None) -> SweepStatus:
@@ -307,6 +349,6 @@ def status_lines(out_dir: str | os.PathLike, status: SweepStatus) -> list[str]:
     return lines
 
 
-__all__ = ["CellView", "STATES", "STATE_FILE", "SweepStatus", "SweepTracker", "cell_line", "cell_view",
+__all__ = ["CellView", "HEARTBEAT_S", "LiveView", "STATES", "STATE_FILE", "SweepStatus", "SweepTracker", "cell_line", "cell_view",
            "driver_alive", "eta_seconds", "format_seconds", "last_progress", "live_lines", "load_status",
            "status_lines", "summary_line"]

@@ -25,7 +25,7 @@ import signal
 import sys
 import uuid
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from engine.atomic import atomic_write_text
 from engine.experiments.executors.base import (Events, Executor, ExecutorError, Outcome, Resources, Unit,
@@ -38,10 +38,13 @@ HEADER = "# ray: "
 PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent() -> None:
-    """In a child process before ``exec``: ask Linux to SIGKILL it when its parent dies (no-op elsewhere)."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that asks Linux to SIGKILL the child when its parent dies (None elsewhere). libc's ``prctl``
+    is looked up here, in the parent, so the child only makes the call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return lambda: prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def node_address() -> str:
@@ -73,7 +76,7 @@ def unit_task(unit: Unit, driver_python: str, checks: Sequence[tuple[str, str, s
         log.write(f"{HEADER}node {where}, worker pid {os.getpid()}" + (", resuming" if unit.resumes() else "")
                   + "\n")
     python = sys.executable if unit.argv[0] == driver_python else None
-    done = run_unit(unit, python=python, preexec_fn=die_with_parent)
+    done = run_unit(unit, python=python, preexec_fn=die_with_parent())
     return {"returncode": done.returncode, "tail": list(done.tail), "error": None, "where": where}
 
 
