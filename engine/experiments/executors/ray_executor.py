@@ -54,11 +54,15 @@ def node_address() -> str:
     return ray.util.get_node_ip_address()
 
 
-def check_task(checks: Sequence[tuple[str, str, str | None]]) -> tuple[str, list[str]]:
-    """Ray task body: ``(node address, problems)`` for ``checks`` of ``(label, path, token or None)``
+def path_problems(checks: Sequence[tuple[str, str, str | None]]) -> list[str]:
+    """What this process cannot use of ``checks``, each ``(label, path, token or None)``
     (``engine.experiments.executors.base.path_problem``)."""
-    problems = [p for label, path, token in checks if (p := path_problem(label, Path(path), token)) is not None]
-    return node_address(), problems
+    return [p for label, path, token in checks if (p := path_problem(label, Path(path), token)) is not None]
+
+
+def check_task(checks: Sequence[tuple[str, str, str | None]]) -> tuple[str, list[str]]:
+    """Ray task body: ``(node address, path_problems(checks))``."""
+    return node_address(), path_problems(checks)
 
 
 def unit_task(unit: Unit, driver_python: str, checks: Sequence[tuple[str, str, str | None]]) -> dict:
@@ -68,7 +72,7 @@ def unit_task(unit: Unit, driver_python: str, checks: Sequence[tuple[str, str, s
     ``returncode`` (None when a path check failed), ``tail``, ``error`` and ``where`` (this node's address).
     """
     where = node_address()
-    problems = [p for label, path, token in checks if (p := path_problem(label, Path(path), token)) is not None]
+    problems = path_problems(checks)
     if problems:
         return {"returncode": None, "tail": [], "error": f"Ray node {where}: " + "; ".join(problems), "where": where}
     unit.log.parent.mkdir(parents=True, exist_ok=True)
@@ -256,4 +260,5 @@ class RayExecutor(Executor):
             ray.shutdown()
 
 
-__all__ = ["HEADER", "LogFollower", "RayExecutor", "check_task", "die_with_parent", "node_address", "unit_task"]
+__all__ = ["HEADER", "LogFollower", "RayExecutor", "check_task", "die_with_parent", "node_address", "path_problems",
+           "unit_task"]
