@@ -75,6 +75,7 @@ def hand_made_sweep(out: Path, pid: int) -> None:
     write_log(out / "runs" / "b", [{"step": 5, "patches_per_s": 4.0, "steps_per_s": 1.0},
                                    {"step": 10, "patches_per_s": 8.0, "steps_per_s": 2.0},
                                    {"step": 10, "event": "eval", "E_R": 1.0}])
+    (out / "runs" / "b" / "ckpt.pt").write_bytes(b"")
     tracker = ss.SweepTracker(out, [(n, 40) for n in "abcd"], "ray", view_every=30)
     tracker.started("a", "10.0.0.1")
     tracker.finished("a", failed=False)
@@ -127,6 +128,7 @@ def test_status_without_a_state_file_and_of_no_sweep(tmp_path: Path) -> None:
     (tmp_path / "runs" / "x" / "config.json").write_text(json.dumps({"iters": 6}))
     (cell,) = ss.load_status(tmp_path).cells
     assert (cell.name, cell.state, cell.step, cell.iters) == ("x", "interrupted", 3, 6)
+    assert ss.cell_line(cell, 1).endswith("restarts on rerun")  # no checkpoint to resume from
     res = CliRunner().invoke(sweep_cli, ["--status", str(tmp_path / "runs" / "x")])
     assert res.exit_code == 2 and "no sweep here" in res.output
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from engine.atomic import atomic_write_json
+from engine.experiments.executors.base import CHECKPOINT
 
 #: The state file in a sweep folder.
 STATE_FILE = "sweep_state.json"
@@ -56,6 +57,8 @@ class CellView:
         Times it was started in this sweep.
     error : str or None
         Why it failed.
+    checkpoint : bool
+        Whether its run folder holds a checkpoint (a rerun resumes from it).
     """
 
     name: str
@@ -67,6 +70,7 @@ class CellView:
     where: str = ""
     attempts: int = 0
     error: str | None = None
+    checkpoint: bool = False
 
 
 def last_progress(run_dir: Path) -> dict | None:
@@ -99,7 +103,8 @@ def cell_view(out_dir: Path, name: str, iters: int, state: str, where: str = "",
     if state == "done":
         step = iters
     return CellView(name, state, iters, step, None if rec is None else rec.get("patches_per_s"),
-                    None if rec is None else rec.get("steps_per_s"), where, attempts, error)
+                    None if rec is None else rec.get("steps_per_s"), where, attempts, error,
+                    (run_dir / CHECKPOINT).exists())
 
 
 class SweepTracker:
@@ -324,10 +329,10 @@ def cell_line(c: CellView, width: int) -> str:
     if c.attempts > 1:
         parts.append(f"attempt {c.attempts}")
     if c.state == "interrupted":
-        parts.append("resumes from its checkpoint on rerun" if c.step else "restarts on rerun")
+        parts.append("resumes from its checkpoint on rerun" if c.checkpoint else "restarts on rerun")
     if c.error:
         parts.append(f"error: {c.error}")
-    return "  ".join(parts)
+    return "  ".join(parts).rstrip()
 
 
 def live_lines(cells: Sequence[CellView]) -> list[str]:
