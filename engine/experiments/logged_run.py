@@ -28,7 +28,8 @@ class Finished:
 
 
 def run_logged(argv: Sequence[str], log_path: str | os.PathLike, *, env: Mapping[str, str] | None = None,
-               on_line: Callable[[str], None] | None = None, tail: int = 5) -> Finished:
+               on_line: Callable[[str], None] | None = None, tail: int = 5,
+               preexec_fn: Callable[[], None] | None = None) -> Finished:
     """Run ``argv`` to its end, streaming its merged stdout and stderr.
 
     Parameters
@@ -45,6 +46,8 @@ def run_logged(argv: Sequence[str], log_path: str | os.PathLike, *, env: Mapping
         a progress line that redraws itself arrives as one line per redraw.
     tail : int
         How many last lines to return.
+    preexec_fn : callable, optional
+        Run in the child before the command starts (``subprocess.Popen``'s), e.g. to tie its life to this one's.
 
     Returns
     -------
@@ -59,7 +62,8 @@ def run_logged(argv: Sequence[str], log_path: str | os.PathLike, *, env: Mapping
         log.write("$ " + shlex.join(argv) + "\n")
         log.flush()
         proc = subprocess.Popen(list(argv), env=None if env is None else dict(env), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace", bufsize=1)
+                                stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace", bufsize=1,
+                                preexec_fn=preexec_fn)
         try:
             assert proc.stdout is not None
             for raw in proc.stdout:

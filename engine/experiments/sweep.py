@@ -1,8 +1,12 @@
 """Sweeps: train one model per (background count, training rain) and draw the paper's figures.
 
-Each configuration runs ``python -P -m train ...`` as a subprocess (the engine never imports train.py) into
-``OUT/runs/<model>_<rain>_n<count>_s<seed>/``. A run whose ``metrics.json`` exists is skipped on rerun; one with a
-checkpoint but no metrics is resumed. Afterwards:
+Each configuration is a unit of work (``engine.experiments.executors``): a ``python -P -m train ...`` command (the
+engine never imports train.py) that writes ``OUT/runs/<model>_<rain>_n<count>_s<seed>/``. An executor runs the
+units: the local one as subprocesses of this machine, the Ray one as tasks on a Ray cluster whose nodes share
+``OUT``'s storage. A run whose ``metrics.json`` exists is skipped on rerun; one with a checkpoint but no metrics is
+resumed (also when a retried unit starts again after its worker died), whichever executor ran it before. While the
+units run, ``OUT/sweep_state.json`` records every cell's state and a live view shows it
+(``engine.experiments.sweep_status``). Afterwards:
 
 - ``OUT/results.csv`` and ``OUT/results.json``: one row per run (configuration, status, and the held-out E_R, E_B,
   rain residual, PSNR and E_R ceiling);
@@ -28,14 +32,15 @@ import json
 import os
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 from engine.atomic import atomic_write, atomic_write_json, atomic_write_text
-from engine.experiments.logged_run import run_logged
-from engine.experiments.train_command import TrainRun, absolute, train_argv, train_env
+from engine.experiments.executors.base import Events, Executor, ExecutorError, Outcome, Resources, Unit
+from engine.experiments.executors.local import LocalExecutor, run_unit
+from engine.experiments.sweep_status import LiveView, SweepTracker
+from engine.experiments.train_command import TrainRun, absolute, train_argv
 
 #: Metric columns of results.csv, in order.
 METRICS = ("E_R", "E_B", "rain_residual", "PSNR", "E_R_ceiling")
@@ -118,10 +123,61 @@ def plan(models: Sequence[str], rains: Sequence[str], counts: Sequence[int], see
     return [RunConfig(m, r, c, s) for m in models for r in rains for c in counts for s in seeds]
 
 
+def cell_unit(cfg: RunConfig, store: str | os.PathLike, out_dir: Path, iters: int, extra: Sequence[str] = (),
+              python: str = sys.executable, test_rain: str | None = None,
+              test_store: str | os.PathLike | None = None, resources: Resources | None = None) -> Unit:
+    """The unit of work that trains one configuration into ``out_dir/runs/<cfg.name>`` (see ``run_one`` for the
+    parameters). Its command gets ``--resume`` when the run folder holds a checkpoint as it starts."""
+    run_dir = absolute(out_dir) / "runs" / cfg.name
+    run = TrainRun(store=store, out=run_dir, model=cfg.model, rain=cfg.rain, iters=iters, count=cfg.count,
+                   seed=cfg.seed, test_rain=test_rain, test_store=test_store, extra=tuple(extra))
+    return Unit(cfg.name, tuple(train_argv(run, python)), (run_dir,), run_dir / "train.out",
+                resources or Resources())
+
+
+def cell_row(cfg: RunConfig, out_dir: Path, iters: int, outcome: Outcome | None) -> dict:
+    """The results row of one configuration after its unit ended with ``outcome`` (None: it was already finished
+    and was skipped); copies the run's samples.png to ``out_dir/samples/<cfg.name>.png``. See ``run_one``."""
+    out_dir = absolute(out_dir)
+    run_dir = out_dir / "runs" / cfg.name
+    metrics_path = run_dir / "metrics.json"
+    row: dict = {"run": cfg.name, **asdict(cfg), "iters": iters}
+    error = None
+    if outcome is None:
+        row["status"] = "skipped (finished)"
+    elif outcome.returncode is None:
+        row["status"] = f"failed (lost after {outcome.attempts} attempt(s))"
+        error = " | ".join([outcome.error or "", *outcome.tail[-3:]]).strip(" |")
+    elif outcome.returncode != 0:
+        row["status"] = f"failed (exit {outcome.returncode})"
+        error = " | ".join(outcome.tail[-3:])
+    elif not metrics_path.exists():
+        row["status"] = "failed (exit 0 without metrics.json)"
+        error = f"train.py exited 0 but wrote no {metrics_path}; last output: " + " | ".join(outcome.tail[-3:])
+    else:
+        row["status"] = "trained"
+    if metrics_path.exists():
+        m = json.loads(metrics_path.read_text())
+        row.update({k: m.get(k) for k in METRICS})
+        row["iters"] = m.get("step", iters)
+        sample = run_dir / "samples.png"
+        if sample.exists():
+            atomic_write(out_dir / "samples" / f"{cfg.name}.png", sample.read_bytes())
+    else:
+        row.update({k: None for k in METRICS})
+        row["error"] = error
+    return row
+
+
+def finished(cfg: RunConfig, out_dir: Path) -> bool:
+    """Whether the configuration's run folder under ``out_dir`` holds its final metrics (a rerun skips it)."""
+    return (absolute(out_dir) / "runs" / cfg.name / "metrics.json").exists()
+
+
 def run_one(cfg: RunConfig, store: str | os.PathLike, out_dir: Path, iters: int, extra: Sequence[str] = (),
             python: str = sys.executable, test_rain: str | None = None,
             test_store: str | os.PathLike | None = None, on_line: Callable[[str], None] | None = None) -> dict:
-    """Train one configuration unless it is finished (a checkpoint without metrics is resumed).
+    """Train one configuration here unless it is finished (a checkpoint without metrics is resumed).
 
     Parameters
     ----------
@@ -149,39 +205,13 @@ def run_one(cfg: RunConfig, store: str | os.PathLike, out_dir: Path, iters: int,
     dict
         The results row: ``CONFIG`` and ``METRICS`` fields (metrics None without ``metrics.json``); a failed run
         also has ``error``, its last output lines. ``status`` is ``trained``, ``skipped (finished)``,
-        ``failed (exit N)`` or ``failed (exit 0 without metrics.json)``.
+        ``failed (exit N)``, ``failed (exit 0 without metrics.json)`` or, when an executor gave up on the run (its
+        worker died more often than retries allow), ``failed (lost after N attempt(s))``.
     """
-    out_dir = absolute(out_dir)
-    run_dir = out_dir / "runs" / cfg.name
-    metrics_path = run_dir / "metrics.json"
-    row: dict = {"run": cfg.name, **asdict(cfg), "iters": iters}
-    error = None
-    if metrics_path.exists():
-        row["status"] = "skipped (finished)"
-    else:
-        run = TrainRun(store=store, out=run_dir, model=cfg.model, rain=cfg.rain, iters=iters, count=cfg.count,
-                       seed=cfg.seed, test_rain=test_rain, test_store=test_store, extra=tuple(extra),
-                       resume=(run_dir / "ckpt.pt").exists())
-        done = run_logged(train_argv(run, python), run_dir / "train.out", env=train_env(python), on_line=on_line)
-        if done.returncode != 0:
-            row["status"] = f"failed (exit {done.returncode})"
-            error = " | ".join(done.tail[-3:])
-        elif not metrics_path.exists():
-            row["status"] = "failed (exit 0 without metrics.json)"
-            error = f"train.py exited 0 but wrote no {metrics_path}; last output: " + " | ".join(done.tail[-3:])
-        else:
-            row["status"] = "trained"
-    if metrics_path.exists():
-        m = json.loads(metrics_path.read_text())
-        row.update({k: m.get(k) for k in METRICS})
-        row["iters"] = m.get("step", iters)
-        sample = run_dir / "samples.png"
-        if sample.exists():
-            atomic_write(out_dir / "samples" / f"{cfg.name}.png", sample.read_bytes())
-    else:
-        row.update({k: None for k in METRICS})
-        row["error"] = error
-    return row
+    if finished(cfg, out_dir):
+        return cell_row(cfg, out_dir, iters, None)
+    unit = cell_unit(cfg, store, out_dir, iters, extra, python, test_rain, test_store)
+    return cell_row(cfg, out_dir, iters, run_unit(unit, on_line=on_line))
 
 
 def write_results(out_dir: Path, rows: list[dict], extra_columns: Sequence[str] = ()) -> None:
@@ -277,7 +307,8 @@ def _rain_order(name: str) -> tuple:
 def sweep(store: str | os.PathLike, counts: Sequence[int], rains: Sequence[str], models: Sequence[str],
           iters: int, out: str | os.PathLike, seeds: Sequence[int] = (0,), extra: Sequence[str] = (),
           jobs: int = 1, test_rain: str = "", test_store: str | os.PathLike | None = None,
-          python: str = sys.executable, echo: Callable[[str], None] = print) -> list[dict]:
+          python: str = sys.executable, echo: Callable[[str], None] = print, executor: Executor | None = None,
+          resources: Resources | None = None, view_every: float = 30.0) -> list[dict]:
     """Train every configuration (skipping finished ones), then write the results and figures.
 
     Parameters
@@ -299,7 +330,7 @@ def sweep(store: str | os.PathLike, counts: Sequence[int], rains: Sequence[str],
     extra : sequence of str
         Further train.py arguments (e.g. ``["--batch", "16"]``); path values in them are made absolute.
     jobs : int
-        Runs at once (see the module docstring).
+        Runs at once with the default (local) executor (see the module docstring).
     test_rain : str
         Held-out rain preset or spec, passed to every run and named in figure titles ("": train.py's default).
     test_store : str or os.PathLike, optional
@@ -310,7 +341,15 @@ def sweep(store: str | os.PathLike, counts: Sequence[int], rains: Sequence[str],
         Interpreter that runs ``-m train``.
     echo : callable
         Gets every progress message: each run's output lines as ``<run> | <line>``, one line per finished run,
-        and the figure paths.
+        the live view (``sweep: ...`` lines every ``view_every`` seconds) and the figure paths.
+    executor : Executor, optional
+        Where the runs execute (default: ``LocalExecutor(jobs)``, subprocesses of this machine); e.g. a
+        ``RayExecutor``. The results are the same whichever runs them. The caller closes it.
+    resources : Resources, optional
+        What each run asks of the executor (CPUs, GPUs; used by the Ray executor); default: the executor's.
+    view_every : float
+        Seconds between live views (0: none). ``OUT/sweep_state.json`` records the cells' states for
+        ``rainsweep sweep --status`` either way.
 
     Returns
     -------
@@ -320,8 +359,8 @@ def sweep(store: str | os.PathLike, counts: Sequence[int], rains: Sequence[str],
     Raises
     ------
     SweepError
-        For a count the store cannot hold or ``jobs < 1`` (before any run), or naming the failed runs (after the
-        results are written).
+        For a count the store cannot hold, ``jobs < 1`` or a path the executor's workers cannot see (before any
+        run), or naming the failed runs (after the results are written).
     """
     from engine.data.paired_store import is_paired_store
     from engine.data.store import open_store
@@ -342,25 +381,54 @@ def sweep(store: str | os.PathLike, counts: Sequence[int], rains: Sequence[str],
     # Every run is scored on the same held-out patches: those outside the largest (nested) training selection.
     if test_store is None and not any(str(a).startswith(("--test-store", "--heldout-exclude-count")) for a in extra):
         extra = [*extra, "--heldout-exclude-count", str(max(counts))]
+    executor = executor or LocalExecutor(jobs)
+    resources = resources or executor.resources
     rows: list[dict | None] = [None] * len(configs)
+    # Each unit of work trains the cells (indices into configs) of its group: one cell per unit here.
+    groups = [[i] for i, cfg in enumerate(configs) if not finished(cfg, out_dir)]
+    units = [cell_unit(configs[i], store, out_dir, iters, extra, python, test_rain or None, test_store, resources)
+             for (i,) in groups]
+    tracker = SweepTracker(out_dir, [(c.name, iters) for c in configs], executor.name, view_every)
     lock = threading.Lock()
 
     def say(text: str) -> None:
         with lock:
             echo(text)
 
-    def work(i: int) -> None:
-        name = configs[i].name
-        row = run_one(configs[i], store, out_dir, iters, extra, python, test_rain or None, test_store,
-                      on_line=lambda line: say(f"{name} | {line}"))
+    def record(i: int, row: dict) -> None:
+        failed = row["status"].startswith("failed")
+        tracker.finished(configs[i].name, failed, row.get("error"))
         with lock:
             rows[i] = row
             metrics = "" if row.get("E_R") is None else f"  E_R {row['E_R']:.2f}  E_B {row['E_B']:.2f}"
             echo(f"[{sum(r is not None for r in rows)}/{len(configs)}] {configs[i].name}: {row['status']}{metrics}")
             write_results(out_dir, [r for r in rows if r is not None])
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        list(pool.map(work, range(len(configs))))
+    pending = {i for g in groups for i in g}
+    for i in range(len(configs)):
+        if i not in pending:
+            record(i, cell_row(configs[i], out_dir, iters, None))
+    if units:
+        inputs = {"--store": Path(store), **({} if test_store is None else {"--test-store": absolute(test_store)})}
+        try:
+            executor.check_visible(out_dir, inputs)
+        except ExecutorError as err:
+            raise SweepError(str(err)) from None
+
+    def started(k: int, where: str) -> None:
+        for i in groups[k]:
+            tracker.started(configs[i].name, where)
+
+    def ended(k: int, outcome: Outcome) -> None:
+        for i in groups[k]:
+            record(i, cell_row(configs[i], out_dir, iters, outcome))
+
+    events = Events(started=started, line=lambda k, text: say(f"{units[k].name} | {text}"), finished=ended)
+    try:
+        with LiveView(tracker, view_every, say, active=bool(units)):
+            executor.run(units, events)
+    except ExecutorError as err:
+        raise SweepError(str(err)) from None
     final = [r for r in rows if r is not None]
     write_results(out_dir, final)
     figs = plot_results(out_dir, final, shown_rain) + sample_sheet(out_dir, final)
