@@ -19,7 +19,10 @@ probabilities times 2**32, made on the host (``draw_table``). Only integer compa
 transcendental function, whose last bit may differ between CPU and GPU libraries), so the numba CPU kernels, the
 CUDA kernel and the numpy reference agree bit for bit; probabilities are quantized to 2**-32. The gaussian table
 holds ``P(n <= d)`` for ``d`` in -255..254 (outcome ``j`` means ``n = j - 255``); the salt-pepper table holds
-``[salt, salt + pepper]`` (outcome 0: salt, 1: pepper, 2: kept).
+``[salt, salt + pepper]`` (outcome 0: salt, 1: pepper, 2: kept). The kernels find the outcome through a guide
+(``lookup_table``): the outcome of the first ``u`` of each of 2**GUIDE_BITS equal slices of the 32-bit range, from
+which a forward walk over the table (usually no step) reaches the exact count; a binary search over the 510
+gaussian entries would take nine unpredictable branches per channel value.
 
 The draws depend on the pixel's position, not on the patch size, so a crop of a patch sees the same noise.
 """
@@ -46,6 +49,9 @@ NOISE_STREAM = 3
 MAX_SIDE = 1 << 16
 #: The gaussian offset ``n`` is drawn in -OFFSET..OFFSET.
 OFFSET = 255
+#: The guide of ``lookup_table`` has 2**GUIDE_BITS entries (8 KB of uint64: it stays in L1).
+GUIDE_BITS = 10
+GUIDE = 1 << GUIDE_BITS
 MODE_SIGNED = P.MODES["add-signed-rgb"]
 MODE_REPLACE = P.MODES["replace"]
 SCALE = float(1 << 32)
@@ -85,6 +91,14 @@ def draw_table(params) -> tuple[int, np.ndarray]:
     raise ValueError(f"params: family {names.get(fid, fid)!r} is not a noise family (gaussian-noise, salt-pepper)")
 
 
+def lookup_table(table: np.ndarray) -> np.ndarray:
+    """The kernels' form of an outcome table: uint64 ``[GUIDE + len(table)]``, the guide (entry ``g``: the number
+    of ``table`` entries ``<= g << (32 - GUIDE_BITS)``, the outcome of the slice's first ``u``) then ``table``."""
+    starts = np.arange(GUIDE, dtype=np.uint64) << np.uint64(32 - GUIDE_BITS)
+    guide = np.searchsorted(table, starts, side="right").astype(np.uint64)
+    return np.concatenate([guide, table])
+
+
 # ---- device side: one source for the CPU and CUDA compilers ------------------------------------------------------
 
 def build(jit, r) -> SimpleNamespace:
@@ -94,23 +108,20 @@ def build(jit, r) -> SimpleNamespace:
     _, imax = build_int_ops(jit)
 
     @jit
-    def outcome(table, u):
-        """Number of entries of the ascending ``table`` that are ``<= u`` (binary search)."""
-        lo = 0
-        hi = table.shape[0]
-        while lo < hi:
-            mid = (lo + hi) >> 1
-            if table[mid] <= u:
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo
+    def outcome(lookup, u):
+        """Number of outcome-table entries ``<= u`` (uint64 below 2**32), ``lookup`` from ``lookup_table``: the
+        slice's guide entry, then a walk forward over the ascending table."""
+        j = np.int64(lookup[u >> np.uint64(32 - GUIDE_BITS)])
+        n = lookup.shape[0] - GUIDE
+        while j < n and lookup[GUIDE + j] <= u:
+            j += 1
+        return j
 
     @jit
-    def channel(mode, table, state, y, x, k, b):
+    def channel(mode, lookup, state, y, x, k, b):
         """``(value, hit)``: channel ``k`` of pixel ``(y, x)`` whose background value is ``b`` (int32 0..255)."""
         u = bits(state, counter(NOISE_STREAM + k, (y << 16) | x)) >> np.uint64(32)
-        j = np.int32(outcome(table, u))
+        j = np.int32(outcome(lookup, u))
         if mode == MODE_SIGNED:
             v = b + j - OFFSET
             if v < 0:
@@ -129,26 +140,26 @@ def build(jit, r) -> SimpleNamespace:
         return np.int32(a - b) if a > b else np.int32(b - a)
 
     @jit
-    def pixel(mode, table, state, y, x, b0, b1, b2):
+    def pixel(mode, lookup, state, y, x, b0, b1, b2):
         """``(v0, v1, v2, layer, hit)`` of pixel ``(y, x)`` with background ``(b0, b1, b2)`` (int32)."""
-        v0, h0 = channel(mode, table, state, y, x, 0, b0)
-        v1, h1 = channel(mode, table, state, y, x, 1, b1)
-        v2, h2 = channel(mode, table, state, y, x, 2, b2)
+        v0, h0 = channel(mode, lookup, state, y, x, 0, b0)
+        v1, h1 = channel(mode, lookup, state, y, x, 1, b1)
+        v2, h2 = channel(mode, lookup, state, y, x, 2, b2)
         d = imax(imax(absdiff(v0, b0), absdiff(v1, b1)), absdiff(v2, b2))
         return v0, v1, v2, d, h0 or h1 or h2
 
     @jit
-    def degrade(mode, table, state, on, y, x, b0, b1, b2):
+    def degrade(mode, lookup, state, on, y, x, b0, b1, b2):
         """``pixel``, or the background itself (layer 0, no hit) in a patch drawn without noise (``on`` False)."""
         if on:
-            return pixel(mode, table, state, y, x, b0, b1, b2)
+            return pixel(mode, lookup, state, y, x, b0, b1, b2)
         return b0, b1, b2, np.int32(0), False
 
     @jit
-    def composite_pixel(mode, table, state, on, backgrounds, i, y, x, rainy, layer, mask):
+    def composite_pixel(mode, lookup, state, on, backgrounds, i, y, x, rainy, layer, mask):
         """Pixel ``(y, x)`` of patch ``i``: reads ``backgrounds`` (uint8 NHWC), writes ``rainy`` (uint8 NHWC),
         ``layer`` (uint8 NHW) and ``mask`` (bool NHW)."""
-        v0, v1, v2, d, hit = degrade(mode, table, state, on, y, x, np.int32(backgrounds[i, y, x, 0]),
+        v0, v1, v2, d, hit = degrade(mode, lookup, state, on, y, x, np.int32(backgrounds[i, y, x, 0]),
                                      np.int32(backgrounds[i, y, x, 1]), np.int32(backgrounds[i, y, x, 2]))
         rainy[i, y, x, 0] = v0
         rainy[i, y, x, 1] = v1
@@ -169,7 +180,7 @@ _composite_pixel_gpu = build(cuda_device_jit, rng.gpu).composite_pixel
 # ---- CPU kernels ----------------------------------------------------------------------------------------------------
 
 @njit(cache=True, nogil=True)
-def _composite_chunk(mode, table, states, active, backgrounds, rainy, layer, mask, c, n_chunks):
+def _composite_chunk(mode, lookup, states, active, backgrounds, rainy, layer, mask, c, n_chunks):
     """Patches c, c + n_chunks, ...: ``rainy`` uint8 NHWC, ``layer`` uint8 NHW, ``mask`` bool NHW."""
     n, h, w, _ = backgrounds.shape
     for i in range(c, n, n_chunks):
@@ -177,17 +188,17 @@ def _composite_chunk(mode, table, states, active, backgrounds, rainy, layer, mas
         on = active[i] != 0
         for y in range(h):
             for x in range(w):
-                _composite_pixel_cpu(mode, table, st, on, backgrounds, i, y, x, rainy, layer, mask)
+                _composite_pixel_cpu(mode, lookup, st, on, backgrounds, i, y, x, rainy, layer, mask)
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _composite_cpu_kernel(mode, table, states, active, backgrounds, rainy, layer, mask, n_chunks):
+def _composite_cpu_kernel(mode, lookup, states, active, backgrounds, rainy, layer, mask, n_chunks):
     for c in prange(n_chunks):
-        _composite_chunk(mode, table, states, active, backgrounds, rainy, layer, mask, c, n_chunks)
+        _composite_chunk(mode, lookup, states, active, backgrounds, rainy, layer, mask, c, n_chunks)
 
 
 @njit(cache=True, nogil=True)
-def _finish_chunk(mode, table, states, active, backgrounds, rows, layer, out_bg, out_rainy, out_rain, mask, c,
+def _finish_chunk(mode, lookup, states, active, backgrounds, rows, layer, out_bg, out_rainy, out_rain, mask, c,
                   n_chunks):
     """Patches c, c + n_chunks, ...: NCHW planes of ``out_bg``'s dtype (``kernels.finish.convert``), the layer and
     mask; patch i's background is ``backgrounds[rows[i]]``."""
@@ -203,7 +214,7 @@ def _finish_chunk(mode, table, states, active, backgrounds, rows, layer, out_bg,
                 b0 = np.int32(b[y, x, 0])
                 b1 = np.int32(b[y, x, 1])
                 b2 = np.int32(b[y, x, 2])
-                v0, v1, v2, d, hit = _degrade_cpu(mode, table, st, on, y, x, b0, b1, b2)
+                v0, v1, v2, d, hit = _degrade_cpu(mode, lookup, st, on, y, x, b0, b1, b2)
                 out_bg[i, 0, y, x] = convert(b0, out_bg)
                 out_bg[i, 1, y, x] = convert(b1, out_bg)
                 out_bg[i, 2, y, x] = convert(b2, out_bg)
@@ -217,10 +228,10 @@ def _finish_chunk(mode, table, states, active, backgrounds, rows, layer, out_bg,
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _finish_cpu_kernel(mode, table, states, active, backgrounds, rows, layer, out_bg, out_rainy, out_rain, mask,
+def _finish_cpu_kernel(mode, lookup, states, active, backgrounds, rows, layer, out_bg, out_rainy, out_rain, mask,
                        n_chunks):
     for c in prange(n_chunks):
-        _finish_chunk(mode, table, states, active, backgrounds, rows, layer, out_bg, out_rainy, out_rain, mask, c,
+        _finish_chunk(mode, lookup, states, active, backgrounds, rows, layer, out_bg, out_rainy, out_rain, mask, c,
                       n_chunks)
 
 
@@ -240,9 +251,10 @@ def render_composite_cpu(params, states, active, backgrounds, beta_q, threshold,
     if not (rainy.flags.c_contiguous and rain.flags.c_contiguous and mask.flags.c_contiguous):
         raise ValueError("rain, rainy, mask: expected C-contiguous output arrays")
     mode, table = draw_table(params)
+    lookup = lookup_table(table)
     n = backgrounds.shape[0]
     if n:
-        run_chunks(_composite_chunk, _composite_cpu_kernel, n, np.int32(mode), table, states, active,
+        run_chunks(_composite_chunk, _composite_cpu_kernel, n, np.int32(mode), lookup, states, active,
                    np.ascontiguousarray(backgrounds), rainy, rain, mask)
 
 
@@ -259,15 +271,16 @@ def render_finish_cpu(params, states, active, backgrounds, beta_q, threshold, ra
     if not rain.flags.c_contiguous:
         raise ValueError("rain: expected a C-contiguous output array")
     mode, table = draw_table(params)
+    lookup = lookup_table(table)
     if rows.size:
-        run_chunks(_finish_chunk, _finish_cpu_kernel, rows.size, np.int32(mode), table, states, active,
+        run_chunks(_finish_chunk, _finish_cpu_kernel, rows.size, np.int32(mode), lookup, states, active,
                    np.ascontiguousarray(backgrounds), rows, rain, out_bg, out_rainy, out_rain, mask)
 
 
 # ---- CUDA kernel ----------------------------------------------------------------------------------------------------
 
 @cuda.jit
-def composite_gpu_kernel(mode, table, states, active, backgrounds, rainy, layer, mask):
+def composite_gpu_kernel(mode, lookup, states, active, backgrounds, rainy, layer, mask):
     """One thread per pixel (all three channels): grid-stride over N * H * W."""
     n, h, w, _ = backgrounds.shape
     total = n * h * w
@@ -276,12 +289,12 @@ def composite_gpu_kernel(mode, table, states, active, backgrounds, rainy, layer,
         rem = p - i * h * w
         y = rem // w
         x = rem - y * w
-        _composite_pixel_gpu(mode, table, states[i], active[i] != 0, backgrounds, i, y, x, rainy, layer, mask)
+        _composite_pixel_gpu(mode, lookup, states[i], active[i] != 0, backgrounds, i, y, x, rainy, layer, mask)
 
 
 def render_composite_gpu(params, states, active, backgrounds, beta_q, threshold, rain, rainy, mask) -> None:
-    """``render_composite_cpu`` on device arrays (CuPy; numpy under the CUDA simulator); the outcome table (a few
-    KB) is the only host-to-device copy."""
+    """``render_composite_cpu`` on device arrays (CuPy; numpy under the CUDA simulator); the lookup table (12 KB at
+    most) is the only host-to-device copy."""
     check_render_args(params, states, active, rain)
     check_composite_args(backgrounds, rain, beta_q, rainy, mask)
     _check_side(backgrounds)
@@ -290,14 +303,14 @@ def render_composite_gpu(params, states, active, backgrounds, beta_q, threshold,
     if total == 0:
         return
     mode, table = draw_table(params)
+    lookup = lookup_table(table)
     xp, stream = array_module_and_stream(rainy)
     if xp is np:
         threads, blocks = 32, min((total + 31) // 32, 8)   # the simulator runs threads as Python threads
-        table = table.copy()                                # numba writes host arguments back after a launch
     else:
         threads, blocks = 256, min((total + 255) // 256, 65535)
-        table = xp.asarray(table)
-    composite_gpu_kernel[blocks, threads, stream](np.int32(mode), table, states, active, backgrounds, rainy, rain,
+        lookup = xp.asarray(lookup)
+    composite_gpu_kernel[blocks, threads, stream](np.int32(mode), lookup, states, active, backgrounds, rainy, rain,
                                                   mask)
 
 

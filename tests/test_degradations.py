@@ -18,7 +18,9 @@ from engine.rain import FAMILY_PRESETS, PRESETS, RainSpec
 from engine.synth import synthesize, synthesize_planes_cpu
 from kernels import params as P
 from kernels.families import family
-from kernels.noise import draw_table, gaussian_table
+from kernels import rng as krng
+from kernels.jit import cpu_jit
+from kernels.noise import GUIDE, GUIDE_BITS, build, draw_table, gaussian_table, lookup_table, salt_pepper_table
 
 Z = 5.0  # width of every confidence bound in standard deviations: a false alarm has odds below 1 in 10**6
 
@@ -114,6 +116,21 @@ def test_gaussian_table_is_the_rounded_normal_cdf():
     assert int(t[255]) == round(2 ** 32 * _phi(0.5 / 30))   # P(n <= 0)
     with pytest.raises(ValueError, match="not a noise family"):
         draw_table(RainSpec.preset("medium").to_vector())
+
+
+@pytest.mark.parametrize("table", [gaussian_table(30.0, 0.0), gaussian_table(0.2, -254.0), gaussian_table(255.0, 90.0),
+                                   salt_pepper_table(0.02, 0.02), salt_pepper_table(1.0, 0.0),
+                                   salt_pepper_table(0.0, 0.5)], ids=["g30", "g-narrow", "g-wide", "sp2", "s1", "p"])
+def test_guided_lookup_equals_a_binary_search(table):
+    outcome = build(cpu_jit, krng.cpu).outcome
+    lookup = lookup_table(table)
+    g = np.random.default_rng(0)
+    t = table.astype(np.int64)
+    u = np.concatenate([g.integers(0, 2 ** 32, 3000), t, t - 1, t + 1, np.arange(GUIDE) << (32 - GUIDE_BITS),
+                        [0, 2 ** 32 - 1]])
+    u = u[(u >= 0) & (u < 2 ** 32)].astype(np.uint64)
+    got = np.array([outcome(lookup, x) for x in u])
+    assert np.array_equal(got, np.searchsorted(table, u, side="right"))
 
 
 # ---- the counter-RNG contract ---------------------------------------------------------------------------------------
