@@ -26,6 +26,19 @@ def _check_rains(names: list[str], option: str) -> None:
             raise click.BadParameter(str(err), param_hint=option) from None
 
 
+def _fuse_option(text: str | None) -> int | str | None:
+    """``--fuse``: None, "auto" or a group size >= 1."""
+    if text is None or text == "auto":
+        return text
+    try:
+        k = int(text)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise click.BadParameter(f"{text!r}: expected a group size K >= 1 or 'auto'", param_hint="--fuse")
+    return k
+
+
 @click.command(context_settings={"show_default": True})
 @click.option("--store", required=True, type=click.Path(exists=True), help="Patch store (rainsweep precompute).")
 @click.option("--counts", default="8,16,32,64,128,256,512,1024", help="Training background counts.")
@@ -40,8 +53,12 @@ def _check_rains(names: list[str], option: str) -> None:
 @click.option("--device", default="auto", help="auto, cpu or cuda.")
 @click.option("--jobs", default=1, type=click.IntRange(1), help="Runs at once (they share the device).")
 @click.option("--train-arg", "train_args", multiple=True, help="Extra train.py argument (repeatable), e.g. --lr=1e-4.")
+@click.option("--fuse", default=None, metavar="K|auto",
+              help="Train up to K runs of one model together as one fused model (python -m train_fused; same "
+                   "results files); 'auto' times the device and picks K per model.")
 def sweep(store: str, counts: str, rains: str, model_names: str, iters: int, out: str, seeds: str, batch: int,
-          test_rain: str, test_store: str | None, device: str, jobs: int, train_args: tuple[str, ...]) -> None:
+          test_rain: str, test_store: str | None, device: str, jobs: int, train_args: tuple[str, ...],
+          fuse: str | None) -> None:
     """Train every (count, rain) configuration, skip finished ones, write results.csv/json and figures.
 
     Relative paths are read against the current folder. Each run's output shows as it runs, prefixed with the
@@ -61,7 +78,8 @@ def sweep(store: str, counts: str, rains: str, model_names: str, iters: int, out
     extra = ["--batch", str(batch), "--device", device, *train_args]
     try:
         rows = sw.sweep(store, count_list, rain_list, model_list, iters, out, seeds=seed_list, extra=extra,
-                        jobs=jobs, test_rain=test_rain, test_store=test_store, echo=click.echo)
+                        jobs=jobs, test_rain=test_rain, test_store=test_store, echo=click.echo,
+                        fuse=_fuse_option(fuse))
     except sw.SweepError as err:
         raise click.ClickException(str(err)) from None
     click.echo(f"{len(rows)} runs; results: {out}/results.csv, {out}/results.json; figures: {out}/figures/")

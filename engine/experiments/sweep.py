@@ -19,10 +19,18 @@ Several runs on one device: ``jobs`` starts that many train.py processes at once
 driver's time slicing (or MPS when it is enabled); small models that leave the GPU idle between kernels gain from
 it, large ones do not. Compare the ``patches_per_s`` in the runs' log.jsonl under ``--jobs 1`` and ``--jobs 4`` on
 the machine at hand. One process per run keeps checkpoints, resume and the NaN check per run.
+
+Fused runs: ``fuse=K`` trains up to K unfinished runs of one model together as one fused model (``python -P -m
+train_fused``, grouped convolutions over K streams of data: HFTA, Wang et al., MLSys 2021), which fills a GPU that
+one small model leaves idle. Each run still gets its own folder, written as train.py writes it, so results.csv has
+the same rows and columns; the group's checkpoint and output are in ``OUT/groups/<group>/``, and a group resumes
+as a whole. ``fuse="auto"`` times fused steps on the device and picks the largest K whose step time grows
+sub-linearly (``engine.bench.train.pick_fuse_k``); on a CPU that is usually 1 (no fusing).
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -34,8 +42,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from engine.atomic import atomic_write, atomic_write_json, atomic_write_text
-from engine.experiments.logged_run import run_logged
-from engine.experiments.train_command import TrainRun, absolute, train_argv, train_env
+from engine.experiments.logged_run import Finished, run_logged
+from engine.experiments.train_command import (TrainRun, absolute, fused_argv, fused_group_document, train_argv,
+                                              train_env)
 
 #: Metric columns of results.csv, in order.
 METRICS = ("E_R", "E_B", "rain_residual", "PSNR", "E_R_ceiling")
@@ -153,24 +162,31 @@ def run_one(cfg: RunConfig, store: str | os.PathLike, out_dir: Path, iters: int,
     """
     out_dir = absolute(out_dir)
     run_dir = out_dir / "runs" / cfg.name
+    if (run_dir / "metrics.json").exists():
+        return result_row(cfg, out_dir, iters, "skipped (finished)")
+    run = TrainRun(store=store, out=run_dir, model=cfg.model, rain=cfg.rain, iters=iters, count=cfg.count,
+                   seed=cfg.seed, test_rain=test_rain, test_store=test_store, extra=tuple(extra),
+                   resume=(run_dir / "ckpt.pt").exists())
+    done = run_logged(train_argv(run, python), run_dir / "train.out", env=train_env(python), on_line=on_line)
+    return result_row(cfg, out_dir, iters, *outcome(done, run_dir / "metrics.json", "train.py"))
+
+
+def outcome(done: Finished, metrics_path: Path, program: str) -> tuple[str, str | None]:
+    """``(status, error)`` of a training process that ended as ``done`` and should have written ``metrics_path``."""
+    if done.returncode != 0:
+        return f"failed (exit {done.returncode})", " | ".join(done.tail[-3:])
+    if not metrics_path.exists():
+        return "failed (exit 0 without metrics.json)", (f"{program} exited 0 but wrote no {metrics_path}; last "
+                                                        f"output: " + " | ".join(done.tail[-3:]))
+    return "trained", None
+
+
+def result_row(cfg: RunConfig, out_dir: Path, iters: int, status: str, error: str | None = None) -> dict:
+    """The results row of ``cfg`` (see ``run_one``) from its run folder under ``out_dir`` (absolute); copies its
+    samples.png to ``out_dir/samples``. ``error`` is kept only when the run has no ``metrics.json``."""
+    run_dir = out_dir / "runs" / cfg.name
     metrics_path = run_dir / "metrics.json"
-    row: dict = {"run": cfg.name, **asdict(cfg), "iters": iters}
-    error = None
-    if metrics_path.exists():
-        row["status"] = "skipped (finished)"
-    else:
-        run = TrainRun(store=store, out=run_dir, model=cfg.model, rain=cfg.rain, iters=iters, count=cfg.count,
-                       seed=cfg.seed, test_rain=test_rain, test_store=test_store, extra=tuple(extra),
-                       resume=(run_dir / "ckpt.pt").exists())
-        done = run_logged(train_argv(run, python), run_dir / "train.out", env=train_env(python), on_line=on_line)
-        if done.returncode != 0:
-            row["status"] = f"failed (exit {done.returncode})"
-            error = " | ".join(done.tail[-3:])
-        elif not metrics_path.exists():
-            row["status"] = "failed (exit 0 without metrics.json)"
-            error = f"train.py exited 0 but wrote no {metrics_path}; last output: " + " | ".join(done.tail[-3:])
-        else:
-            row["status"] = "trained"
+    row: dict = {"run": cfg.name, **asdict(cfg), "iters": iters, "status": status}
     if metrics_path.exists():
         m = json.loads(metrics_path.read_text())
         row.update({k: m.get(k) for k in METRICS})
@@ -182,6 +198,128 @@ def run_one(cfg: RunConfig, store: str | os.PathLike, out_dir: Path, iters: int,
         row.update({k: None for k in METRICS})
         row["error"] = error
     return row
+
+
+# ---- fused groups: runs of one model trained together by train_fused ----------------------------------------------
+
+#: RunConfig fields in which the runs of a fused group may differ (each stream has its own data, rain and seed).
+FUSE_VARYING = ("rain", "count", "seed", "subset", "lr")
+
+
+def fuse_groups(configs: Sequence[RunConfig], k: int) -> list[list[int]]:
+    """Indices of ``configs`` in groups of at most ``k`` that can be trained fused: equal in every ``RunConfig``
+    field but ``FUSE_VARYING`` (in a sweep, the same model; all other options are the sweep's own).
+
+    Parameters
+    ----------
+    configs : sequence of RunConfig
+        The runs to group.
+    k : int
+        Largest group (>= 1).
+
+    Returns
+    -------
+    list of list of int
+        Every index once. The runs of one model are cut into ``ceil(n / k)`` groups as even in size as possible
+        (10 runs at ``k = 8``: 5 + 5, not 8 + 2: a group takes as long as its size needs), in plan order.
+    """
+    if k < 1:
+        raise SweepError(f"fuse: expected a group size >= 1, got {k}")
+    kinds: dict[tuple, list[int]] = {}
+    for i, cfg in enumerate(configs):
+        kinds.setdefault(tuple((f, v) for f, v in asdict(cfg).items() if f not in FUSE_VARYING), []).append(i)
+    groups = []
+    for idx in kinds.values():
+        n = -(-len(idx) // k)
+        size, bigger = divmod(len(idx), n)
+        start = 0
+        for g in range(n):
+            take = size + (g < bigger)
+            groups.append(idx[start:start + take])
+            start += take
+    return groups
+
+
+def group_name(configs: Sequence[RunConfig]) -> str:
+    """The group folder's name: ``<model>_x<K>_<digest of the run names>`` (the same runs give the same name, so an
+    interrupted sweep rerun with the same grouping finds and resumes its groups)."""
+    digest = hashlib.sha1("|".join(c.name for c in configs).encode()).hexdigest()[:10]
+    return f"{configs[0].model}_x{len(configs)}_{digest}"
+
+
+def run_group(configs: Sequence[RunConfig], store: str | os.PathLike, out_dir: Path, iters: int,
+              extra: Sequence[str] = (), python: str = sys.executable, test_rain: str | None = None,
+              test_store: str | os.PathLike | None = None, on_line: Callable[[str], None] | None = None
+              ) -> list[dict]:
+    """Train ``configs`` (from ``fuse_groups``; none finished) together: one ``python -P -m train_fused`` process
+    that writes each run's folder ``out_dir/runs/<name>`` as train.py would.
+
+    The group's folder ``out_dir/groups/<group_name>`` holds the group file (``group.json``), the group checkpoint
+    and ``train.out`` (the process's output); a group with a checkpoint is resumed. Parameters are ``run_one``'s.
+
+    Returns
+    -------
+    list of dict
+        One results row per run, as ``run_one`` returns them, with ``group`` (the group's name) added.
+    """
+    out_dir = absolute(out_dir)
+    group_dir = out_dir / "groups" / group_name(configs)
+    runs = [TrainRun(store=store, out=out_dir / "runs" / c.name, model=c.model, rain=c.rain, iters=iters,
+                     count=c.count, seed=c.seed, test_rain=test_rain, test_store=test_store, extra=tuple(extra))
+            for c in configs]
+    group_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(group_dir / "group.json", fused_group_document(runs), indent=2)
+    argv = fused_argv(group_dir / "group.json", group_dir, (group_dir / "ckpt.pt").exists(), python)
+    done = run_logged(argv, group_dir / "train.out", env=train_env(python), on_line=on_line)
+    rows = []
+    for c in configs:
+        status, error = outcome(done, out_dir / "runs" / c.name / "metrics.json", "train_fused")
+        note = None if error is None else f"{error} (fused group: see {group_dir / 'train.out'})"
+        rows.append({**result_row(c, out_dir, iters, status, note), "group": group_dir.name})
+    return rows
+
+
+def option_value(args: Sequence[str], name: str, default: str) -> str:
+    """The value of the last ``name VALUE`` or ``name=VALUE`` in the train.py arguments ``args``, else ``default``."""
+    value = default
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args):
+            value = args[i + 1]
+        elif a.startswith(name + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+def fused_tasks(configs: Sequence[RunConfig], out_dir: Path, fuse: int | str, store, extra: Sequence[str],
+                echo: Callable[[str], None]) -> list[list[int]]:
+    """The sweep's work items under ``--fuse``: groups of unfinished runs (``fuse_groups``), one item per other run.
+
+    Finished runs, and runs with a checkpoint of their own (an interrupted unfused run, resumed by train.py), stay
+    alone. ``fuse="auto"`` picks the group size per model with ``engine.bench.train.pick_fuse_k`` on the sweep's
+    device, batch and patch size, and says what it picked and why through ``echo``.
+    """
+    alone, pending = [], []
+    for i, c in enumerate(configs):
+        run_dir = out_dir / "runs" / c.name
+        done = (run_dir / "metrics.json").exists() or (run_dir / "ckpt.pt").exists()
+        (alone if done else pending).append(i)
+    if fuse == "auto":
+        from engine.bench.train import pick_fuse_k
+        from engine.data.store import open_store
+
+        patch = int(open_store(store).patch_size)
+        batch, device = int(option_value(extra, "--batch", "16")), option_value(extra, "--device", "auto")
+        ks = {}
+        for model in dict.fromkeys(configs[i].model for i in pending):
+            n = sum(configs[i].model == model for i in pending)
+            ks[model] = pick_fuse_k(model, batch, patch, device, max_k=n, echo=echo) if n > 1 else 1
+    else:
+        ks = dict.fromkeys((configs[i].model for i in pending), int(fuse))
+    tasks = []
+    for model, k in ks.items():
+        idx = [i for i in pending if configs[i].model == model]
+        tasks += [[idx[j] for j in g] for g in fuse_groups([configs[i] for i in idx], k)]
+    return tasks + [[i] for i in alone]
 
 
 def write_results(out_dir: Path, rows: list[dict]) -> None:
@@ -276,7 +414,8 @@ def _rain_order(name: str) -> tuple:
 def sweep(store: str | os.PathLike, counts: Sequence[int], rains: Sequence[str], models: Sequence[str],
           iters: int, out: str | os.PathLike, seeds: Sequence[int] = (0,), extra: Sequence[str] = (),
           jobs: int = 1, test_rain: str = "", test_store: str | os.PathLike | None = None,
-          python: str = sys.executable, echo: Callable[[str], None] = print) -> list[dict]:
+          python: str = sys.executable, echo: Callable[[str], None] = print, fuse: int | str | None = None
+          ) -> list[dict]:
     """Train every configuration (skipping finished ones), then write the results and figures.
 
     Parameters
@@ -307,8 +446,12 @@ def sweep(store: str | os.PathLike, counts: Sequence[int], rains: Sequence[str],
     python : str
         Interpreter that runs ``-m train``.
     echo : callable
-        Gets every progress message: each run's output lines as ``<run> | <line>``, one line per finished run,
-        and the figure paths.
+        Gets every progress message: each run's output lines as ``<run> | <line>`` (a fused group's as
+        ``<group> | <line>``), one line per finished run, and the figure paths.
+    fuse : int or "auto", optional
+        Train unfinished runs of one model together, up to ``fuse`` at a time, each group as one fused model
+        (``run_group``; results are written as for unfused runs); ``"auto"`` measures the device and picks the
+        group size per model (``fused_tasks``). ``jobs`` then counts groups.
 
     Returns
     -------
@@ -331,6 +474,8 @@ def sweep(store: str | os.PathLike, counts: Sequence[int], rains: Sequence[str],
                          f"must stay out of training for the held-out set; use smaller counts or a larger store")
     if jobs < 1:
         raise SweepError(f"jobs: expected >= 1, got {jobs}")
+    if fuse is not None and fuse != "auto" and not (isinstance(fuse, int) and fuse >= 1):
+        raise SweepError(f"fuse: expected a group size >= 1 or 'auto', got {fuse!r}")
     out_dir = absolute(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     configs = plan(models, rains, counts, seeds)
@@ -344,18 +489,29 @@ def sweep(store: str | os.PathLike, counts: Sequence[int], rains: Sequence[str],
         with lock:
             echo(text)
 
-    def work(i: int) -> None:
-        name = configs[i].name
-        row = run_one(configs[i], store, out_dir, iters, extra, python, test_rain or None, test_store,
-                      on_line=lambda line: say(f"{name} | {line}"))
+    tasks = fused_tasks(configs, out_dir, fuse, store, extra, echo) if fuse else [[i] for i in range(len(configs))]
+
+    def work(task: list[int]) -> None:
+        if len(task) == 1:
+            name = configs[task[0]].name
+            done = [run_one(configs[task[0]], store, out_dir, iters, extra, python, test_rain or None, test_store,
+                            on_line=lambda line: say(f"{name} | {line}"))]
+        else:
+            group = [configs[i] for i in task]
+            name = group_name(group)
+            say(f"{name}: training {', '.join(c.name for c in group)} as one fused model")
+            done = run_group(group, store, out_dir, iters, extra, python, test_rain or None, test_store,
+                             on_line=lambda line: say(f"{name} | {line}"))
         with lock:
-            rows[i] = row
-            metrics = "" if row.get("E_R") is None else f"  E_R {row['E_R']:.2f}  E_B {row['E_B']:.2f}"
-            echo(f"[{sum(r is not None for r in rows)}/{len(configs)}] {configs[i].name}: {row['status']}{metrics}")
+            for i, row in zip(task, done):
+                rows[i] = row
+                metrics = "" if row.get("E_R") is None else f"  E_R {row['E_R']:.2f}  E_B {row['E_B']:.2f}"
+                echo(f"[{sum(r is not None for r in rows)}/{len(configs)}] {configs[i].name}: {row['status']}"
+                     f"{metrics}")
             write_results(out_dir, [r for r in rows if r is not None])
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        list(pool.map(work, range(len(configs))))
+        list(pool.map(work, tasks))
     final = [r for r in rows if r is not None]
     write_results(out_dir, final)
     figs = plot_results(out_dir, final, test_rain) + sample_sheet(out_dir, final)
@@ -363,5 +519,6 @@ def sweep(store: str | os.PathLike, counts: Sequence[int], rains: Sequence[str],
         echo(f"figure: {p}")
     failed = [r["run"] for r in final if r["status"].startswith("failed")]
     if failed:
-        raise SweepError(f"{len(failed)} run(s) failed: {', '.join(failed)} (see runs/<name>/train.out)")
+        raise SweepError(f"{len(failed)} run(s) failed: {', '.join(failed)} (see runs/<name>/train.out, or "
+                         f"groups/<group>/train.out for runs trained fused)")
     return final
