@@ -14,10 +14,10 @@ _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
 
 
 def _lr_list(lr: float | Sequence[float], k: int) -> list[float]:
-    """``lr`` as K positive finite floats (one float is used for every stream)."""
+    """``lr`` as K finite floats >= 0, as ``torch.optim.Adam`` accepts (one float is used for every stream)."""
     lrs = [float(lr)] * k if isinstance(lr, (int, float)) else [float(v) for v in lr]
-    if len(lrs) != k or not all(v > 0 and math.isfinite(v) for v in lrs):
-        raise ValueError(f"lr: expected a positive float or {k} positive floats (one per stream), got {lr!r}")
+    if len(lrs) != k or not all(v >= 0 and math.isfinite(v) for v in lrs):
+        raise ValueError(f"lr: expected a float >= 0 or {k} floats >= 0 (one per stream), got {lr!r}")
     return lrs
 
 
@@ -157,6 +157,10 @@ class StreamAdam(torch.optim.Optimizer):
                 if not all(have):
                     raise ValueError(f"states: parameter {j} of group {gi} has Adam state in some runs only")
                 runs = [sd["state"][pid] for pid, sd in zip(ids, states)]
+                for i, r in enumerate(runs):
+                    if r["exp_avg"].shape != p.shape[1:] or r["exp_avg_sq"].shape != p.shape[1:]:
+                        raise ValueError(f"states[{i}]: parameter {j} of group {gi} has Adam state of shape "
+                                         f"{tuple(r['exp_avg'].shape)}, expected {tuple(p.shape[1:])}")
                 self.state[p] = {
                     "step": torch.tensor([float(r["step"]) for r in runs], dtype=torch.float32),
                     **{key: torch.stack([r[key] for r in runs]).to(p.device, p.dtype) for key in _STATE_KEYS[1:]},

@@ -10,19 +10,11 @@ import torch.nn.functional as F
 
 import models
 import models.fused as mf
+from test_models import one_thread  # noqa: F401  (autouse: one torch thread, as the other model tests)
 
 SMALL = ("resnet-s", "unet-s", "swinir-s")
 PAPER = ("resnet", "unet", "swinir")
 BETAS = (0.9, 0.99)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The CI machine is small and shared: OpenMP threads spinning against other processes make tiny ops crawl.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def runs(name: str, k: int, seed: int = 0) -> list[torch.nn.Module]:
@@ -208,7 +200,7 @@ def test_bad_input_names_the_input():
     for x in (torch.rand(3, 1, 3, 8, 8), torch.rand(2, 3, 8, 8), torch.rand(2, 1, 4, 8, 8)):
         with pytest.raises(ValueError, match=r"x: expected a float tensor \[K=2, B, C=3, H, W\]"):
             fused(x)
-    with pytest.raises(ValueError, match="lr: expected a positive float or 2 positive floats"):
+    with pytest.raises(ValueError, match="lr: expected a float >= 0 or 2 floats >= 0"):
         mf.StreamAdam(fused.parameters(), 2, lr=[1e-3])
     with pytest.raises(ValueError, match="params: expected fused tensors with the stream axis first, of size 3"):
         mf.StreamAdam(fused.parameters(), 3)
