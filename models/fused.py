@@ -66,8 +66,19 @@ def stream_axis(name: str, param_name: str) -> int:
 
 
 def fuse(name: str, state_dicts: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """K ordinary state dicts of model ``name`` -> one fused state dict (each entry ``torch.stack`` of the K runs'
-    entries along a new axis 0; exact).
+    """K ordinary state dicts of model ``name`` -> one fused state dict (exact).
+
+    Parameters
+    ----------
+    name : str
+        A name in ``models.NAMES``.
+    state_dicts : sequence of K dicts
+        ``models.build(name).state_dict()`` of each run, all on one device.
+
+    Returns
+    -------
+    dict
+        The same keys; each value ``[K, *shape]``, ``torch.stack`` of the runs' tensors (new memory).
 
     Raises
     ------
@@ -91,8 +102,22 @@ def fuse(name: str, state_dicts: Sequence[dict[str, torch.Tensor]]) -> dict[str,
 
 
 def unfuse(name: str, fused_state_dict: dict[str, torch.Tensor], k: int) -> list[dict[str, torch.Tensor]]:
-    """A fused state dict of K runs -> K ordinary state dicts (copies; each loads with
-    ``models.build(name).load_state_dict(sd, strict=True)``). The exact inverse of ``fuse``.
+    """A fused state dict of K runs -> K ordinary state dicts; the exact inverse of ``fuse``.
+
+    Parameters
+    ----------
+    name : str
+        A name in ``models.NAMES``.
+    fused_state_dict : dict
+        A fused model's ``state_dict()`` (or ``fuse``'s result): every value ``[K, *shape]``.
+    k : int
+        Number of streams K.
+
+    Returns
+    -------
+    list of K dicts
+        Run k's state dict (contiguous copies of ``value[k]``, on the fused dict's device), which
+        ``models.build(name).load_state_dict(sd, strict=True)`` accepts.
 
     Raises
     ------
@@ -114,8 +139,22 @@ def unfuse(name: str, fused_state_dict: dict[str, torch.Tensor], k: int) -> list
 
 
 def from_models(name: str, nets: Sequence[nn.Module]) -> nn.Module:
-    """One fused module holding exactly the weights of ``nets`` (K ordinary models of architecture ``name``, on
-    one device), stream k being ``nets[k]``. The fused module has attributes ``k`` and ``name``."""
+    """One fused module holding exactly the weights of ``nets``.
+
+    Parameters
+    ----------
+    name : str
+        A name in ``models.NAMES``.
+    nets : sequence of K modules
+        Ordinary models of architecture ``name`` on one device (e.g. each built after its run's
+        ``torch.manual_seed``); they are not modified and share no memory with the result.
+
+    Returns
+    -------
+    nn.Module
+        The fused model on the nets' device and dtype, stream k being ``nets[k]``; attributes ``k`` and ``name``.
+        Its ``forward`` maps ``[K, B, 3, H, W]`` to ``[K, B, 3, H, W]``.
+    """
     _check_name(name)
     if len(nets) < 1:
         raise ValueError("nets: expected at least one model, got none")
@@ -135,8 +174,19 @@ def build_fused(name: str, k: int) -> nn.Module:
 
 
 def stream_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-stream mean L1 loss ``[K]`` of ``[K, B, C, H, W]`` tensors; train on ``stream_l1(...).sum()`` so each
-    stream's gradient equals its unfused run's ``F.l1_loss`` gradient."""
+    """Per-stream mean L1 loss.
+
+    Parameters
+    ----------
+    pred, target : Tensor
+        ``[K, B, C, H, W]`` float, one shape (images on the 0..1 scale).
+
+    Returns
+    -------
+    Tensor
+        ``[K]``: entry k is ``F.l1_loss(pred[k], target[k])``. Train on its SUM, so each stream's gradient equals
+        its unfused run's gradient; log entry k as run k's loss.
+    """
     if pred.shape != target.shape or pred.dim() != 5:
         raise ValueError(f"pred, target: expected two [K, B, C, H, W] tensors of one shape, got "
                          f"{tuple(pred.shape)} and {tuple(target.shape)}")

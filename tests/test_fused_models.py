@@ -204,5 +204,7 @@ def test_bad_input_names_the_input():
         mf.StreamAdam(fused.parameters(), 2, lr=[1e-3])
     with pytest.raises(ValueError, match="params: expected fused tensors with the stream axis first, of size 3"):
         mf.StreamAdam(fused.parameters(), 3)
+    with pytest.raises(TypeError, match="no fused version of BatchNorm2d"):
+        mf.fuse_module(torch.nn.Sequential(torch.nn.BatchNorm2d(3)), 2)
     with pytest.raises(ValueError, match="pred, target"):
         mf.stream_l1(torch.zeros(2, 1, 3, 4, 4), torch.zeros(2, 1, 3, 4, 5))
