@@ -24,9 +24,10 @@ def to_stacked(x: torch.Tensor) -> torch.Tensor:
 
 
 def from_stacked(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Channel-stacked ``[B, K*C, H, W]`` -> stream-major ``[K, B, C, H, W]`` (a view)."""
+    """Channel-stacked ``[B, K*C, H, W]`` -> stream-major ``[K, B, C, H, W]`` (a contiguous copy, so that callers
+    may ``view`` it as they would an ordinary model's output)."""
     b, kc, h, w = x.shape
-    return x.view(b, k, kc // k, h, w).transpose(0, 1)
+    return x.reshape(b, k, kc // k, h, w).transpose(0, 1).contiguous()
 
 
 def cat_streams(tensors: list[torch.Tensor], k: int) -> torch.Tensor:
@@ -34,7 +35,7 @@ def cat_streams(tensors: list[torch.Tensor], k: int) -> torch.Tensor:
     stream k's block of the result is the concatenation of stream k's blocks (what ``torch.cat(dim=1)`` does for
     each ordinary model)."""
     b, _, h, w = tensors[0].shape
-    return torch.cat([t.view(b, k, -1, h, w) for t in tensors], dim=2).view(b, -1, h, w)
+    return torch.cat([t.reshape(b, k, -1, h, w) for t in tensors], dim=2).reshape(b, -1, h, w)
 
 
 def _stacked_parameter(src: torch.Tensor | None, k: int) -> nn.Parameter | None:
@@ -54,9 +55,8 @@ class FusedConv2d(nn.Module):
 
     def __init__(self, src: nn.Conv2d, k: int) -> None:
         super().__init__()
-        if src.padding_mode != "zeros" or isinstance(src.padding, str):
-            raise ValueError(f"FusedConv2d: padding {src.padding!r} / {src.padding_mode!r} is not supported; "
-                             "expected explicit zero padding")
+        if src.padding_mode != "zeros":
+            raise ValueError(f"FusedConv2d: padding_mode {src.padding_mode!r} is not supported; expected 'zeros'")
         self.k, self.groups = k, src.groups * k
         self.stride, self.padding, self.dilation = src.stride, src.padding, src.dilation
         self.weight = _stacked_parameter(src.weight, k)

@@ -154,7 +154,7 @@ def _tokens_to_stacked(t: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
 def _stacked_to_tokens(x: torch.Tensor, k: int) -> torch.Tensor:
     """Channel-stacked images ``[B, K*C, H, W]`` -> tokens ``[K, B, H*W, C]``."""
     b, kc, h, w = x.shape
-    return x.view(b, k, kc // k, h * w).permute(1, 0, 3, 2)
+    return x.reshape(b, k, kc // k, h * w).permute(1, 0, 3, 2)
 
 
 class FusedRSTB(nn.Module):
