@@ -208,3 +208,28 @@ def test_bad_input_names_the_input():
         mf.fuse_module(torch.nn.Sequential(torch.nn.BatchNorm2d(3)), 2)
     with pytest.raises(ValueError, match="pred, target"):
         mf.stream_l1(torch.zeros(2, 1, 3, 4, 4), torch.zeros(2, 1, 3, 4, 5))
+
+
+# ---- GPU -------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", SMALL)
+def test_on_cuda_streams_match_the_ordinary_models_and_run_under_bf16_autocast(name):
+    if not torch.cuda.is_available():
+        pytest.skip("torch sees no CUDA device")
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # full float32
+    try:
+        nets = [net.cuda() for net in runs(name, 3)]
+        fused = mf.from_models(name, nets)
+        x = torch.rand(3, 2, 3, 20, 28, device="cuda")
+        with torch.no_grad():
+            y = fused(x)
+            for i, net in enumerate(nets):
+                assert_rel_close(y[i], net(x[i]), 1e-4, f"{name} stream {i} on cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = mf.stream_l1(fused(x), x)
+        loss.sum().backward()
+        assert loss.shape == (3,) and all(p.grad is not None and p.grad.isfinite().all() for p in fused.parameters())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
