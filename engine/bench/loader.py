@@ -10,6 +10,10 @@ in the row's ``dtype`` (float32 0..1, or uint8 0..255 which a trainer converts o
 
 Default batch 256: per-patch costs fall up to ~256 (per-batch Python and parallel-region overhead spread over
 more patches) and are flat beyond; 512 doubles the pooled host memory (a float32 batch of 256 is 117 MB).
+
+``measure_multi`` compares the multi-stream loader (``engine.loader.MultiLoader``: K streams, one batch of K x B
+patches per step) with the K single-stream loaders it replaces, run one after another over the same patches with the
+same rain (each stream's batches of the same epochs), timed in alternating repeats; both rows count patches.
 """
 from __future__ import annotations
 
@@ -22,8 +26,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from engine.bench.timing import Timing, thread_limit, time_interleaved, warm_up
 from engine.bench.timing import measure as time_runner
-from engine.bench.timing import thread_limit
 
 #: Patches per timed repeat (rounded up to whole batches): long enough to span several batches, short enough that
 #: a large store gives several repeats within the measurement's seconds.
@@ -133,11 +137,120 @@ def measure(store: Any, mode: str, batch_size: int = 256, seconds: float = 2.0, 
     return row
 
 
+def bench_streams(count: int, store_count: int, per_stream: int, rain: Any = "medium") -> list:
+    """``count`` streams of the benchmark: disjoint (when the store allows) subsets of ``per_stream`` patches,
+    ``rain`` for every stream (a sweep's fused group shares its architecture and often its rain range) and seeds
+    ``0 .. count - 1``."""
+    from engine.loader import Stream
+
+    per_stream = min(per_stream, store_count)
+    starts = [(k * per_stream) % max(1, store_count - per_stream + 1) for k in range(count)]
+    return [Stream(np.arange(a, a + per_stream, dtype=np.int64), rain, k) for k, a in enumerate(starts)]
+
+
+def measure_multi(store: Any, streams: int = 8, batch_size: int = 16, seconds: float = 2.0, threads: int = 2,
+                  device: str = "cpu", rain: Any = "medium", mode: str = "resident", dtype: str = "float32",
+                  per_stream: int = 256) -> list[dict]:
+    """Multi-stream loader against the single-stream loaders it replaces: two rows, median patches/s of each.
+
+    Parameters
+    ----------
+    store : str or engine.data.store.PatchStore
+        The store to load.
+    streams : int
+        K, the number of streams (``bench_streams``: subsets of ``per_stream`` patches, ``rain``, seeds 0..K-1).
+    batch_size : int
+        Patches per stream per step (B): the multi-stream batch holds K x B patches, each single loader B.
+    seconds : float
+        Minimum timed seconds of each of the two cases (alternating repeats of ``REPEAT_PATCHES`` patches).
+    threads : int
+        torch / numba / OpenCV threads and DALI CPU threads.
+    device, rain, mode, dtype
+        As in ``measure``.
+    per_stream : int
+        Patches in each stream's subset.
+
+    Returns
+    -------
+    list of dict
+        ``case`` ("loader-multi" then "loader-single-x K", the K single loaders one after another), ``mode``,
+        ``device``, ``threads``, ``streams``, ``batch_size`` (per stream), ``dtype``, ``rain``, ``patches``,
+        ``seconds``, ``patches_per_s``, ``patches_per_cpu_s``, and on the multi row ``vs_single`` (its rate over
+        the single loaders' rate, per patch) and ``renderer_calls_per_step``.
+    """
+    import torch
+
+    from engine.loader import Loader, MultiLoader
+
+    with thread_limit(threads):
+        specs = bench_streams(streams, int(_store_count(store)), per_stream, rain)
+        multi = MultiLoader(store, specs, device=device, mode=mode, dtype=dtype, threads=threads)
+        singles = [Loader(store, s.subset, batch_size, s.rain, s.seed, device=device, mode=mode, drop_last=True,
+                          threads=threads, dtype=dtype) for s in specs]
+        cuda = multi.device.type == "cuda"
+        steps = max(1, -(-REPEAT_PATCHES // (batch_size * streams)))
+        multi_it = _multi_batches(multi, batch_size)
+        single_its = [_batches(loader, 0) for loader in singles]
+        try:
+            def sync() -> None:
+                if cuda:
+                    torch.cuda.synchronize(multi.device)
+
+            def run_multi() -> int:
+                n = sum(b.background.shape[0] * b.background.shape[1] for b in itertools.islice(multi_it, steps))
+                sync()
+                return n
+
+            def run_single() -> int:
+                n = 0
+                for it in single_its:  # one stream after another, each its share of the repeat
+                    n += sum(len(b) for b in itertools.islice(it, steps))
+                sync()
+                return n
+
+            setup = warm_up(run_multi) + warm_up(run_single)
+            timings = [Timing(None), Timing(None)]
+            for err in time_interleaved([run_multi, run_single], timings, seconds, max_repeats=None):
+                if err is not None:
+                    raise err
+            calls = multi.calls
+            steps_done = steps * (timings[0].repeats + 1)  # the warm-up call made `steps` too
+        finally:
+            multi_it.close()
+            for it in single_its:
+                it.close()
+            multi.close()
+            for loader in singles:
+                loader.close()
+    common = dict(mode=multi.mode, device=str(multi.device), threads=threads, streams=streams,
+                  batch_size=batch_size, dtype=multi.dtype, rain=str(getattr(specs[0].rain, "name", specs[0].rain)))
+    rows = []
+    for case, t in (("loader-multi", timings[0]), (f"loader-single-x{streams}", timings[1])):
+        rows.append(dict(case=case, **common, patches=t.counted, seconds=round(t.timed_s, 3),
+                         patches_per_s=t.median, patches_per_cpu_s=t.cpu_median, setup_s=round(setup, 3)))
+    rows[0]["vs_single"] = round(timings[0].median / timings[1].median, 3)
+    rows[0]["renderer_calls_per_step"] = round(calls / max(1, steps_done), 2)
+    return rows
+
+
+def _store_count(store: Any) -> int:
+    from engine.loader.args import resolve_store
+
+    return int(resolve_store(store).count)
+
+
+def _multi_batches(loader: Any, batch_size: int) -> Iterator[Any]:
+    """A multi-stream loader's batches, epoch after epoch, without end."""
+    for epoch in itertools.count():
+        yield from loader.epoch(batch_size, epoch, drop_last=True)
+
+
 def run_loader_bench(store: Any = None, modes: Sequence[str] = ("resident", "dali"), batch_size: int = 256,
                      seconds: float = 2.0, threads: int | Sequence[int] = 2, device: str | None = None,
                      patches: int = 2048, gpu: bool | None = None, rain: Any = "medium",
                      workers: Sequence[int | None] = (None,),
-                     dtypes: Sequence[str] = ("float32", "bfloat16", "uint8")) -> list[dict]:
+                     dtypes: Sequence[str] = ("float32", "bfloat16", "uint8"), streams: int = 8,
+                     stream_batch: int = 16) -> list[dict]:
     """Loader patches/s in each mode (and DALI worker count), with on-the-fly ``rain`` (default medium).
 
     Parameters
@@ -166,6 +279,10 @@ def run_loader_bench(store: Any = None, modes: Sequence[str] = ("resident", "dal
         Batch dtypes measured (``engine.loader.DTYPES``): float32 is the default batch, bfloat16 the same values in
         half the bytes (for bf16 training), uint8 the raw batch a GPU trainer converts itself (no host float
         conversion).
+    streams : int
+        K of the multi-stream rows (``measure_multi``, resident mode, each dtype); 0 leaves them out.
+    stream_batch : int
+        Patches per stream per step in the multi-stream rows (16: a fused sweep's per-run batch).
 
     Returns
     -------
@@ -196,4 +313,12 @@ def run_loader_bench(store: Any = None, modes: Sequence[str] = ("resident", "dal
                                 rows.append(dict(case="loader", mode=mode, device=dev, threads=t, workers=w,
                                                  batch_size=batch_size, dtype=dt, patches_per_s=None,
                                                  skipped=f"{type(err).__name__}: {err}"))
+                for dt in (dtypes if streams else ()):
+                    try:
+                        rows += measure_multi(path, streams, stream_batch, seconds=seconds, threads=t, device=dev,
+                                              rain=rain, dtype=dt)
+                    except Exception as err:  # as above: report, go on
+                        rows.append(dict(case="loader-multi", device=dev, threads=t, streams=streams,
+                                         batch_size=stream_batch, dtype=dt, patches_per_s=None,
+                                         skipped=f"{type(err).__name__}: {err}"))
     return rows

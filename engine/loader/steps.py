@@ -31,6 +31,20 @@ import torch
 from engine.loader import LoaderError, batches
 
 
+def step_layout(n: int, global_batch: int, world: int = 1) -> tuple[int, int]:
+    """``(loader epochs glued into one step, steps per trainer epoch)`` for a subset of ``n`` patches split over
+    ``world`` ranks at ``global_batch`` patches per step (module docstring)."""
+    if n >= global_batch:
+        return 1, (n // (global_batch // world)) // world
+    return math.ceil(global_batch / n), 1
+
+
+def check_start(start: "Position", steps_per_epoch: int, name: str = "start") -> None:
+    """Raise ``LoaderError`` unless ``start`` lies inside an epoch of ``steps_per_epoch`` steps."""
+    if start.epoch < 0 or not 0 <= start.offset < steps_per_epoch:
+        raise LoaderError(f"{name}: expected epoch >= 0 and offset in 0..{steps_per_epoch - 1}, got {start}")
+
+
 @dataclass(frozen=True)
 class Position:
     """Where a stream stands: the next step is step ``offset`` (0-based) of trainer epoch ``epoch``."""
@@ -98,11 +112,10 @@ class TrainingStream:
             raise LoaderError(f"global_batch: expected a positive multiple of the {world} ranks, got {global_batch}")
         self.store, self.global_batch, self.rank, self.world = store, int(global_batch), int(rank), int(world)
         self.per_rank = self.global_batch // self.world
-        n = int(self.indices.size)
-        #: Loader epochs glued into one step (1 unless the subset is smaller than the global batch).
-        self.loader_epochs_per_step = 1 if n >= self.global_batch else math.ceil(self.global_batch / n)
-        #: Steps of one trainer epoch, the same on every rank.
-        self.steps_per_epoch = (n // self.per_rank) // self.world if self.loader_epochs_per_step == 1 else 1
+        #: Loader epochs glued into one step (1 unless the subset is smaller than the global batch), and steps of
+        #: one trainer epoch, the same on every rank.
+        self.loader_epochs_per_step, self.steps_per_epoch = step_layout(int(self.indices.size), self.global_batch,
+                                                                        self.world)
         self._common = dict(rain=rain, seed=seed, device=str(device), mode=mode)
         self._loader_epoch(0)  # opens (and caches) the loader: bad arguments fail here, no patch is read yet
 
@@ -130,8 +143,7 @@ class TrainingStream:
 
         Raises ``LoaderError`` when ``start.offset`` is not inside an epoch (0 .. steps_per_epoch - 1).
         """
-        if start.epoch < 0 or not 0 <= start.offset < self.steps_per_epoch:
-            raise LoaderError(f"start: expected epoch >= 0 and offset in 0..{self.steps_per_epoch - 1}, got {start}")
+        check_start(start, self.steps_per_epoch)
         epoch, skip = start.epoch, start.offset
         while True:
             for offset, (rainy, clean) in enumerate(self.epoch(epoch)):
@@ -150,4 +162,4 @@ def training_steps(store: Any, indices: Any, global_batch: int, rank: int = 0, w
     return stream.steps(Position(start_epoch, start_offset))
 
 
-__all__ = ["Position", "Step", "TrainingStream", "training_steps"]
+__all__ = ["Position", "Step", "TrainingStream", "check_start", "step_layout", "training_steps"]

@@ -1,0 +1,243 @@
+"""Fused versions of the project's networks and the one converter that fuses a module (``fuse_module``).
+
+A fused network keeps the ordinary network's module tree and parameter names; each parameter gains a leading
+stream axis of size K (see ``models.fused_layers``). Its ``forward`` takes and returns stream-major images
+``[K, B, 3, H, W]`` (float, 0..1 in, not clamped out); inside, convolutions run on the channel-stacked layout
+``[B, K*C, H, W]`` and SwinIR's token layers on ``[K, B, H*W, C]``.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .fused_layers import (FusedConv2d, FusedConvTranspose2d, FusedLayerNorm, FusedLinear, cat_streams, from_stacked,
+                           to_stacked)
+from .resnet import ResidualBlock, ResNet
+from .swinir import RSTB, SwinBlock, SwinIR, WindowAttention, window_partition, window_reverse
+from .unet import UNet
+
+
+def _copy_children(dst: nn.Module, src: nn.Module, k: int) -> None:
+    """Register the fused version of each child of ``src`` on ``dst`` under the same name and in the same order
+    (so that ``parameters()`` lists the same tensors in the same order as the ordinary model)."""
+    for name, child in src.named_children():
+        dst.add_module(name, fuse_module(child, k))
+
+
+def check_images(x: torch.Tensor, k: int, channels: int) -> None:
+    """Raise ValueError unless ``x`` is a float tensor ``[K, B, channels, H, W]`` with this model's K."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor [K, B, C, H, W], got {type(x).__name__}")
+    if x.dim() != 5 or x.shape[0] != k or x.shape[2] != channels or not x.is_floating_point():
+        raise ValueError(f"x: expected a float tensor [K={k}, B, C={channels}, H, W] (stream-major, 0..1), got "
+                         f"{x.dtype} of shape {tuple(x.shape)}")
+
+
+class FusedResNet(nn.Module):
+    """K ``ResNet`` (MSRResNet without upsampling) as one network of grouped convolutions."""
+
+    def __init__(self, src: ResNet, k: int) -> None:
+        super().__init__()
+        self.k = k
+        self.in_channels = src.conv_first.in_channels
+        _copy_children(self, src, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: ``[K, B, 3, H, W]`` float, 0..1 -> ``[K, B, 3, H, W]``; slice k is ordinary model k's output."""
+        check_images(x, self.k, self.in_channels)
+        xs = to_stacked(x)
+        feat = self.act(self.conv_first(xs))
+        out = self.conv_last(self.act(self.conv_hr(self.body(feat))))
+        return from_stacked(xs + out, self.k)  # the global residual adds each stream's own input
+
+
+def _pad_to_multiple(xs: torch.Tensor, m: int) -> torch.Tensor:
+    """Pad the bottom and right of ``[B, C, H, W]`` to multiples of ``m`` as the ordinary models do (reflect, or
+    replicate where the pad would reach past the image). Padding acts per channel, so streams stay apart."""
+    h, w = xs.shape[-2:]
+    ph, pw = (-h) % m, (-w) % m
+    mode = "reflect" if ph < h and pw < w else "replicate"
+    return F.pad(xs, (0, pw, 0, ph), mode=mode) if ph or pw else xs
+
+
+class FusedUNet(nn.Module):
+    """K ``UNet``: grouped convolutions and transposed convolutions, per-channel max-pool, and skip concatenations
+    that keep each stream's channels together (``cat_streams``)."""
+
+    def __init__(self, src: UNet, k: int) -> None:
+        super().__init__()
+        self.k, self.levels = k, src.levels
+        self.in_channels = src.inc[0].in_channels
+        _copy_children(self, src, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: ``[K, B, 3, H, W]`` float, 0..1 -> ``[K, B, 3, H, W]``; slice k is ordinary model k's output."""
+        check_images(x, self.k, self.in_channels)
+        h, w = x.shape[-2:]
+        xp = _pad_to_multiple(to_stacked(x), 2 ** self.levels)
+        skips = [self.inc(xp)]
+        for down in self.down:
+            skips.append(down(F.max_pool2d(skips[-1], 2)))
+        y = skips.pop()
+        for up, dec in zip(self.up, self.dec):
+            y = dec(cat_streams([up(y), skips.pop()], self.k))
+        return from_stacked((xp + self.out(y))[..., :h, :w], self.k)
+
+
+class FusedWindowAttention(nn.Module):
+    """K ``WindowAttention``: batched qkv/proj matmuls and one attention call over all streams' windows, each
+    stream with its own relative position bias table ``[K, (2ws-1)^2, heads]``."""
+
+    def __init__(self, src: WindowAttention, k: int) -> None:
+        super().__init__()
+        self.k, self.heads, self.ws = k, src.heads, src.ws
+        self.bias_table = nn.Parameter(torch.empty(k, *src.bias_table.shape, dtype=src.bias_table.dtype,
+                                                   device=src.bias_table.device))
+        self.register_buffer("rel_index", src.rel_index.clone(), persistent=False)
+        _copy_children(self, src, k)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """x: ``[K, B*nW, N, C]`` window tokens; mask: ``(nW, N, N)`` additive (0 or -100) or None."""
+        k, bw, n, c = x.shape
+        heads = self.heads
+        # (3, K, B*nW, heads, N, C/heads): the attention's batch axes are (K, B*nW), so each stream's bias applies
+        # to its own windows only, by broadcasting (no per-window copy of the bias).
+        q, kt, v = self.qkv(x).view(k, bw, n, 3, heads, c // heads).permute(3, 0, 1, 4, 2, 5)
+        bias = self.bias_table[:, self.rel_index.view(-1)].view(k, n, n, heads).permute(0, 3, 1, 2)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, kt, v, attn_mask=bias.unsqueeze(1).to(q.dtype))
+        else:
+            nw = mask.shape[0]
+            attn_mask = (bias.view(k, 1, 1, heads, n, n) + mask.view(1, 1, nw, 1, n, n)).to(q.dtype)
+            shape = (k, bw // nw, nw, heads, n, c // heads)
+            out = F.scaled_dot_product_attention(q.reshape(shape), kt.reshape(shape), v.reshape(shape),
+                                                 attn_mask=attn_mask).reshape(k, bw, heads, n, c // heads)
+        return self.proj(out.transpose(2, 3).reshape(k, bw, n, c))
+
+
+class FusedSwinBlock(SwinBlock):
+    """K ``SwinBlock`` on tokens ``[K, B, H*W, C]`` (inherits the ordinary block's shift mask)."""
+
+    def __init__(self, src: SwinBlock, k: int) -> None:
+        nn.Module.__init__(self)  # the layers come fused from ``src``, not freshly initialized
+        self.k, self.ws, self.shift = k, src.ws, src.shift
+        _copy_children(self, src, k)
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """x: ``[K, B, H*W, C]`` tokens."""
+        h, w = hw
+        k, b, _, c = x.shape
+        shift = self.shift if min(h, w) > self.ws else 0
+        y = self.norm1(x).reshape(k * b, h, w, c)
+        if shift:
+            y = torch.roll(y, (-shift, -shift), dims=(1, 2))
+        mask = self._mask(h, w, x.device) if shift else None
+        windows = window_partition(y, self.ws)
+        windows = self.attn(windows.view(k, -1, *windows.shape[1:]), mask)
+        y = window_reverse(windows.flatten(0, 1), self.ws, h, w)
+        if shift:
+            y = torch.roll(y, (shift, shift), dims=(1, 2))
+        x = x + y.reshape(k, b, h * w, c)
+        return x + self.mlp(self.norm2(x))
+
+
+def _tokens_to_stacked(t: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """Tokens ``[K, B, H*W, C]`` -> channel-stacked images ``[B, K*C, H, W]``."""
+    k, b, _, c = t.shape
+    return t.permute(1, 0, 3, 2).reshape(b, k * c, *hw)
+
+
+def _stacked_to_tokens(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Channel-stacked images ``[B, K*C, H, W]`` -> tokens ``[K, B, H*W, C]``."""
+    b, kc, h, w = x.shape
+    return x.reshape(b, k, kc // k, h * w).permute(1, 0, 3, 2)
+
+
+class FusedRSTB(nn.Module):
+    """K ``RSTB``: fused Swin blocks, a grouped 3x3 convolution, and each stream's skip."""
+
+    def __init__(self, src: RSTB, k: int) -> None:
+        super().__init__()
+        self.k = k
+        _copy_children(self, src, k)
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """x: ``[K, B, H*W, C]`` tokens."""
+        y = x
+        for blk in self.blocks:
+            y = blk(y, hw)
+        return x + _stacked_to_tokens(self.conv(_tokens_to_stacked(y, hw)), self.k)
+
+
+class FusedSwinIR(nn.Module):
+    """K ``SwinIR`` (batched window attention, batched linear layers, per-stream LayerNorm, grouped convolutions)."""
+
+    def __init__(self, src: SwinIR, k: int) -> None:
+        super().__init__()
+        self.k, self.window = k, src.window
+        self.in_channels = src.conv_first.in_channels
+        _copy_children(self, src, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: ``[K, B, 3, H, W]`` float, 0..1 -> ``[K, B, 3, H, W]``; slice k is ordinary model k's output."""
+        check_images(x, self.k, self.in_channels)
+        h, w = x.shape[-2:]
+        xp = _pad_to_multiple(to_stacked(x), self.window)
+        hw = xp.shape[-2], xp.shape[-1]
+        feat = self.conv_first(xp)
+        t = _stacked_to_tokens(feat, self.k)
+        for layer in self.layers:
+            t = layer(t, hw)
+        t = _tokens_to_stacked(self.norm(t), hw)
+        y = xp + self.conv_last(self.conv_after_body(t) + feat)
+        return from_stacked(y[..., :h, :w], self.k)
+
+
+def _fuse_container(src: nn.Module, k: int) -> nn.Module:
+    """A container whose forward works unchanged on the channel-stacked layout (Sequential, ModuleList, a residual
+    block of convolutions): the same module with each child fused."""
+    if next(src.parameters(recurse=False), None) is not None or next(src.buffers(recurse=False), None) is not None:
+        raise TypeError(f"fuse_module: {type(src).__name__} holds its own tensors; it needs a fused class")
+    # copy the container but not its children (the memo maps each child to itself), then replace each child
+    dst = copy.deepcopy(src, memo={id(child): child for child in src.children()})
+    _copy_children(dst, src, k)
+    return dst
+
+
+def _stateless(src: nn.Module, k: int) -> nn.Module:
+    """Element-wise activations act on every stream alike."""
+    return copy.deepcopy(src)
+
+
+#: The one place that says how each module type is fused: type -> ``(module, K) -> fused module``.
+FUSERS: dict[type, Callable[[nn.Module, int], nn.Module]] = {
+    nn.Conv2d: FusedConv2d,
+    nn.ConvTranspose2d: FusedConvTranspose2d,
+    nn.Linear: FusedLinear,
+    nn.LayerNorm: FusedLayerNorm,
+    nn.ReLU: _stateless, nn.LeakyReLU: _stateless, nn.GELU: _stateless,
+    nn.Sequential: _fuse_container, nn.ModuleList: _fuse_container, ResidualBlock: _fuse_container,
+    ResNet: FusedResNet,
+    UNet: FusedUNet,
+    WindowAttention: FusedWindowAttention, SwinBlock: FusedSwinBlock, RSTB: FusedRSTB, SwinIR: FusedSwinIR,
+}
+
+
+def fuse_module(src: nn.Module, k: int) -> nn.Module:
+    """The fused version of ``src`` for ``k`` streams: same module names, parameters of shape ``[K, *shape]``,
+    left uninitialized (``models.fused.from_models`` loads the weights).
+
+    Raises
+    ------
+    TypeError
+        For a module type without an entry in ``FUSERS``.
+    """
+    fuser = FUSERS.get(type(src))
+    if fuser is None:
+        raise TypeError(f"fuse_module: no fused version of {type(src).__name__}; known: "
+                        f"{', '.join(t.__name__ for t in FUSERS)}")
+    return fuser(src, k)
