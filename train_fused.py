@@ -2,7 +2,7 @@
 
 Horizontal fusion after HFTA (Wang et al., "Horizontally Fused Training Array", MLSys 2021;
 github.com/UofT-EcoSystem/hfta): the K networks become one network whose convolutions are grouped (``models.fused``),
-the K data streams one batch ``[K, B, 3, P, P]`` (``engine.loader.multi``), and the K Adam optimizers one
+the K data streams one batch ``[K, B, 3, P, P]`` (``engine.loader.multi_steps``), and the K Adam optimizers one
 per-stream optimizer step. A small network that leaves a GPU idle trains K times over in about the time of one.
 
     python -P -m train_fused --group group.json --out groups/g0
@@ -25,9 +25,9 @@ What each run keeps, as if it were trained alone by train.py:
 
 - its initial weights: for each run in turn, ``train.seed_everything(seed)``, ``train.make_data`` and
   ``train.make_model`` exactly as train.py calls them; ``models.fused.from_models`` stacks the K networks;
-- its batches: stream k of ``engine.loader.multi.MultiTrainingStream`` is, byte for byte, the run's own
+- its batches: stream k of ``engine.loader.multi_steps.MultiTrainingStream`` is, byte for byte, the run's own
   ``TrainingStream``;
-- its loss (mean L1 of its stream; the group minimizes the sum, whose gradient with respect to stream k's weights is
+- its loss (mean L1 of its stream, ``models.fused.stream_l1``; the group minimizes the sum, whose gradient with respect to stream k's weights is
   stream k's own gradient), its Adam state and learning rate (``models.fused.StreamAdam``; the rate follows the run's
   own ``MultiStepLR``), its EMA (one ``lerp`` over the fused weights is the per-stream ``lerp``);
 - its evaluation and outputs: the fused EMA is unfused into the run's ordinary model and scored and written by
@@ -61,13 +61,13 @@ import numpy as np
 
 import train  # noqa: I001  (train imports engine first, which sets up OpenMP before torch loads)
 import torch
-import torch.nn.functional as F
 
 from engine.atomic import atomic_write, atomic_write_json
 from engine.loader import LoaderError
-from engine.loader.multi import MultiTrainingStream, Stream
+from engine.loader.multi import Stream
+from engine.loader.multi_steps import MultiTrainingStream
 from engine.loader.steps import Position
-from models.fused import StreamAdam, from_models, unfuse
+from models.fused import StreamAdam, ema_update, from_models, stream_l1, unfuse
 from train import BETAS, CKPT, Data, LogWindow, Progress, TrainConfig, TrainState
 
 #: Options every run of a group shares: the group trains one architecture on one device from one store, takes its
@@ -241,11 +241,6 @@ def unfuse_into(fused: Fused, members: Sequence[Member]) -> None:
 
 # ---- one step --------------------------------------------------------------------------------------------------------
 
-def stream_l1(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """float32 [K]: the mean L1 of each stream of ``[K, B, C, H, W]`` tensors (train.py's loss, per stream)."""
-    return F.l1_loss(output, target, reduction="none").flatten(1).mean(1)
-
-
 def fused_step(fused: Fused, members: Sequence[Member], rainy: torch.Tensor, clean: torch.Tensor, ema_decay: float,
                poison: Sequence[bool] = ()) -> torch.Tensor:
     """One optimizer step of every stream on ``(rainy, clean)`` (float32 ``[K, B, 3, P, P]``, 0..1), then every
@@ -263,8 +258,7 @@ def fused_step(fused: Fused, members: Sequence[Member], rainy: torch.Tensor, cle
     for m in members:
         m.state.scheduler.step()
     fused.optimizer.set_lr([m.state.optimizer.param_groups[0]["lr"] for m in members])
-    with torch.no_grad():
-        torch._foreach_lerp_(list(fused.ema.parameters()), list(fused.net.parameters()), 1.0 - ema_decay)
+    ema_update(fused.ema, fused.net, ema_decay)
     return losses.detach()
 
 
@@ -295,7 +289,7 @@ def load_group_checkpoint(path: Path, fused: Fused, members: Sequence[Member], d
         raise click.UsageError(f"--resume: {path} holds a group of {len(saved)} runs, the group file lists "
                                f"{len(members)}")
     for i, (s, m) in enumerate(zip(saved, members), 1):
-        if s["train_config"]["out"] != m.config["train_config"]["out"]:
+        if Path(s["train_config"]["out"]).resolve() != Path(m.cfg.out).resolve():
             raise click.UsageError(f"--resume: run {i} writes to {m.cfg.out}, the checkpoint's run {i} to "
                                    f"{s['train_config']['out']}; list the runs in their original order")
         try:
@@ -358,7 +352,8 @@ def train_group(cfgs: Sequence[TrainConfig], out: Path, device: torch.device, re
     cfg = cfgs[0]
     step, positions = (load_group_checkpoint(out / CKPT, fused, members, device) if resume
                        else (0, [Position()] * len(members)))
-    steps = iter(make_stream(members, positions, device))
+    stream = make_stream(members, positions, device)
+    steps = stream.steps()
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", {"model": cfg.model, "runs": [m.config for m in members]}, indent=2,
                       fsync=True)
@@ -395,6 +390,7 @@ def train_group(cfgs: Sequence[TrainConfig], out: Path, device: torch.device, re
                 evaluate_all(fused, members, step, device)
     finally:
         progress.close()
+        stream.close()
     unfuse_into(fused, members)
     for m in members:
         train.finish(m.cfg, m.data, m.state, step, device)

@@ -247,20 +247,15 @@ def group_name(configs: Sequence[RunConfig]) -> str:
     return f"{configs[0].model}_x{len(configs)}_{digest}"
 
 
-def run_group(configs: Sequence[RunConfig], store: str | os.PathLike, out_dir: Path, iters: int,
-              extra: Sequence[str] = (), python: str = sys.executable, test_rain: str | None = None,
-              test_store: str | os.PathLike | None = None, on_line: Callable[[str], None] | None = None
-              ) -> list[dict]:
-    """Train ``configs`` (from ``fuse_groups``; none finished) together: one ``python -P -m train_fused`` process
-    that writes each run's folder ``out_dir/runs/<name>`` as train.py would.
+def group_command(configs: Sequence[RunConfig], store: str | os.PathLike, out_dir: Path, iters: int,
+                  extra: Sequence[str] = (), python: str = sys.executable, test_rain: str | None = None,
+                  test_store: str | os.PathLike | None = None) -> tuple[Path, list[str]]:
+    """Write the group file of ``configs`` (from ``fuse_groups``) and return the group's folder and the command
+    that trains them together, without ``--resume`` (add it when the group folder holds ``ckpt.pt``).
 
-    The group's folder ``out_dir/groups/<group_name>`` holds the group file (``group.json``), the group checkpoint
-    and ``train.out`` (the process's output); a group with a checkpoint is resumed. Parameters are ``run_one``'s.
-
-    Returns
-    -------
-    list of dict
-        One results row per run, as ``run_one`` returns them, with ``group`` (the group's name) added.
+    The command is one ``python -P -m train_fused`` process that writes each run's folder ``out_dir/runs/<name>``
+    as train.py would; the group folder ``out_dir/groups/<group_name>`` gets the group file (``group.json``), the
+    group checkpoint and config.json. Parameters are ``run_one``'s.
     """
     out_dir = absolute(out_dir)
     group_dir = out_dir / "groups" / group_name(configs)
@@ -269,7 +264,26 @@ def run_group(configs: Sequence[RunConfig], store: str | os.PathLike, out_dir: P
             for c in configs]
     group_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(group_dir / "group.json", fused_group_document(runs), indent=2)
-    argv = fused_argv(group_dir / "group.json", group_dir, (group_dir / "ckpt.pt").exists(), python)
+    return group_dir, fused_argv(group_dir / "group.json", group_dir, python=python)
+
+
+def run_group(configs: Sequence[RunConfig], store: str | os.PathLike, out_dir: Path, iters: int,
+              extra: Sequence[str] = (), python: str = sys.executable, test_rain: str | None = None,
+              test_store: str | os.PathLike | None = None, on_line: Callable[[str], None] | None = None
+              ) -> list[dict]:
+    """Train ``configs`` (from ``fuse_groups``; none finished) together as one fused model (``group_command``),
+    resuming the group when its folder holds a checkpoint; output to ``<group folder>/train.out``. Parameters are
+    ``run_one``'s.
+
+    Returns
+    -------
+    list of dict
+        One results row per run, as ``run_one`` returns them, with ``group`` (the group folder's name) added.
+    """
+    out_dir = absolute(out_dir)
+    group_dir, argv = group_command(configs, store, out_dir, iters, extra, python, test_rain, test_store)
+    if (group_dir / "ckpt.pt").exists():
+        argv.append("--resume")
     done = run_logged(argv, group_dir / "train.out", env=train_env(python), on_line=on_line)
     rows = []
     for c in configs:
