@@ -184,6 +184,16 @@ def test_fuse_groups_are_even_per_model_and_in_plan_order() -> None:
         sw.fuse_groups(cfgs, 0)
 
 
+def test_finished_and_checkpointed_runs_stay_out_of_fused_groups(tmp_path: Path) -> None:
+    cfgs = sw.plan(["resnet-s"], ["medium"], [2, 4, 8, 16, 32])
+    for cfg, name in ((cfgs[1], "metrics.json"), (cfgs[3], "ckpt.pt")):  # finished; interrupted unfused run
+        (tmp_path / "runs" / cfg.name).mkdir(parents=True)
+        (tmp_path / "runs" / cfg.name / name).write_text("{}")
+    assert sw.fused_tasks(cfgs, tmp_path, 4, "unused", [], print) == [[0, 2, 4], [1], [3]]
+    assert sw.option_value(["--batch", "8", "--device=cpu", "--batch=4"], "--batch", "16") == "4"
+    assert sw.option_value(["--device=cpu"], "--batch", "16") == "16"
+
+
 def test_auto_picks_the_largest_sublinear_k() -> None:
     said: list[str] = []
     times = {1: 1.0, 2: 1.2, 4: 2.0, 8: 7.5, 16: 16.0}
