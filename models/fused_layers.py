@@ -17,9 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def to_stacked(x: torch.Tensor) -> torch.Tensor:
-    """Stream-major images ``[K, B, C, H, W]`` -> channel-stacked ``[B, K*C, H, W]`` (a copy)."""
+def to_stacked(x: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """Stream-major images ``[K, B, C, H, W]`` -> channel-stacked ``[B, K*C, H, W]`` (one copy), laid out in memory
+    as ``memory_format`` (``torch.channels_last``: NHWC strides)."""
     k, b, c, h, w = x.shape
+    if memory_format == torch.channels_last:
+        return x.permute(1, 3, 4, 0, 2).reshape(b, h, w, k * c).permute(0, 3, 1, 2)
     return x.transpose(0, 1).reshape(b, k * c, h, w)
 
 

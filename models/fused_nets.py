@@ -37,19 +37,41 @@ def check_images(x: torch.Tensor, k: int, channels: int) -> None:
                          f"{x.dtype} of shape {tuple(x.shape)}")
 
 
-class FusedResNet(nn.Module):
+class FusedNet(nn.Module):
+    """Base of the fused networks: K streams of ``src``'s architecture (same child names, fused), the input check,
+    and the memory layout of the channel-stacked images.
+
+    Attributes
+    ----------
+    k : int
+        Number of streams.
+    memory_format : torch.memory_format
+        Layout of the stacked images inside the network: ``torch.contiguous_format`` (NCHW, the default) or
+        ``torch.channels_last`` (NHWC strides; oneDNN's grouped convolutions on CPU run without reorders then).
+        Results agree to rounding either way.
+    """
+
+    def __init__(self, src: nn.Module, k: int, in_channels: int) -> None:
+        super().__init__()
+        self.k, self.in_channels = k, in_channels
+        self.memory_format = torch.contiguous_format
+        _copy_children(self, src, k)
+
+    def stack(self, x: torch.Tensor) -> torch.Tensor:
+        """Check ``x`` (``[K, B, C, H, W]``) and return it channel-stacked, ``[B, K*C, H, W]``."""
+        check_images(x, self.k, self.in_channels)
+        return to_stacked(x, self.memory_format)
+
+
+class FusedResNet(FusedNet):
     """K ``ResNet`` (MSRResNet without upsampling) as one network of grouped convolutions."""
 
     def __init__(self, src: ResNet, k: int) -> None:
-        super().__init__()
-        self.k = k
-        self.in_channels = src.conv_first.in_channels
-        _copy_children(self, src, k)
+        super().__init__(src, k, src.conv_first.in_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``[K, B, 3, H, W]`` float, 0..1 -> ``[K, B, 3, H, W]``; slice k is ordinary model k's output."""
-        check_images(x, self.k, self.in_channels)
-        xs = to_stacked(x)
+        xs = self.stack(x)
         feat = self.act(self.conv_first(xs))
         out = self.conv_last(self.act(self.conv_hr(self.body(feat))))
         return from_stacked(xs + out, self.k)  # the global residual adds each stream's own input
@@ -64,21 +86,18 @@ def _pad_to_multiple(xs: torch.Tensor, m: int) -> torch.Tensor:
     return F.pad(xs, (0, pw, 0, ph), mode=mode) if ph or pw else xs
 
 
-class FusedUNet(nn.Module):
+class FusedUNet(FusedNet):
     """K ``UNet``: grouped convolutions and transposed convolutions, per-channel max-pool, and skip concatenations
     that keep each stream's channels together (``cat_streams``)."""
 
     def __init__(self, src: UNet, k: int) -> None:
-        super().__init__()
-        self.k, self.levels = k, src.levels
-        self.in_channels = src.inc[0].in_channels
-        _copy_children(self, src, k)
+        super().__init__(src, k, src.inc[0].in_channels)
+        self.levels = src.levels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``[K, B, 3, H, W]`` float, 0..1 -> ``[K, B, 3, H, W]``; slice k is ordinary model k's output."""
-        check_images(x, self.k, self.in_channels)
         h, w = x.shape[-2:]
-        xp = _pad_to_multiple(to_stacked(x), 2 ** self.levels)
+        xp = _pad_to_multiple(self.stack(x), 2 ** self.levels)
         skips = [self.inc(xp)]
         for down in self.down:
             skips.append(down(F.max_pool2d(skips[-1], 2)))
@@ -173,20 +192,17 @@ class FusedRSTB(nn.Module):
         return x + _stacked_to_tokens(self.conv(_tokens_to_stacked(y, hw)), self.k)
 
 
-class FusedSwinIR(nn.Module):
+class FusedSwinIR(FusedNet):
     """K ``SwinIR`` (batched window attention, batched linear layers, per-stream LayerNorm, grouped convolutions)."""
 
     def __init__(self, src: SwinIR, k: int) -> None:
-        super().__init__()
-        self.k, self.window = k, src.window
-        self.in_channels = src.conv_first.in_channels
-        _copy_children(self, src, k)
+        super().__init__(src, k, src.conv_first.in_channels)
+        self.window = src.window
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``[K, B, 3, H, W]`` float, 0..1 -> ``[K, B, 3, H, W]``; slice k is ordinary model k's output."""
-        check_images(x, self.k, self.in_channels)
         h, w = x.shape[-2:]
-        xp = _pad_to_multiple(to_stacked(x), self.window)
+        xp = _pad_to_multiple(self.stack(x), self.window)
         hw = xp.shape[-2], xp.shape[-1]
         feat = self.conv_first(xp)
         t = _stacked_to_tokens(feat, self.k)

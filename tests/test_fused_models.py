@@ -88,6 +88,16 @@ def test_forward_slices_equal_the_ordinary_models(name, k, hw):
             assert_rel_close(y[i], net(x[i]), 1e-5, f"{name} stream {i}")
 
 
+@pytest.mark.parametrize("name", SMALL)
+def test_channels_last_inside_gives_the_same_outputs(name):
+    fused = mf.from_models(name, runs(name, 2))
+    x = torch.rand(2, 2, 3, 20, 28, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = fused(x)
+        fused.memory_format = torch.channels_last
+        assert_rel_close(fused(x), want, 1e-5, f"{name} channels_last")
+
+
 # ---- training --------------------------------------------------------------------------------------------------------
 
 def train_both(name: str, lrs: list[float], steps: int, hw: tuple[int, int] = (16, 24)):

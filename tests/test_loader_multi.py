@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from engine.loader import Loader, LoaderError, MultiLoader, Stream, multi_batches
-from engine.loader.multi import order_by_rain, rain_runs, render_streams_device
+from engine.loader.multi import order_by_rain
+from engine.loader.multi_render import finish_streams_device, rain_runs, render_streams_device
 from engine.loader.multi_steps import MultiTrainingStream
 from engine.loader.steps import Position, TrainingStream
 from engine.rain import RainSpec
@@ -267,3 +268,18 @@ def test_gpu_multi_batches_match_cpu(store_path):
             for c, g in zip(cpu, gpu):
                 for name in ("background", "rainy", "rain", "mask"):
                     _same(getattr(c, name), getattr(g, name))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "uint8"])
+def test_device_path_equals_host_path(store_path, dtype):
+    """The device path end to end (rendering, NHWC -> NCHW, table conversion, [K, B] views) on CPU tensors, its
+    kernels in the CUDA simulator: the host path's batch."""
+    streams = [Stream(np.arange(0, 4), "small", 2), Stream(np.arange(4, 8), None, 5),
+               Stream(np.arange(8, 12), "small", 9)]
+    with MultiLoader(store_path, streams, mode="resident", dtype=dtype) as loader:
+        host = next(iter(loader.epoch(1, epoch=[3, 0, 1])))
+        x = torch.from_numpy(loader.resident.data[loader.resident.rows(host.index.numpy().reshape(-1))])
+    keys = np.stack([(np.int64(e) << 40) | row for e, row in zip([3, 0, 1], host.index.numpy())])
+    dev = finish_streams_device(x, loader.specs, loader.seeds, host.index.numpy(), keys, dtype)
+    for name in ("background", "rainy", "rain", "mask"):
+        _same(getattr(dev, name), getattr(host, name))

@@ -15,7 +15,7 @@ The package's modules, one job each:
 - ``api``: ``Loader``, ``batches`` and its cache.
 - ``steps``: training steps on top of ``batches``: the global batch split over data-parallel ranks, small subsets
   glued over loader epochs, resume at an ``(epoch, offset)`` position.
-- ``multi``: K streams (``Stream``: subset, rain, seed) in one ``MultiBatch`` with a leading stream axis
+- ``multi``, ``multi_render``: K streams (``Stream``: subset, rain, seed) in one ``MultiBatch`` with a leading stream axis
   ([K, B, 3, P, P]) for a fused model: ``multi_batches``, ``MultiLoader``.
 - ``multi_steps``: training steps of K streams, each on its own epochs (``MultiTrainingStream``).
 """
@@ -24,7 +24,8 @@ from __future__ import annotations
 from engine.loader.api import DEFAULT_MEMORY_BUDGET, Loader, batches, cached_loaders, clear_cache
 from engine.loader.args import DTYPES, MODES, LoaderError
 from engine.loader.batch import Batch, finish_batch
-from engine.loader.multi import MultiBatch, MultiLoader, Stream, multi_batches
+from engine.loader.multi import MultiLoader, Stream, multi_batches
+from engine.loader.multi_render import MultiBatch
 from engine.loader.order import MAX_EPOCH, MAX_SHUFFLE_INDEX, epoch_order, rain_keys, shard_batches
 from engine.loader.planes import to_unit
 

@@ -20,31 +20,31 @@ backgrounds in place from the resident array. On a GPU it is the family's ``rend
 ``composite_gpu`` launch per run, then one table look-up per output tensor over the whole [K * B] batch. Streams
 ordered by spec (``order_by_rain``) therefore take one call per distinct spec: K streams of one preset take one.
 Calls are per run rather than per distinct spec because each call writes a contiguous range of output rows.
+The renderers are in ``engine.loader.multi_render``.
 
 Resident mode holds the union of the streams' subsets once (``MultiLoader.resident``), each stream indexing into
 it; ``auto`` picks resident when the union's uint8 patches fit the memory budget.
 """
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import threading
 import warnings
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
 import engine.loader.dali as dali
-from engine import arrays
 from engine.loader.api import DEFAULT_MEMORY_BUDGET
 from engine.loader.args import (MODES, LoaderError, check_int, resolve_device, resolve_dtype, resolve_rain,
                                 resolve_store, resolve_subset)
-from engine.loader.batch import Batch
+from engine.loader.multi_render import MultiBatch, finish_streams_device, rain_runs, render_streams_cpu
 from engine.loader.order import MAX_EPOCH, epoch_order, rain_keys, shard_batches
-from engine.loader.planes import STORAGE, Scratch, torch_dtype, unit_by_lut, unit_table
+from engine.loader.planes import STORAGE, Scratch, torch_dtype
 from engine.loader.resident import ResidentData
 
 if TYPE_CHECKING:
@@ -73,47 +73,11 @@ class Stream:
     seed: int = 0
 
 
-@dataclass
-class MultiBatch:
-    """One step of K streams; see the module docstring for the layout.
-
-    Attributes
-    ----------
-    index : torch.Tensor
-        int64 [K, B] store indices, on the CPU.
-    background, rainy : torch.Tensor
-        [K, B, 3, P, P] (stream, batch, NCHW), of the loader's dtype on its device: float32 / bfloat16 / float16 on
-        the 0..1 scale, uint8 on 0..255 (``engine.loader.to_unit`` converts).
-    rain : torch.Tensor
-        [K, B, 1, P, P], same dtype and scale: the rain layer before beta (zeros without rain).
-    mask : torch.Tensor
-        bool [K, B, 1, P, P]: rain layer > the spec's threshold (0..255 scale).
-    epochs : tuple of int
-        The loader epoch of each stream's batch.
-    step : int
-        The batch's number within the epoch (0, 1, ...).
-    """
-
-    index: Any
-    background: Any
-    rainy: Any
-    rain: Any
-    mask: Any
-    epochs: tuple
-    step: int
-
-    def __len__(self) -> int:
-        """K, the number of streams."""
-        return int(self.index.shape[0])
-
-    def stream(self, k: int) -> Batch:
-        """Stream ``k``'s slice as an ``engine.loader.Batch`` (views, no copy)."""
-        return Batch(index=self.index[k], background=self.background[k], rainy=self.rainy[k], rain=self.rain[k],
-                     mask=self.mask[k], epoch=int(self.epochs[k]), step=self.step)
-
-
 @dataclass(frozen=True)
-class _Resolved:
+class ResolvedStream:
+    """A checked ``Stream``: ``indices`` int64 store indices (in the order given), ``rain`` a RainSpec or None,
+    ``seed`` an int64."""
+
     indices: np.ndarray
     rain: RainSpec | None
     seed: int
@@ -130,150 +94,11 @@ def order_by_rain(streams: Sequence[Stream]) -> list[int]:
     return sorted(range(len(specs)), key=lambda i: first[specs[i]])
 
 
-@lru_cache(maxsize=64)
-def _vector(spec: RainSpec) -> np.ndarray:
-    v = spec.to_vector()
-    v.setflags(write=False)
-    return v
-
-
-def rain_runs(specs: Sequence[RainSpec | None]) -> list[tuple[int, int, RainSpec | None]]:
-    """``(k0, k1, spec)`` for each maximal run ``k0 .. k1 - 1`` of consecutive streams with equal rain spec."""
-    runs: list[tuple[int, int, RainSpec | None]] = []
-    for k, spec in enumerate(specs):
-        if runs and runs[-1][2] == spec:
-            runs[-1] = (runs[-1][0], k + 1, spec)
-        else:
-            runs.append((k, k + 1, spec))
-    return runs
-
-
-def _draws(spec: RainSpec, seeds: Sequence[int], keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-patch (states uint64, active uint8, beta_q int64) of streams with their own seeds: ``keys`` [k, B]
-    holds each stream's row of rain keys, ``seeds`` its seed."""
-    from engine.synth import common_draws  # numba kernels load on first use, as in engine.loader.batch
-
-    parts = [common_draws(spec, int(seed), row) for seed, row in zip(seeds, keys)]
-    if len(parts) == 1:
-        return parts[0]
-    return tuple(np.concatenate(p) for p in zip(*parts))  # type: ignore[return-value]
-
-
-def render_streams_cpu(backgrounds: np.ndarray, rows: np.ndarray | None, specs: Sequence[RainSpec | None],
-                       seeds: Sequence[int], keys: np.ndarray, layer: np.ndarray, out_bg: np.ndarray,
-                       out_rainy: np.ndarray, out_rain: np.ndarray, mask: np.ndarray) -> int:
-    """K streams' rain and output planes on the host, one renderer call per run of equal specs (``rain_runs``).
-
-    The values of stream k's rows equal ``engine.synth.synthesize_planes_cpu(backgrounds, specs[k], seeds[k],
-    keys[k], ...)`` of that stream alone.
-
-    Parameters
-    ----------
-    backgrounds : numpy.ndarray
-        uint8 NHWC [M, P, P, 3] (0..255): the K * B backgrounds in stream order, or with ``rows`` an array they are
-        picked from (the resident union).
-    rows : numpy.ndarray or None
-        int64 [K * B]: flat patch i's background is ``backgrounds[rows[i]]``; None: ``backgrounds[i]``.
-    specs, seeds : sequences of length K
-        Each stream's rain spec (None: no rain) and seed.
-    keys : numpy.ndarray
-        int64 [K, B] rain keys.
-    layer : numpy.ndarray
-        uint8 NHW [K * B, P, P], written: the rain layers (0..255, before beta).
-    out_bg, out_rainy : numpy.ndarray
-        [K * B, 3, P, P] NCHW planes of one dtype of ``kernels.finish.PLANE_DTYPES``, written.
-    out_rain : numpy.ndarray
-        [K * B, 1, P, P] of that dtype, written; an array with ``shape[0] == 0`` skips it (uint8 batches render
-        the rain plane as ``layer`` itself).
-    mask : numpy.ndarray
-        bool NHW [K * B, P, P], written.
-
-    Returns
-    -------
-    int
-        The number of renderer calls made.
-    """
-    from kernels.families import family
-    from kernels.finish import background_rows, finish_cpu
-
-    k_count, b = keys.shape
-    backgrounds = np.ascontiguousarray(backgrounds)
-    rows = background_rows(backgrounds, rows)
-    if rows.size != k_count * b:
-        raise LoaderError(f"rows: expected {k_count * b} background rows (K * B), got {rows.size}")
-    calls = 0
-    for k0, k1, spec in rain_runs(specs):
-        a, z = k0 * b, k1 * b
-        rain_part = out_rain[a:z] if out_rain.shape[0] else out_rain
-        if spec is None:
-            layer[a:z].fill(0)
-            finish_cpu(backgrounds, layer[a:z], np.zeros(z - a, dtype=np.int64), 0, out_bg[a:z], out_rainy[a:z],
-                       rain_part, mask[a:z], rows[a:z])
-        else:
-            states, active, beta_q = _draws(spec, seeds[k0:k1], keys[k0:k1])
-            family(spec.family).render_finish_cpu(_vector(spec), states, active, backgrounds, beta_q, spec.threshold,
-                                                  layer[a:z], out_bg[a:z], out_rainy[a:z], rain_part, mask[a:z],
-                                                  rows[a:z])
-        calls += 1
-    return calls
-
-
-def render_streams_device(backgrounds: Any, specs: Sequence[RainSpec | None], seeds: Sequence[int],
-                          keys: np.ndarray, rain: Any, rainy: Any, mask: Any) -> int:
-    """K streams' rain on the device with the families' GPU kernels, one render and one composite launch per run
-    of equal specs (``rain_runs``).
-
-    Stream k's rows equal ``engine.synth.synthesize(backgrounds[k * B:(k + 1) * B], specs[k], seeds[k],
-    keys[k], backend="cuda")``. Arrays are CuPy (a real GPU) or numpy (numba's CUDA simulator), C-contiguous.
-
-    Parameters
-    ----------
-    backgrounds : array
-        uint8 NHWC [K * B, P, P, 3] (0..255), in stream order.
-    specs, seeds : sequences of length K
-        Each stream's rain spec (None: no rain) and seed.
-    keys : numpy.ndarray
-        int64 [K, B] rain keys (host).
-    rain, rainy, mask : arrays
-        Written: uint8 NHW [K * B, P, P] rain layers (0..255, before beta), uint8 NHWC rainy images, bool NHW masks.
-
-    Returns
-    -------
-    int
-        The number of runs rendered (each one render and one composite launch, or copies for no rain).
-    """
-    from kernels.composite import composite_gpu
-    from kernels.families import family
-
-    k_count, b = keys.shape
-    arrays.check_array(backgrounds, "backgrounds", ("uint8",), "NHWC")
-    if int(backgrounds.shape[0]) != k_count * b:
-        raise LoaderError(f"backgrounds: expected {k_count * b} patches (K * B), got {backgrounds.shape[0]}")
-    on_host = isinstance(backgrounds, np.ndarray)
-    xp = np if on_host else arrays.xp_of(arrays.kind_of(backgrounds))
-    runs = rain_runs(specs)
-    for k0, k1, spec in runs:
-        a, z = k0 * b, k1 * b
-        if spec is None:
-            rainy[a:z] = backgrounds[a:z]
-            rain[a:z] = 0
-            mask[a:z] = False
-            continue
-        states, active, beta_q = _draws(spec, seeds[k0:k1], keys[k0:k1])
-        if on_host:
-            params, beta_d = _vector(spec).copy(), beta_q  # numba writes host arguments back after a launch
-        else:
-            params, states, active, beta_d = (xp.asarray(v) for v in (_vector(spec), states, active, beta_q))
-        family(spec.family).render_gpu(params, states, active, rain[a:z])
-        composite_gpu(backgrounds[a:z], rain[a:z], beta_d, spec.threshold, rainy[a:z], mask[a:z])
-    return len(runs)
-
-
 def _stream_error(k: int, err: Exception) -> LoaderError:
     return LoaderError(f"streams[{k}].{err}")
 
 
-def resolve_streams(store: Any, streams: Any) -> list[_Resolved]:
+def resolve_streams(store: Any, streams: Any) -> list[ResolvedStream]:
     """Each ``Stream``'s subset, rain and seed checked against ``store``; ``LoaderError`` names the stream."""
     if isinstance(streams, Stream) or not isinstance(streams, Sequence):
         raise LoaderError(f"streams: expected a sequence of engine.loader.Stream, got {type(streams).__name__}")
@@ -289,7 +114,7 @@ def resolve_streams(store: Any, streams: Any) -> list[_Resolved]:
             seed = check_int("seed", s.seed, -(1 << 63), (1 << 63) - 1)
         except LoaderError as err:
             raise _stream_error(k, err) from None
-        out.append(_Resolved(indices, spec, seed))
+        out.append(ResolvedStream(indices, spec, seed))
     return out
 
 
@@ -397,7 +222,7 @@ class MultiLoader:
         """``(index [K, B], keys [K, B])`` of each step of one epoch per stream (see ``multi_batches``)."""
         b = check_int("batch_size", batch_size, 1)
         plans = []
-        for k, (s, e) in enumerate(zip(self.streams, epochs)):
+        for s, e in zip(self.streams, epochs):
             order = epoch_order(s.indices, s.seed, e)
             plans.append([order[a:z] for a, z in shard_batches(order.size, b, 0, 1, drop_last)])
         steps = min(len(p) for p in plans)
@@ -505,29 +330,8 @@ class MultiLoader:
                           rainy=rainy, rain=rain_t, mask=mask, epochs=epochs, step=step)
 
     def _finish_gpu(self, x: Any, idx: np.ndarray, keys: np.ndarray, epochs: tuple, step: int) -> MultiBatch:
-        """Device path: ``render_streams_device`` on the gathered uint8 batch, then conversion by table look-up."""
-        import torch
-
-        k, b = idx.shape
-        p, dev = self.patch_size, x.device
-        x = x.contiguous()
-        rain_u8 = torch.empty((k * b, p, p), dtype=torch.uint8, device=dev)
-        rainy_u8 = torch.empty((k * b, p, p, 3), dtype=torch.uint8, device=dev)
-        mask = torch.empty((k * b, p, p), dtype=torch.bool, device=dev)
-        kind = arrays.kind_of(x)
-        x_d, rain_d, rainy_d, mask_d = (arrays.to_backend(t, kind) for t in (x, rain_u8, rainy_u8, mask))
-        self.calls += render_streams_device(x_d, self.specs, self.seeds, keys, rain_d, rainy_d, mask_d)
-        if self.dtype == "uint8":
-            conv = lambda t: t.contiguous()  # noqa: E731 - raw values, only the layout changes
-        else:
-            lut = unit_table(dev, self.dtype)
-            conv = lambda t: unit_by_lut(t, lut)  # noqa: E731
-        shape = (k, b, 3, p, p)
-        return MultiBatch(index=torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64).copy()),
-                          background=conv(x.permute(0, 3, 1, 2)).view(shape),
-                          rainy=conv(rainy_u8.permute(0, 3, 1, 2)).view(shape),
-                          rain=conv(rain_u8.unsqueeze(1)).view(k, b, 1, p, p),
-                          mask=mask.view(k, b, 1, p, p), epochs=epochs, step=step)
+        self.calls += len(rain_runs(self.specs))
+        return finish_streams_device(x, self.specs, self.seeds, idx, keys, self.dtype, epochs, step)
 
     # -- epochs --
     def epoch(self, batch_size: int, epoch: int | Sequence[int] = 0, drop_last: bool = False) -> Iterator[MultiBatch]:
@@ -647,5 +451,8 @@ def clear_multi_cache() -> None:
         _CACHE.popitem()[1].close()
 
 
-__all__ = ["MultiBatch", "MultiLoader", "Stream", "clear_multi_cache", "multi_batches", "order_by_rain",
-           "rain_runs", "render_streams_cpu", "render_streams_device", "resolve_epochs", "resolve_streams"]
+atexit.register(clear_multi_cache)  # stop DALI workers before the interpreter tears down, as engine.loader.api does
+
+
+__all__ = ["MultiLoader", "ResolvedStream", "Stream", "clear_multi_cache", "multi_batches", "order_by_rain", "resolve_epochs",
+           "resolve_streams"]
