@@ -64,6 +64,8 @@ def step_time(model: str, k: int, batch: int, patch: int, device: str = "cpu", s
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     net = build_fused(model, k).to(dev)
+    if dev.type == "cpu" and hasattr(net, "memory_format"):
+        net.memory_format = torch.channels_last  # as train_fused sets it on the CPU
     opt = StreamAdam(net.parameters(), k, lr=1e-4)
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(k, batch, 3, patch, patch, generator=gen).to(dev)
@@ -169,7 +171,8 @@ def run_train_bench(models: Sequence[str] = MODELS, ks: Sequence[int] | None = N
     list of dict
         One row per (model, K): ``model``, ``K``, ``device``, ``patch``, ``batch``, the patches/s of every mode
         measured (``sequential``, ``processes``, ``fused``; all K runs together), ``fused_data_wait`` (share of the
-        fused step spent waiting for data) and the ratios ``fused_vs_sequential``, ``fused_vs_processes``.
+        fused step spent waiting for data), the ratios ``fused_vs_sequential``, ``fused_vs_processes``, and
+        ``load`` (the machine's 1-minute load average as the row ends).
     """
     import torch
 
@@ -202,6 +205,9 @@ def run_train_bench(models: Sequence[str] = MODELS, ks: Sequence[int] | None = N
                 for other in ("sequential", "processes"):
                     if "fused" in row and row.get(other):
                         row[f"fused_vs_{other}"] = row["fused"] / row[other]
+                # the 1-minute load average as the row's cases end: on a shared machine concurrent processes take
+                # a larger share of the cores than one fused process, so the load says how far to trust a ratio
+                row["load"] = os.getloadavg()[0]
                 rows.append(row)
     return rows
 
@@ -268,11 +274,12 @@ def format_train_rows(rows: Sequence[dict]) -> str:
         return "-" if x is None else f"{x:.2f}x"
 
     header = ["model", "K", "device", "px", "sequential/s", "K processes/s", "fused/s", "fused/sequential",
-              "fused/processes", "fused data wait"]
+              "fused/processes", "fused data wait", "load"]
     body = [[r["model"], str(r["K"]), r["device"], str(r["patch"]), rate(r.get("sequential")),
              rate(r.get("processes")), rate(r.get("fused")), ratio(r.get("fused_vs_sequential")),
              ratio(r.get("fused_vs_processes")),
-             "-" if r.get("fused_data_wait") is None else f"{100 * r['fused_data_wait']:.1f} %"] for r in rows]
+             "-" if r.get("fused_data_wait") is None else f"{100 * r['fused_data_wait']:.1f} %",
+             "-" if r.get("load") is None else f"{r['load']:.1f}"] for r in rows]
     widths = [max(len(c) for c in col) for col in zip(header, *body)]
     line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, body)])
