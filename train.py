@@ -817,14 +817,17 @@ def main(**options: Any) -> None:
 
 @contextlib.contextmanager
 def torch_settings_kept() -> Iterator[None]:
-    """Restore torch's deterministic-algorithms flag and thread count on exit: training switches on the first (CPU)
-    and may set the second, and an in-process call (tests, notebooks) should leave torch as it found it."""
+    """Restore torch's deterministic-algorithms flag and torch's and numba's thread counts on exit: training switches
+    on the first (CPU) and ``--threads`` sets the others, and an in-process call (tests, notebooks) should leave the
+    process as it found it."""
     deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    numba_threads = numba.get_num_threads()
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(deterministic)
         torch.set_num_threads(threads)
+        numba.set_num_threads(numba_threads)
 
 
 if __name__ == "__main__":
