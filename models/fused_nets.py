@@ -2,8 +2,8 @@
 
 A fused network keeps the ordinary network's module tree and parameter names; each parameter gains a leading
 stream axis of size K (see ``models.fused_layers``). Its ``forward`` takes and returns stream-major images
-``[K, B, 3, H, W]`` (float, 0..1 in, not clamped out); inside, convolutions run on the channel-stacked layout
-``[B, K*C, H, W]`` and SwinIR's token layers on ``[K, B, H*W, C]``.
+``[K, B, 3, H, W]`` (float, 0..1 in, not clamped out); inside, convolutions run on one of the image layouts of
+``models.fused_layers`` (``FusedNet.layout``) and SwinIR's token layers on ``[K, B, H*W, C]``.
 """
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused_layers import (FusedConv2d, FusedConvTranspose2d, FusedLayerNorm, FusedLinear, cat_streams, from_stacked,
-                           to_stacked)
+from .fused_layers import LAYOUTS, FusedConv2d, FusedConvTranspose2d, FusedLayerNorm, FusedLinear
 from .resnet import ResidualBlock, ResNet
 from .swinir import RSTB, SwinBlock, SwinIR, WindowAttention, window_partition, window_reverse
 from .unet import UNet
@@ -45,22 +44,41 @@ class FusedNet(nn.Module):
     ----------
     k : int
         Number of streams.
+    layout : str
+        How the convolutions run: ``"grouped"`` (one grouped convolution per layer on ``[B, K*C, H, W]``, HFTA's
+        layout), ``"streams"`` (one ordinary convolution per stream on ``[K*B, C, H, W]``), or ``"auto"`` (the
+        default: grouped on CUDA, streams elsewhere). On CPU, oneDNN runs a grouped convolution with 16 channels
+        per group about 3x slower than the K ordinary ones (measured with 1 thread: its ``jit:avx512_core`` /
+        ``gemm:jit`` grouped kernels against the ``brg_conv`` kernels of ordinary convolutions).
     memory_format : torch.memory_format
-        Layout of the stacked images inside the network: ``torch.contiguous_format`` (NCHW, the default) or
-        ``torch.channels_last`` (NHWC strides; oneDNN's grouped convolutions on CPU run without reorders then).
-        Results agree to rounding either way.
+        Layout in memory of the images inside the network: ``torch.contiguous_format`` (NCHW, the default) or
+        ``torch.channels_last`` (NHWC strides: oneDNN's grouped convolutions run without reorders and never fall
+        back to its im2col kernel).
+
+    Results agree to rounding for every ``layout`` and ``memory_format``.
     """
 
     def __init__(self, src: nn.Module, k: int, in_channels: int) -> None:
         super().__init__()
         self.k, self.in_channels = k, in_channels
+        self.layout = "auto"
         self.memory_format = torch.contiguous_format
         _copy_children(self, src, k)
 
-    def stack(self, x: torch.Tensor) -> torch.Tensor:
-        """Check ``x`` (``[K, B, C, H, W]``) and return it channel-stacked, ``[B, K*C, H, W]``."""
+    def image_layout(self, device: torch.device) -> type:
+        """The image layout (``fused_layers.GROUPED`` or ``STREAMS``) that ``layout`` picks on ``device``."""
+        name = self.layout
+        if name == "auto":
+            name = "grouped" if device.type == "cuda" else "streams"
+        if name not in LAYOUTS:
+            raise ValueError(f"layout: expected 'auto', 'grouped' or 'streams', got {self.layout!r}")
+        return LAYOUTS[name]
+
+    def stack(self, x: torch.Tensor) -> tuple[torch.Tensor, type]:
+        """Check ``x`` (``[K, B, C, H, W]``); return it packed in the image layout for its device, and the layout."""
         check_images(x, self.k, self.in_channels)
-        return to_stacked(x, self.memory_format)
+        layout = self.image_layout(x.device)
+        return layout.pack(x, self.memory_format), layout
 
 
 class FusedResNet(FusedNet):
@@ -71,10 +89,10 @@ class FusedResNet(FusedNet):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``[K, B, 3, H, W]`` float, 0..1 -> ``[K, B, 3, H, W]``; slice k is ordinary model k's output."""
-        xs = self.stack(x)
+        xs, layout = self.stack(x)
         feat = self.act(self.conv_first(xs))
         out = self.conv_last(self.act(self.conv_hr(self.body(feat))))
-        return from_stacked(xs + out, self.k)  # the global residual adds each stream's own input
+        return layout.unpack(xs + out, self.k)  # the global residual adds each stream's own input
 
 
 def _pad_to_multiple(xs: torch.Tensor, m: int) -> torch.Tensor:
@@ -88,7 +106,7 @@ def _pad_to_multiple(xs: torch.Tensor, m: int) -> torch.Tensor:
 
 class FusedUNet(FusedNet):
     """K ``UNet``: grouped convolutions and transposed convolutions, per-channel max-pool, and skip concatenations
-    that keep each stream's channels together (``cat_streams``)."""
+    that keep each stream's channels together (``layout.cat``)."""
 
     def __init__(self, src: UNet, k: int) -> None:
         super().__init__(src, k, src.inc[0].in_channels)
@@ -97,14 +115,15 @@ class FusedUNet(FusedNet):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``[K, B, 3, H, W]`` float, 0..1 -> ``[K, B, 3, H, W]``; slice k is ordinary model k's output."""
         h, w = x.shape[-2:]
-        xp = _pad_to_multiple(self.stack(x), 2 ** self.levels)
+        xs, layout = self.stack(x)
+        xp = _pad_to_multiple(xs, 2 ** self.levels)
         skips = [self.inc(xp)]
         for down in self.down:
             skips.append(down(F.max_pool2d(skips[-1], 2)))
         y = skips.pop()
         for up, dec in zip(self.up, self.dec):
-            y = dec(cat_streams([up(y), skips.pop()], self.k))
-        return from_stacked((xp + self.out(y))[..., :h, :w], self.k)
+            y = dec(layout.cat([up(y), skips.pop()], self.k))
+        return layout.unpack((xp + self.out(y))[..., :h, :w], self.k)
 
 
 class FusedWindowAttention(nn.Module):
@@ -164,18 +183,6 @@ class FusedSwinBlock(SwinBlock):
         return x + self.mlp(self.norm2(x))
 
 
-def _tokens_to_stacked(t: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """Tokens ``[K, B, H*W, C]`` -> channel-stacked images ``[B, K*C, H, W]``."""
-    k, b, _, c = t.shape
-    return t.permute(1, 0, 3, 2).reshape(b, k * c, *hw)
-
-
-def _stacked_to_tokens(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Channel-stacked images ``[B, K*C, H, W]`` -> tokens ``[K, B, H*W, C]``."""
-    b, kc, h, w = x.shape
-    return x.reshape(b, k, kc // k, h * w).permute(1, 0, 3, 2)
-
-
 class FusedRSTB(nn.Module):
     """K ``RSTB``: fused Swin blocks, a grouped 3x3 convolution, and each stream's skip."""
 
@@ -184,12 +191,12 @@ class FusedRSTB(nn.Module):
         self.k = k
         _copy_children(self, src, k)
 
-    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        """x: ``[K, B, H*W, C]`` tokens."""
+    def forward(self, x: torch.Tensor, hw: tuple[int, int], layout: type) -> torch.Tensor:
+        """x: ``[K, B, H*W, C]`` tokens; ``layout``: the image layout the convolution runs in."""
         y = x
         for blk in self.blocks:
             y = blk(y, hw)
-        return x + _stacked_to_tokens(self.conv(_tokens_to_stacked(y, hw)), self.k)
+        return x + layout.to_tokens(self.conv(layout.from_tokens(y, hw)), self.k)
 
 
 class FusedSwinIR(FusedNet):
@@ -202,19 +209,20 @@ class FusedSwinIR(FusedNet):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``[K, B, 3, H, W]`` float, 0..1 -> ``[K, B, 3, H, W]``; slice k is ordinary model k's output."""
         h, w = x.shape[-2:]
-        xp = _pad_to_multiple(self.stack(x), self.window)
+        xs, layout = self.stack(x)
+        xp = _pad_to_multiple(xs, self.window)
         hw = xp.shape[-2], xp.shape[-1]
         feat = self.conv_first(xp)
-        t = _stacked_to_tokens(feat, self.k)
+        t = layout.to_tokens(feat, self.k)
         for layer in self.layers:
-            t = layer(t, hw)
-        t = _tokens_to_stacked(self.norm(t), hw)
+            t = layer(t, hw, layout)
+        t = layout.from_tokens(self.norm(t), hw)
         y = xp + self.conv_last(self.conv_after_body(t) + feat)
-        return from_stacked(y[..., :h, :w], self.k)
+        return layout.unpack(y[..., :h, :w], self.k)
 
 
 def _fuse_container(src: nn.Module, k: int) -> nn.Module:
-    """A container whose forward works unchanged on the channel-stacked layout (Sequential, ModuleList, a residual
+    """A container whose forward works unchanged on either image layout (Sequential, ModuleList, a residual
     block of convolutions): the same module with each child fused."""
     if next(src.parameters(recurse=False), None) is not None or next(src.buffers(recurse=False), None) is not None:
         raise TypeError(f"fuse_module: {type(src).__name__} holds its own tensors; it needs a fused class")

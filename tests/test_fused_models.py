@@ -82,10 +82,13 @@ def test_forward_slices_equal_the_ordinary_models(name, k, hw):
     fused = mf.from_models(name, nets)
     x = torch.rand(k, 2, 3, *hw, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        y = fused(x)
-        assert y.shape == x.shape
-        for i, net in enumerate(nets):
-            assert_rel_close(y[i], net(x[i]), 1e-5, f"{name} stream {i}")
+        want = [net(x[i]) for i, net in enumerate(nets)]
+        for layout in ("grouped", "streams"):
+            fused.layout = layout
+            y = fused(x)
+            assert y.shape == x.shape and y.is_contiguous()
+            for i in range(k):
+                assert_rel_close(y[i], want[i], 1e-5, f"{name} stream {i}, {layout} layout")
 
 
 @pytest.mark.parametrize("name", SMALL)
@@ -95,17 +98,20 @@ def test_channels_last_inside_gives_the_same_outputs(name):
     with torch.no_grad():
         want = fused(x)
         fused.memory_format = torch.channels_last
-        assert_rel_close(fused(x), want, 1e-5, f"{name} channels_last")
+        for layout in ("grouped", "streams"):
+            fused.layout = layout
+            assert_rel_close(fused(x), want, 1e-5, f"{name} channels_last, {layout} layout")
 
 
 # ---- training --------------------------------------------------------------------------------------------------------
 
-def train_both(name: str, lrs: list[float], steps: int, hw: tuple[int, int] = (16, 24)):
+def train_both(name: str, lrs: list[float], steps: int, layout: str = "auto", hw: tuple[int, int] = (16, 24)):
     """``steps`` L1 steps of K ordinary runs (torch.optim.Adam) and of their fused model (StreamAdam); the learning
     rates halve before the last step, per stream. Yields (step, fused, opt, nets, adams) after each step."""
     k = len(lrs)
     nets = runs(name, k)
     fused = mf.from_models(name, nets)
+    fused.layout = layout
     opt = mf.StreamAdam(fused.parameters(), k, lr=lrs, betas=BETAS)
     adams = [torch.optim.Adam(net.parameters(), lr=lr, betas=BETAS) for net, lr in zip(nets, lrs)]
     gen = torch.Generator().manual_seed(2)
@@ -135,10 +141,11 @@ def compare(fused, nets, rel: float, grads: bool) -> None:
                 assert_rel_close(fused_params[key].grad[i], p.grad, rel, f"grad {key} stream {i}")
 
 
+@pytest.mark.parametrize("layout", ["grouped", "streams"])
 @pytest.mark.parametrize("name", SMALL)
-def test_training_steps_equal_independent_runs(name):
+def test_training_steps_equal_independent_runs(name, layout):
     rel = 1e-4 if name.startswith("swinir") else 1e-5
-    for _, fused, _, nets, _ in train_both(name, [1e-3, 3e-3, 5e-4], steps=3):
+    for _, fused, _, nets, _ in train_both(name, [1e-3, 3e-3, 5e-4], steps=3, layout=layout):
         compare(fused, nets, rel, grads=True)
     compare(fused, nets, rel, grads=False)  # after the last step
 
@@ -214,6 +221,11 @@ def test_bad_input_names_the_input():
         mf.StreamAdam(fused.parameters(), 2, lr=[1e-3])
     with pytest.raises(ValueError, match="params: expected fused tensors with the stream axis first, of size 3"):
         mf.StreamAdam(fused.parameters(), 3)
+    fused.layout = "sideways"
+    with pytest.raises(ValueError, match="layout: expected 'auto', 'grouped' or 'streams', got 'sideways'"):
+        fused(torch.rand(2, 1, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"FusedConv2d: expected \[B, 2\*16, H, W\] or \[2\*B, 16, H, W\]"):
+        fused.conv_hr(torch.rand(1, 8, 4, 4))
     with pytest.raises(TypeError, match="no fused version of BatchNorm2d"):
         mf.fuse_module(torch.nn.Sequential(torch.nn.BatchNorm2d(3)), 2)
     with pytest.raises(ValueError, match="pred, target"):
