@@ -83,7 +83,7 @@ def test_forward_slices_equal_the_ordinary_models(name, k, hw):
     x = torch.rand(k, 2, 3, *hw, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = [net(x[i]) for i, net in enumerate(nets)]
-        for layout in ("grouped", "streams"):
+        for layout in ("grouped", "loop"):
             fused.layout = layout
             y = fused(x)
             assert y.shape == x.shape and y.is_contiguous()
@@ -98,9 +98,20 @@ def test_channels_last_inside_gives_the_same_outputs(name):
     with torch.no_grad():
         want = fused(x)
         fused.memory_format = torch.channels_last
-        for layout in ("grouped", "streams"):
+        for layout in ("grouped", "loop"):
             fused.layout = layout
             assert_rel_close(fused(x), want, 1e-5, f"{name} channels_last, {layout} layout")
+
+
+def test_loop_layout_follows_the_module_to_another_dtype():
+    nets = runs("swinir-s", 2)
+    fused = mf.from_models("swinir-s", nets).to(torch.float64)
+    x = torch.rand(2, 1, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        fused.layout = "loop"
+        y = fused(x)
+        fused.layout = "grouped"
+        assert y.dtype == torch.float64 and torch.allclose(y, fused(x), rtol=1e-10, atol=1e-12)
 
 
 # ---- training --------------------------------------------------------------------------------------------------------
@@ -141,7 +152,7 @@ def compare(fused, nets, rel: float, grads: bool) -> None:
                 assert_rel_close(fused_params[key].grad[i], p.grad, rel, f"grad {key} stream {i}")
 
 
-@pytest.mark.parametrize("layout", ["grouped", "streams"])
+@pytest.mark.parametrize("layout", ["grouped", "loop"])
 @pytest.mark.parametrize("name", SMALL)
 def test_training_steps_equal_independent_runs(name, layout):
     rel = 1e-4 if name.startswith("swinir") else 1e-5
@@ -222,9 +233,9 @@ def test_bad_input_names_the_input():
     with pytest.raises(ValueError, match="params: expected fused tensors with the stream axis first, of size 3"):
         mf.StreamAdam(fused.parameters(), 3)
     fused.layout = "sideways"
-    with pytest.raises(ValueError, match="layout: expected 'auto', 'grouped' or 'streams', got 'sideways'"):
+    with pytest.raises(ValueError, match="layout: expected 'auto', 'grouped' or 'loop', got 'sideways'"):
         fused(torch.rand(2, 1, 3, 8, 8))
-    with pytest.raises(ValueError, match=r"FusedConv2d: expected \[B, 2\*16, H, W\] or \[2\*B, 16, H, W\]"):
+    with pytest.raises(ValueError, match=r"FusedConv2d: expected channel-stacked input \[B, 2\*16, H, W\]"):
         fused.conv_hr(torch.rand(1, 8, 4, 4))
     with pytest.raises(TypeError, match="no fused version of BatchNorm2d"):
         mf.fuse_module(torch.nn.Sequential(torch.nn.BatchNorm2d(3)), 2)
@@ -242,13 +253,17 @@ def test_on_cuda_streams_match_the_ordinary_models_and_run_under_bf16_autocast(n
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # full float32
     try:
-        nets = [net.cuda() for net in runs(name, 3)]
-        fused = mf.from_models(name, nets)
+        nets = runs(name, 3)
+        fused = mf.from_models(name, nets).cuda()  # moved after fusing: the "loop" layout's network moves along
+        nets = [net.cuda() for net in nets]
         x = torch.rand(3, 2, 3, 20, 28, device="cuda")
         with torch.no_grad():
-            y = fused(x)
-            for i, net in enumerate(nets):
-                assert_rel_close(y[i], net(x[i]), 1e-4, f"{name} stream {i} on cuda")
+            for layout in ("grouped", "loop"):
+                fused.layout = layout
+                y = fused(x)
+                for i, net in enumerate(nets):
+                    assert_rel_close(y[i], net(x[i]), 1e-4, f"{name} stream {i} on cuda, {layout} layout")
+        fused.layout = "auto"
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = mf.stream_l1(fused(x), x)
         loss.sum().backward()
