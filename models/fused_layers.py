@@ -53,11 +53,6 @@ def tokens_to_stacked(t: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     return t.permute(1, 0, 3, 2).reshape(b, k * c, *hw)
 
 
-def _check_channels(layer: str, x: torch.Tensor, k: int, cin: int) -> None:
-    if x.dim() != 4 or x.shape[1] != k * cin:
-        raise ValueError(f"{layer}: expected channel-stacked input [B, {k}*{cin}, H, W], got {tuple(x.shape)}")
-
-
 def _stacked_parameter(src: torch.Tensor | None, k: int) -> nn.Parameter | None:
     """An uninitialized parameter of shape ``[K, *src.shape]`` (weights are loaded afterwards with ``fuse``)."""
     if src is None:
@@ -66,47 +61,52 @@ def _stacked_parameter(src: torch.Tensor | None, k: int) -> nn.Parameter | None:
                         requires_grad=src.requires_grad)
 
 
-class FusedConv2d(nn.Module):
+class _GroupedConv(nn.Module):
+    """What K convolutions (or transposed convolutions) ``src`` turn into: their hyper-parameters, with
+    ``groups = K * src.groups``, and stacked weights; ``weight.flatten(0, 1)`` is the grouped operator's weight."""
+
+    def __init__(self, src: nn.Conv2d | nn.ConvTranspose2d, k: int) -> None:
+        super().__init__()
+        if src.padding_mode != "zeros":
+            raise ValueError(f"{type(self).__name__}: padding_mode {src.padding_mode!r} is not supported; "
+                             "expected 'zeros'")
+        self.k, self.in_channels, self.groups = k, src.in_channels, src.groups * k
+        self.stride, self.padding, self.dilation = src.stride, src.padding, src.dilation
+        self.weight = _stacked_parameter(src.weight, k)
+        self.bias = _stacked_parameter(src.bias, k)
+
+    def grouped_bias(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Check that ``x`` is channel-stacked ``[B, K*Cin, H, W]``; return the grouped operator's bias."""
+        if x.dim() != 4 or x.shape[1] != self.k * self.in_channels:
+            raise ValueError(f"{type(self).__name__}: expected channel-stacked input [B, {self.k}*{self.in_channels}"
+                             f", H, W], got {tuple(x.shape)}")
+        return None if self.bias is None else self.bias.flatten()
+
+
+class FusedConv2d(_GroupedConv):
     """K ``nn.Conv2d`` as one grouped convolution on ``[B, K*Cin, H, W]`` -> ``[B, K*Cout, H', W']``.
 
     ``weight`` is ``[K, Cout, Cin/g, kh, kw]``; flattening its first two axes gives the grouped convolution's weight
     with ``groups = K*g`` (stream k's output channels come from stream k's input channels only).
     """
 
-    def __init__(self, src: nn.Conv2d, k: int) -> None:
-        super().__init__()
-        if src.padding_mode != "zeros":
-            raise ValueError(f"FusedConv2d: padding_mode {src.padding_mode!r} is not supported; expected 'zeros'")
-        self.k, self.in_channels, self.groups = k, src.in_channels, src.groups * k
-        self.stride, self.padding, self.dilation = src.stride, src.padding, src.dilation
-        self.weight = _stacked_parameter(src.weight, k)
-        self.bias = _stacked_parameter(src.bias, k)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_channels("FusedConv2d", x, self.k, self.in_channels)
-        bias = None if self.bias is None else self.bias.flatten()
+        bias = self.grouped_bias(x)
         return F.conv2d(x, self.weight.flatten(0, 1), bias, self.stride, self.padding, self.dilation, self.groups)
 
 
-class FusedConvTranspose2d(nn.Module):
+class FusedConvTranspose2d(_GroupedConv):
     """K ``nn.ConvTranspose2d`` as one grouped transposed convolution on ``[B, K*Cin, H, W]``.
 
     ``weight`` is ``[K, Cin, Cout/g, kh, kw]`` (the ordinary layer's weight is input-channel first).
     """
 
     def __init__(self, src: nn.ConvTranspose2d, k: int) -> None:
-        super().__init__()
-        if src.padding_mode != "zeros":
-            raise ValueError(f"FusedConvTranspose2d: padding_mode {src.padding_mode!r} is not supported")
-        self.k, self.in_channels, self.groups = k, src.in_channels, src.groups * k
-        self.stride, self.padding, self.dilation = src.stride, src.padding, src.dilation
+        super().__init__(src, k)
         self.output_padding = src.output_padding
-        self.weight = _stacked_parameter(src.weight, k)
-        self.bias = _stacked_parameter(src.bias, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_channels("FusedConvTranspose2d", x, self.k, self.in_channels)
-        bias = None if self.bias is None else self.bias.flatten()
+        bias = self.grouped_bias(x)
         return F.conv_transpose2d(x, self.weight.flatten(0, 1), bias, self.stride, self.padding,
                                   self.output_padding, self.groups, self.dilation)
 
