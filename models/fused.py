@@ -9,7 +9,7 @@
 Layout. A fused model's parameters and buffers have the ordinary model's names, each with a leading stream axis:
 ``fused_state[name][k]`` is run k's ``state[name]`` bit for bit (``stream_axis`` is 0 for every tensor). Its
 ``forward`` takes stream-major images ``[K, B, 3, H, W]`` (what the multi-stream loader yields) and returns the
-same layout; slice k is what ordinary model k returns for ``x[k]``. On CUDA (``net.layout`` "auto" or "grouped"),
+same layout; slice k is what ordinary model k returns for ``x[k]``. On CUDA (``net.fusion`` "auto" or "grouped"),
 convolutions (and U-Net's transposed convolutions) are grouped convolutions with ``groups = K`` on the
 channel-stacked layout ``[B, K*C, H, W]``. On CPU ("auto" -> "loop") the ordinary network runs once per stream
 with that stream's views of the fused weights, because there fusing only costs: oneDNN's grouped convolutions and

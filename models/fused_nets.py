@@ -3,7 +3,7 @@
 A fused network keeps the ordinary network's module tree and parameter names; each parameter gains a leading
 stream axis of size K (see ``models.fused_layers``). Its ``forward`` takes and returns stream-major images
 ``[K, B, 3, H, W]`` (float, 0..1 in, not clamped out); inside, convolutions run on the channel-stacked layout
-``[B, K*C, H, W]`` and SwinIR's token layers on ``[K, B, H*W, C]`` (or, with ``FusedNet.layout = "loop"``, the
+``[B, K*C, H, W]`` and SwinIR's token layers on ``[K, B, H*W, C]`` (or, with ``FusedNet.fusion = "loop"``, the
 ordinary network runs once per stream).
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ class FusedNet(nn.Module):
     ----------
     k : int
         Number of streams.
-    layout : str
+    fusion : str
         How the K streams are computed:
 
         - ``"grouped"``: one grouped convolution per layer on ``[B, K*C, H, W]`` (HFTA's layout);
@@ -69,7 +69,7 @@ class FusedNet(nn.Module):
     def __init__(self, src: nn.Module, k: int, in_channels: int) -> None:
         super().__init__()
         self.k, self.in_channels = k, in_channels
-        self.layout = "auto"
+        self.fusion = "auto"
         self.memory_format = torch.contiguous_format
         _copy_children(self, src, k)
         # The ordinary network that "loop" calls with each stream's weights; in a list, so that it is not a
@@ -86,13 +86,13 @@ class FusedNet(nn.Module):
         """x: ``[K, B, C, H, W]`` float, 0..1 -> ``[K, B, C, H, W]`` (contiguous); slice k is ordinary model k's
         output for ``x[k]``."""
         check_images(x, self.k, self.in_channels)
-        name = self.layout
+        name = self.fusion
         if name == "auto":
             name = "grouped" if x.device.type == "cuda" else "loop"
         if name == "loop":
             return self._loop(x)
         if name != "grouped":
-            raise ValueError(f"layout: expected 'auto', 'grouped' or 'loop', got {self.layout!r}")
+            raise ValueError(f"fusion: expected 'auto', 'grouped' or 'loop', got {self.fusion!r}")
         return from_stacked(self.grouped_forward(to_stacked(x, self.memory_format)), self.k)
 
     def grouped_forward(self, xs: torch.Tensor) -> torch.Tensor:
