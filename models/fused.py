@@ -9,9 +9,12 @@
 Layout. A fused model's parameters and buffers have the ordinary model's names, each with a leading stream axis:
 ``fused_state[name][k]`` is run k's ``state[name]`` bit for bit (``stream_axis`` is 0 for every tensor). Its
 ``forward`` takes stream-major images ``[K, B, 3, H, W]`` (what the multi-stream loader yields) and returns the
-same layout; slice k is what ordinary model k returns for ``x[k]``. Inside, convolutions (and U-Net's transposed
-convolutions) are grouped convolutions with ``groups = K`` on the channel-stacked layout ``[B, K*C, H, W]``;
-padding, max-pool and activations act per channel; skip concatenations keep each stream's channels together; the
+same layout; slice k is what ordinary model k returns for ``x[k]``. On CUDA (``net.fusion`` "auto" or "grouped"),
+convolutions (and U-Net's transposed convolutions) are grouped convolutions with ``groups = K`` on the
+channel-stacked layout ``[B, K*C, H, W]``. On CPU ("auto" -> "loop") the ordinary network runs once per stream
+with that stream's views of the fused weights, because there fusing only costs: oneDNN's grouped convolutions and
+K-fold activations are slower than K ordinary passes (see ``models.fused_nets.FusedNet``).
+Padding, max-pool and activations act per channel; skip concatenations keep each stream's channels together; the
 global residual adds each stream's own input. SwinIR's linear layers are batched matmuls (``torch.baddbmm``) over
 tokens ``[K, B, H*W, C]``, its LayerNorms carry per-stream affine weights, and window attention is one
 ``scaled_dot_product_attention`` over all streams' windows with each stream's own relative position bias (no

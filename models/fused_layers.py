@@ -27,18 +27,30 @@ def to_stacked(x: torch.Tensor, memory_format: torch.memory_format = torch.conti
 
 
 def from_stacked(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Channel-stacked ``[B, K*C, H, W]`` -> stream-major ``[K, B, C, H, W]`` (a contiguous copy, so that callers
-    may ``view`` it as they would an ordinary model's output)."""
+    """Channel-stacked ``[B, K*C, H, W]`` -> stream-major ``[K, B, C, H, W]`` (contiguous, as an ordinary model's
+    output)."""
     b, kc, h, w = x.shape
     return x.reshape(b, k, kc // k, h, w).transpose(0, 1).contiguous()
 
 
 def cat_streams(tensors: list[torch.Tensor], k: int) -> torch.Tensor:
-    """Channel concatenation of channel-stacked tensors ``[B, K*C_i, H, W]`` that keeps the stream-major grouping:
-    stream k's block of the result is the concatenation of stream k's blocks (what ``torch.cat(dim=1)`` does for
-    each ordinary model)."""
+    """Channel concatenation of channel-stacked images that keeps the stream-major grouping: stream k's block of
+    the result is the concatenation of stream k's blocks (what ``torch.cat(dim=1)`` does for each ordinary
+    model)."""
     b, _, h, w = tensors[0].shape
     return torch.cat([t.reshape(b, k, -1, h, w) for t in tensors], dim=2).reshape(b, -1, h, w)
+
+
+def stacked_to_tokens(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Channel-stacked images ``[B, K*C, H, W]`` -> tokens ``[K, B, H*W, C]``."""
+    b, kc, h, w = x.shape
+    return x.reshape(b, k, kc // k, h * w).permute(1, 0, 3, 2)
+
+
+def tokens_to_stacked(t: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """Tokens ``[K, B, H*W, C]`` -> channel-stacked images ``[B, K*C, H, W]``."""
+    k, b, _, c = t.shape
+    return t.permute(1, 0, 3, 2).reshape(b, k * c, *hw)
 
 
 def _stacked_parameter(src: torch.Tensor | None, k: int) -> nn.Parameter | None:
@@ -49,45 +61,52 @@ def _stacked_parameter(src: torch.Tensor | None, k: int) -> nn.Parameter | None:
                         requires_grad=src.requires_grad)
 
 
-class FusedConv2d(nn.Module):
+class _GroupedConv(nn.Module):
+    """What K convolutions (or transposed convolutions) ``src`` turn into: their hyper-parameters, with
+    ``groups = K * src.groups``, and stacked weights; ``weight.flatten(0, 1)`` is the grouped operator's weight."""
+
+    def __init__(self, src: nn.Conv2d | nn.ConvTranspose2d, k: int) -> None:
+        super().__init__()
+        if src.padding_mode != "zeros":
+            raise ValueError(f"{type(self).__name__}: padding_mode {src.padding_mode!r} is not supported; "
+                             "expected 'zeros'")
+        self.k, self.in_channels, self.groups = k, src.in_channels, src.groups * k
+        self.stride, self.padding, self.dilation = src.stride, src.padding, src.dilation
+        self.weight = _stacked_parameter(src.weight, k)
+        self.bias = _stacked_parameter(src.bias, k)
+
+    def grouped_bias(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Check that ``x`` is channel-stacked ``[B, K*Cin, H, W]``; return the grouped operator's bias."""
+        if x.dim() != 4 or x.shape[1] != self.k * self.in_channels:
+            raise ValueError(f"{type(self).__name__}: expected channel-stacked input [B, {self.k}*{self.in_channels}"
+                             f", H, W], got {tuple(x.shape)}")
+        return None if self.bias is None else self.bias.flatten()
+
+
+class FusedConv2d(_GroupedConv):
     """K ``nn.Conv2d`` as one grouped convolution on ``[B, K*Cin, H, W]`` -> ``[B, K*Cout, H', W']``.
 
     ``weight`` is ``[K, Cout, Cin/g, kh, kw]``; flattening its first two axes gives the grouped convolution's weight
     with ``groups = K*g`` (stream k's output channels come from stream k's input channels only).
     """
 
-    def __init__(self, src: nn.Conv2d, k: int) -> None:
-        super().__init__()
-        if src.padding_mode != "zeros":
-            raise ValueError(f"FusedConv2d: padding_mode {src.padding_mode!r} is not supported; expected 'zeros'")
-        self.k, self.groups = k, src.groups * k
-        self.stride, self.padding, self.dilation = src.stride, src.padding, src.dilation
-        self.weight = _stacked_parameter(src.weight, k)
-        self.bias = _stacked_parameter(src.bias, k)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.flatten()
+        bias = self.grouped_bias(x)
         return F.conv2d(x, self.weight.flatten(0, 1), bias, self.stride, self.padding, self.dilation, self.groups)
 
 
-class FusedConvTranspose2d(nn.Module):
+class FusedConvTranspose2d(_GroupedConv):
     """K ``nn.ConvTranspose2d`` as one grouped transposed convolution on ``[B, K*Cin, H, W]``.
 
     ``weight`` is ``[K, Cin, Cout/g, kh, kw]`` (the ordinary layer's weight is input-channel first).
     """
 
     def __init__(self, src: nn.ConvTranspose2d, k: int) -> None:
-        super().__init__()
-        if src.padding_mode != "zeros":
-            raise ValueError(f"FusedConvTranspose2d: padding_mode {src.padding_mode!r} is not supported")
-        self.k, self.groups = k, src.groups * k
-        self.stride, self.padding, self.dilation = src.stride, src.padding, src.dilation
+        super().__init__(src, k)
         self.output_padding = src.output_padding
-        self.weight = _stacked_parameter(src.weight, k)
-        self.bias = _stacked_parameter(src.bias, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.flatten()
+        bias = self.grouped_bias(x)
         return F.conv_transpose2d(x, self.weight.flatten(0, 1), bias, self.stride, self.padding,
                                   self.output_padding, self.groups, self.dilation)
 

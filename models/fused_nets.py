@@ -3,7 +3,8 @@
 A fused network keeps the ordinary network's module tree and parameter names; each parameter gains a leading
 stream axis of size K (see ``models.fused_layers``). Its ``forward`` takes and returns stream-major images
 ``[K, B, 3, H, W]`` (float, 0..1 in, not clamped out); inside, convolutions run on the channel-stacked layout
-``[B, K*C, H, W]`` and SwinIR's token layers on ``[K, B, H*W, C]``.
+``[B, K*C, H, W]`` and SwinIR's token layers on ``[K, B, H*W, C]`` (or, with ``FusedNet.fusion = "loop"``, the
+ordinary network runs once per stream).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fused_layers import (FusedConv2d, FusedConvTranspose2d, FusedLayerNorm, FusedLinear, cat_streams, from_stacked,
-                           to_stacked)
+                           stacked_to_tokens, to_stacked, tokens_to_stacked)
 from .resnet import ResidualBlock, ResNet
 from .swinir import RSTB, SwinBlock, SwinIR, WindowAttention, window_partition, window_reverse
 from .unet import UNet
@@ -39,28 +40,73 @@ def check_images(x: torch.Tensor, k: int, channels: int) -> None:
 
 class FusedNet(nn.Module):
     """Base of the fused networks: K streams of ``src``'s architecture (same child names, fused), the input check,
-    and the memory layout of the channel-stacked images.
+    and how the streams are computed.
 
     Attributes
     ----------
     k : int
         Number of streams.
+    fusion : str
+        How the K streams are computed:
+
+        - ``"grouped"``: one grouped convolution per layer on ``[B, K*C, H, W]`` (HFTA's layout);
+        - ``"loop"``: the ordinary network once per stream (``torch.func.functional_call`` with stream k's views
+          of the fused weights), so that activations stay the size of one run's;
+        - ``"auto"`` (the default): ``"grouped"`` on CUDA, ``"loop"`` elsewhere.
+
+        Why not grouped on CPU: oneDNN runs a grouped convolution with 16 channels per group about 3x slower than
+        the K ordinary ones (its ``jit:avx512_core`` / ``gemm:jit`` grouped kernels against the ``brg_conv``
+        kernels of ordinary convolutions); and K-fold activations (33.5 MB for K = 8 ``resnet-s`` at 16 x 64 x 64)
+        pass glibc's largest mmap threshold (32 MB), so every step maps, faults and zeroes them afresh.
     memory_format : torch.memory_format
-        Layout of the stacked images inside the network: ``torch.contiguous_format`` (NCHW, the default) or
-        ``torch.channels_last`` (NHWC strides; oneDNN's grouped convolutions on CPU run without reorders then).
-        Results agree to rounding either way.
+        Layout in memory of the images inside the network: ``torch.contiguous_format`` (NCHW, the default) or
+        ``torch.channels_last`` (NHWC strides: oneDNN's grouped convolutions run without reorders and never fall
+        back to its im2col kernel).
+
+    Results agree to rounding for every ``layout`` and ``memory_format``.
     """
 
     def __init__(self, src: nn.Module, k: int, in_channels: int) -> None:
         super().__init__()
         self.k, self.in_channels = k, in_channels
+        self.fusion = "auto"
         self.memory_format = torch.contiguous_format
         _copy_children(self, src, k)
+        # The ordinary network that "loop" calls with each stream's weights; in a list, so that it is not a
+        # submodule (no state-dict entries, no parameters of its own in ``parameters()``).
+        self._ordinary = [copy.deepcopy(src).requires_grad_(False)]
 
-    def stack(self, x: torch.Tensor) -> torch.Tensor:
-        """Check ``x`` (``[K, B, C, H, W]``) and return it channel-stacked, ``[B, K*C, H, W]``."""
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # .to(), .cuda(), .double() ... move the ordinary network (its non-persistent buffers are used) as well
+        super()._apply(fn, recurse)
+        self._ordinary[0]._apply(fn, recurse)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: ``[K, B, C, H, W]`` float, 0..1 -> ``[K, B, C, H, W]`` (contiguous); slice k is ordinary model k's
+        output for ``x[k]``."""
         check_images(x, self.k, self.in_channels)
-        return to_stacked(x, self.memory_format)
+        name = self.fusion
+        if name == "auto":
+            name = "grouped" if x.device.type == "cuda" else "loop"
+        if name == "loop":
+            return self._loop(x)
+        if name != "grouped":
+            raise ValueError(f"fusion: expected 'auto', 'grouped' or 'loop', got {self.fusion!r}")
+        return from_stacked(self.grouped_forward(to_stacked(x, self.memory_format)), self.k)
+
+    def grouped_forward(self, xs: torch.Tensor) -> torch.Tensor:
+        """The fused computation on channel-stacked images ``[B, K*C, H, W]``, returning the same layout."""
+        raise NotImplementedError
+
+    def _loop(self, x: torch.Tensor) -> torch.Tensor:
+        net = self._ordinary[0].train(self.training)
+        # unbind: one view per stream, whose backward is a single stack (indexing K times would zero-fill K copies)
+        per_stream = {name: t.unbind(0) for name, t in self.state_dict(keep_vars=True).items()}
+        outs = [torch.func.functional_call(net, {name: v[i] for name, v in per_stream.items()},
+                                           (x[i].contiguous(memory_format=self.memory_format),))
+                for i in range(self.k)]
+        return torch.stack(outs)
 
 
 class FusedResNet(FusedNet):
@@ -69,12 +115,10 @@ class FusedResNet(FusedNet):
     def __init__(self, src: ResNet, k: int) -> None:
         super().__init__(src, k, src.conv_first.in_channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: ``[K, B, 3, H, W]`` float, 0..1 -> ``[K, B, 3, H, W]``; slice k is ordinary model k's output."""
-        xs = self.stack(x)
+    def grouped_forward(self, xs: torch.Tensor) -> torch.Tensor:
         feat = self.act(self.conv_first(xs))
         out = self.conv_last(self.act(self.conv_hr(self.body(feat))))
-        return from_stacked(xs + out, self.k)  # the global residual adds each stream's own input
+        return xs + out  # the global residual adds each stream's own input
 
 
 def _pad_to_multiple(xs: torch.Tensor, m: int) -> torch.Tensor:
@@ -94,17 +138,16 @@ class FusedUNet(FusedNet):
         super().__init__(src, k, src.inc[0].in_channels)
         self.levels = src.levels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: ``[K, B, 3, H, W]`` float, 0..1 -> ``[K, B, 3, H, W]``; slice k is ordinary model k's output."""
-        h, w = x.shape[-2:]
-        xp = _pad_to_multiple(self.stack(x), 2 ** self.levels)
+    def grouped_forward(self, xs: torch.Tensor) -> torch.Tensor:
+        h, w = xs.shape[-2:]
+        xp = _pad_to_multiple(xs, 2 ** self.levels)
         skips = [self.inc(xp)]
         for down in self.down:
             skips.append(down(F.max_pool2d(skips[-1], 2)))
         y = skips.pop()
         for up, dec in zip(self.up, self.dec):
             y = dec(cat_streams([up(y), skips.pop()], self.k))
-        return from_stacked((xp + self.out(y))[..., :h, :w], self.k)
+        return (xp + self.out(y))[..., :h, :w]
 
 
 class FusedWindowAttention(nn.Module):
@@ -164,18 +207,6 @@ class FusedSwinBlock(SwinBlock):
         return x + self.mlp(self.norm2(x))
 
 
-def _tokens_to_stacked(t: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """Tokens ``[K, B, H*W, C]`` -> channel-stacked images ``[B, K*C, H, W]``."""
-    k, b, _, c = t.shape
-    return t.permute(1, 0, 3, 2).reshape(b, k * c, *hw)
-
-
-def _stacked_to_tokens(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Channel-stacked images ``[B, K*C, H, W]`` -> tokens ``[K, B, H*W, C]``."""
-    b, kc, h, w = x.shape
-    return x.reshape(b, k, kc // k, h * w).permute(1, 0, 3, 2)
-
-
 class FusedRSTB(nn.Module):
     """K ``RSTB``: fused Swin blocks, a grouped 3x3 convolution, and each stream's skip."""
 
@@ -189,7 +220,7 @@ class FusedRSTB(nn.Module):
         y = x
         for blk in self.blocks:
             y = blk(y, hw)
-        return x + _stacked_to_tokens(self.conv(_tokens_to_stacked(y, hw)), self.k)
+        return x + stacked_to_tokens(self.conv(tokens_to_stacked(y, hw)), self.k)
 
 
 class FusedSwinIR(FusedNet):
@@ -199,22 +230,21 @@ class FusedSwinIR(FusedNet):
         super().__init__(src, k, src.conv_first.in_channels)
         self.window = src.window
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: ``[K, B, 3, H, W]`` float, 0..1 -> ``[K, B, 3, H, W]``; slice k is ordinary model k's output."""
-        h, w = x.shape[-2:]
-        xp = _pad_to_multiple(self.stack(x), self.window)
+    def grouped_forward(self, xs: torch.Tensor) -> torch.Tensor:
+        h, w = xs.shape[-2:]
+        xp = _pad_to_multiple(xs, self.window)
         hw = xp.shape[-2], xp.shape[-1]
         feat = self.conv_first(xp)
-        t = _stacked_to_tokens(feat, self.k)
+        t = stacked_to_tokens(feat, self.k)
         for layer in self.layers:
             t = layer(t, hw)
-        t = _tokens_to_stacked(self.norm(t), hw)
+        t = tokens_to_stacked(self.norm(t), hw)
         y = xp + self.conv_last(self.conv_after_body(t) + feat)
-        return from_stacked(y[..., :h, :w], self.k)
+        return y[..., :h, :w]
 
 
 def _fuse_container(src: nn.Module, k: int) -> nn.Module:
-    """A container whose forward works unchanged on the channel-stacked layout (Sequential, ModuleList, a residual
+    """A container whose forward works unchanged on channel-stacked images (Sequential, ModuleList, a residual
     block of convolutions): the same module with each child fused."""
     if next(src.parameters(recurse=False), None) is not None or next(src.buffers(recurse=False), None) is not None:
         raise TypeError(f"fuse_module: {type(src).__name__} holds its own tensors; it needs a fused class")

@@ -82,10 +82,13 @@ def test_forward_slices_equal_the_ordinary_models(name, k, hw):
     fused = mf.from_models(name, nets)
     x = torch.rand(k, 2, 3, *hw, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        y = fused(x)
-        assert y.shape == x.shape
-        for i, net in enumerate(nets):
-            assert_rel_close(y[i], net(x[i]), 1e-5, f"{name} stream {i}")
+        want = [net(x[i]) for i, net in enumerate(nets)]
+        for fusion in ("grouped", "loop"):
+            fused.fusion = fusion
+            y = fused(x)
+            assert y.shape == x.shape and y.is_contiguous()
+            for i in range(k):
+                assert_rel_close(y[i], want[i], 1e-5, f"{name} stream {i}, {fusion}")
 
 
 @pytest.mark.parametrize("name", SMALL)
@@ -95,17 +98,31 @@ def test_channels_last_inside_gives_the_same_outputs(name):
     with torch.no_grad():
         want = fused(x)
         fused.memory_format = torch.channels_last
-        assert_rel_close(fused(x), want, 1e-5, f"{name} channels_last")
+        for fusion in ("grouped", "loop"):
+            fused.fusion = fusion
+            assert_rel_close(fused(x), want, 1e-5, f"{name} channels_last, {fusion}")
+
+
+def test_loop_fusion_follows_the_module_to_another_dtype():
+    nets = runs("swinir-s", 2)
+    fused = mf.from_models("swinir-s", nets).to(torch.float64)
+    x = torch.rand(2, 1, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        fused.fusion = "loop"
+        y = fused(x)
+        fused.fusion = "grouped"
+        assert y.dtype == torch.float64 and torch.allclose(y, fused(x), rtol=1e-10, atol=1e-12)
 
 
 # ---- training --------------------------------------------------------------------------------------------------------
 
-def train_both(name: str, lrs: list[float], steps: int, hw: tuple[int, int] = (16, 24)):
+def train_both(name: str, lrs: list[float], steps: int, fusion: str = "auto", hw: tuple[int, int] = (16, 24)):
     """``steps`` L1 steps of K ordinary runs (torch.optim.Adam) and of their fused model (StreamAdam); the learning
     rates halve before the last step, per stream. Yields (step, fused, opt, nets, adams) after each step."""
     k = len(lrs)
     nets = runs(name, k)
     fused = mf.from_models(name, nets)
+    fused.fusion = fusion
     opt = mf.StreamAdam(fused.parameters(), k, lr=lrs, betas=BETAS)
     adams = [torch.optim.Adam(net.parameters(), lr=lr, betas=BETAS) for net, lr in zip(nets, lrs)]
     gen = torch.Generator().manual_seed(2)
@@ -135,10 +152,11 @@ def compare(fused, nets, rel: float, grads: bool) -> None:
                 assert_rel_close(fused_params[key].grad[i], p.grad, rel, f"grad {key} stream {i}")
 
 
+@pytest.mark.parametrize("fusion", ["grouped", "loop"])
 @pytest.mark.parametrize("name", SMALL)
-def test_training_steps_equal_independent_runs(name):
+def test_training_steps_equal_independent_runs(name, fusion):
     rel = 1e-4 if name.startswith("swinir") else 1e-5
-    for _, fused, _, nets, _ in train_both(name, [1e-3, 3e-3, 5e-4], steps=3):
+    for _, fused, _, nets, _ in train_both(name, [1e-3, 3e-3, 5e-4], steps=3, fusion=fusion):
         compare(fused, nets, rel, grads=True)
     compare(fused, nets, rel, grads=False)  # after the last step
 
@@ -214,6 +232,11 @@ def test_bad_input_names_the_input():
         mf.StreamAdam(fused.parameters(), 2, lr=[1e-3])
     with pytest.raises(ValueError, match="params: expected fused tensors with the stream axis first, of size 3"):
         mf.StreamAdam(fused.parameters(), 3)
+    fused.fusion = "sideways"
+    with pytest.raises(ValueError, match="fusion: expected 'auto', 'grouped' or 'loop', got 'sideways'"):
+        fused(torch.rand(2, 1, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"FusedConv2d: expected channel-stacked input \[B, 2\*16, H, W\]"):
+        fused.conv_hr(torch.rand(1, 8, 4, 4))
     with pytest.raises(TypeError, match="no fused version of BatchNorm2d"):
         mf.fuse_module(torch.nn.Sequential(torch.nn.BatchNorm2d(3)), 2)
     with pytest.raises(ValueError, match="pred, target"):
@@ -230,13 +253,17 @@ def test_on_cuda_streams_match_the_ordinary_models_and_run_under_bf16_autocast(n
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # full float32
     try:
-        nets = [net.cuda() for net in runs(name, 3)]
-        fused = mf.from_models(name, nets)
+        nets = runs(name, 3)
+        fused = mf.from_models(name, nets).cuda()  # moved after fusing: the "loop" fusion's network moves along
+        nets = [net.cuda() for net in nets]
         x = torch.rand(3, 2, 3, 20, 28, device="cuda")
         with torch.no_grad():
-            y = fused(x)
-            for i, net in enumerate(nets):
-                assert_rel_close(y[i], net(x[i]), 1e-4, f"{name} stream {i} on cuda")
+            for fusion in ("grouped", "loop"):
+                fused.fusion = fusion
+                y = fused(x)
+                for i, net in enumerate(nets):
+                    assert_rel_close(y[i], net(x[i]), 1e-4, f"{name} stream {i} on cuda, {fusion}")
+        fused.fusion = "auto"
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = mf.stream_l1(fused(x), x)
         loss.sum().backward()

@@ -139,13 +139,18 @@ def measure(store: Any, mode: str, batch_size: int = 256, seconds: float = 2.0, 
 
 def bench_streams(count: int, store_count: int, per_stream: int, rain: Any = "medium") -> list:
     """``count`` streams of the benchmark: disjoint (when the store allows) subsets of ``per_stream`` patches,
-    ``rain`` for every stream (a sweep's fused group shares its architecture and often its rain range) and seeds
-    ``0 .. count - 1``."""
+    seeds ``0 .. count - 1`` and ``rain`` for every stream (a sweep's fused group shares its architecture and often
+    its rain range), or with a list of specs, stream k gets ``rain[k % len(rain)]``, the streams ordered by spec
+    (``engine.loader.multi.order_by_rain``) as a fused trainer orders them."""
     from engine.loader import Stream
+    from engine.loader.multi import order_by_rain
 
     per_stream = min(per_stream, store_count)
     starts = [(k * per_stream) % max(1, store_count - per_stream + 1) for k in range(count)]
-    return [Stream(np.arange(a, a + per_stream, dtype=np.int64), rain, k) for k, a in enumerate(starts)]
+    rains = list(rain) if isinstance(rain, (list, tuple)) else [rain]
+    streams = [Stream(np.arange(a, a + per_stream, dtype=np.int64), rains[k % len(rains)], k)
+               for k, a in enumerate(starts)]
+    return [streams[i] for i in order_by_rain(streams)]
 
 
 def measure_multi(store: Any, streams: int = 8, batch_size: int = 16, seconds: float = 2.0, threads: int = 2,
@@ -165,7 +170,9 @@ def measure_multi(store: Any, streams: int = 8, batch_size: int = 16, seconds: f
         Minimum timed seconds of each of the two cases (alternating repeats of ``REPEAT_PATCHES`` patches).
     threads : int
         torch / numba / OpenCV threads and DALI CPU threads.
-    device, rain, mode, dtype
+    rain : RainSpec, str, None or list of them
+        Every stream's rain, or one spec per stream in turn (``bench_streams``).
+    device, mode, dtype
         As in ``measure``.
     per_stream : int
         Patches in each stream's subset.
@@ -222,8 +229,9 @@ def measure_multi(store: Any, streams: int = 8, batch_size: int = 16, seconds: f
             multi.close()
             for loader in singles:
                 loader.close()
+    rain_names = dict.fromkeys("none" if s is None else s.name for s in multi.specs)
     common = dict(mode=multi.mode, device=str(multi.device), threads=threads, streams=streams,
-                  batch_size=batch_size, dtype=multi.dtype, rain=str(getattr(specs[0].rain, "name", specs[0].rain)))
+                  batch_size=batch_size, dtype=multi.dtype, rain="/".join(rain_names))
     rows = []
     for case, t in (("loader-multi", timings[0]), (f"loader-single-x{streams}", timings[1])):
         rows.append(dict(case=case, **common, patches=t.counted, seconds=round(t.timed_s, 3),

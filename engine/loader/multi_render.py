@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class MultiBatch:
-    """One step of K streams; see the module docstring for the layout.
+    """One step of K streams (layout: ``engine.loader.multi``); stream k's slice is ``stream(k)``.
 
     Attributes
     ----------
@@ -39,9 +39,10 @@ class MultiBatch:
     mask : torch.Tensor
         bool [K, B, 1, P, P]: rain layer > the spec's threshold (0..255 scale).
     epochs : tuple of int
-        The loader epoch of each stream's batch.
+        The loader epoch of each stream's batch (``multi_batches``; zeros for plans that span epochs, such as
+        ``engine.loader.multi_steps``, whose ``MultiStep.positions`` say where each stream stands).
     step : int
-        The batch's number within the epoch (0, 1, ...).
+        The batch's number within the plan (0, 1, ...).
     """
 
     index: Any
