@@ -213,10 +213,6 @@ def make_fused(members: Sequence[Member], device: torch.device) -> Fused:
     """The members' networks and EMAs stacked into fused ones, and StreamAdam with every run's learning rate."""
     name = members[0].cfg.model
     net = from_models(name, [m.state.net for m in members]).to(device)
-    if device.type == "cpu" and hasattr(net, "memory_format"):
-        # oneDNN runs grouped convolutions on NHWC strides without reordering: measured 3x faster fused resnet-s
-        # steps on 2 cores (K = 8, 64 x 64), results equal to rounding
-        net.memory_format = torch.channels_last
     ema = from_models(name, [m.state.ema for m in members]).to(device)
     ema.requires_grad_(False)
     optimizer = StreamAdam(net.parameters(), len(members), lr=[m.cfg.lr for m in members], betas=BETAS)

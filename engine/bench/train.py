@@ -64,8 +64,6 @@ def step_time(model: str, k: int, batch: int, patch: int, device: str = "cpu", s
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     net = build_fused(model, k).to(dev)
-    if dev.type == "cpu" and hasattr(net, "memory_format"):
-        net.memory_format = torch.channels_last  # as train_fused sets it on the CPU
     opt = StreamAdam(net.parameters(), k, lr=1e-4)
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(k, batch, 3, patch, patch, generator=gen).to(dev)
