@@ -428,10 +428,22 @@ def save_checkpoint(path: Path, state: TrainState, step: int, position: Position
     ckpt = {"model": state.net.state_dict(), "ema": state.ema.state_dict(),
             "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
             "step": step, "epoch": position.epoch, "offset": position.offset, "config": config,
-            "train_config": config["train_config"],
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
+            "train_config": config["train_config"], "rng": rng_states(device)}
     atomic_write(path, lambda f: torch.save(ckpt, f), fsync=True)
+
+
+def rng_states(device: torch.device) -> dict:
+    """The torch, numpy and (on CUDA) device RNG states, as a checkpoint keeps them."""
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def restore_rng(states: dict, device: torch.device) -> None:
+    """Set the RNGs to ``states`` (from ``rng_states``)."""
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    if device.type == "cuda" and states.get("cuda") is not None:
+        torch.cuda.set_rng_state(states["cuda"], device)
 
 
 def load_checkpoint(path: Path, state: TrainState, config: dict, device: torch.device) -> tuple[int, Position]:
@@ -440,21 +452,24 @@ def load_checkpoint(path: Path, state: TrainState, config: dict, device: torch.d
     Refuses (click error) a checkpoint of another model or whose ``RESUME_KEYS`` differ from ``config``'s.
     """
     ck = torch.load(path, map_location=device, weights_only=False)
-    if ck["config"]["model"] != config["model"]:
-        raise click.UsageError(f"--resume: the checkpoint is a {ck['config']['model']}, not {config['model']}")
-    for key in RESUME_KEYS:
-        if ck["config"].get(key) != config[key]:
-            raise click.UsageError(f"--resume: {key} differs from the checkpoint's ({config[key]!r} vs "
-                                   f"{ck['config'].get(key)!r}); resume with the original options")
+    check_resume(ck["config"], config)
     state.net.load_state_dict(ck["model"])
     state.ema.load_state_dict(ck["ema"])
     state.optimizer.load_state_dict(ck["optimizer"])
     state.scheduler.load_state_dict(ck["scheduler"])
-    torch.set_rng_state(ck["rng"]["torch"])
-    np.random.set_state(ck["rng"]["numpy"])
-    if device.type == "cuda" and ck["rng"].get("cuda") is not None:
-        torch.cuda.set_rng_state(ck["rng"]["cuda"], device)
+    restore_rng(ck["rng"], device)
     return ck["step"], Position(ck["epoch"], ck["offset"])
+
+
+def check_resume(saved: dict, config: dict) -> None:
+    """Raise a click error when a checkpoint's resolved configuration ``saved`` is of another model than ``config``
+    or differs from it in one of ``RESUME_KEYS``."""
+    if saved["model"] != config["model"]:
+        raise click.UsageError(f"--resume: the checkpoint is a {saved['model']}, not {config['model']}")
+    for key in RESUME_KEYS:
+        if saved.get(key) != config[key]:
+            raise click.UsageError(f"--resume: {key} differs from the checkpoint's ({config[key]!r} vs "
+                                   f"{saved.get(key)!r}); resume with the original options")
 
 
 def prepare_out(out: Path, config: dict, step: int, resume: bool) -> None:
@@ -531,18 +546,20 @@ class LogWindow:
         return record
 
 
-def check_finite(losses: np.ndarray, step: int, out: Path, last_good: int | None, master: bool) -> None:
-    """Raise ``NonFiniteLoss`` (after logging the bad step on rank 0) when a loss of the window ending at ``step``
-    is NaN or infinite; the message says where the last good checkpoint is."""
+def check_finite(losses: np.ndarray, step: int, out: Path, last_good: int | None, master: bool,
+                 ckpt: Path | None = None, what: str = "") -> None:
+    """Raise ``NonFiniteLoss`` (after logging the bad step to ``out``'s log on rank 0) when a loss of the window
+    ending at ``step`` is NaN or infinite; the message says where the last good checkpoint is (``ckpt``, by default
+    ``out / CKPT``) and starts with ``what`` (e.g. the run's name) when given."""
     bad = np.flatnonzero(~np.isfinite(losses))
     if not len(bad):
         return
     bad_step = step - len(losses) + int(bad[0]) + 1
     if master:
         append_log(out, {"step": bad_step, "event": "non-finite loss", "loss": float(losses[bad[0]])})
-    where = (f"the last good checkpoint is {out / CKPT} (step {last_good})" if last_good is not None
+    where = (f"the last good checkpoint is {ckpt or out / CKPT} (step {last_good})" if last_good is not None
              else "no checkpoint was written yet")
-    raise NonFiniteLoss(f"loss became {losses[bad[0]]} at step {bad_step}; training stopped, {where}")
+    raise NonFiniteLoss(f"{what}loss became {losses[bad[0]]} at step {bad_step}; training stopped, {where}")
 
 
 class Progress:
@@ -738,16 +755,27 @@ def main(**options: Any) -> None:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    # train() switches on deterministic algorithms (CPU) and may set the thread count: restore both afterwards, so
-    # an in-process call (tests, notebooks) leaves torch as it found it.
-    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     try:
-        train(cfg, device, rank, world)
+        with torch_settings_kept():
+            train(cfg, device, rank, world)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def torch_settings_kept() -> Iterator[None]:
+    """Restore torch's deterministic-algorithms flag and torch's and numba's thread counts on exit: training switches
+    on the first (CPU) and ``--threads`` sets the others, and an in-process call (tests, notebooks) should leave the
+    process as it found it."""
+    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    numba_threads = numba.get_num_threads()
+    try:
+        yield
     finally:
         torch.use_deterministic_algorithms(deterministic)
         torch.set_num_threads(threads)
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        numba.set_num_threads(numba_threads)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("engine", "kernels", "models")
-SCRIPTS = ("train.py",)
+SCRIPTS = ("train.py", "train_fused.py")
 
 
 # ---- the project's modules -----------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import click
 
 from engine.atomic import atomic_write_json
 from engine.bench import core as B
+from engine.bench import train as TB
 from engine.bench.machine import MALLOC_ENV, gpu_available, machine_info
 from engine.bench.timing import parse_threads
 
@@ -36,8 +37,25 @@ from engine.bench.timing import parse_threads
               help="Also write all numbers, ratios and the machine description to this JSON file.")
 @click.option("--seconds", type=click.FloatRange(min=0.0), default=1.0, show_default=True,
               help="Minimum timed seconds per case (after warm-up); at least 3 repeats, the median is reported.")
+@click.option("--train", is_flag=True,
+              help="Instead of the synthesis cases: training patches/s (all K runs together) of one run alone, K "
+                   "train.py processes at once and K runs fused (engine.bench.train), data wait included.")
+@click.option("--train-models", default=",".join(TB.MODELS), show_default=True, help="--train: models.")
+@click.option("--train-k", default=None, help="--train: group sizes K  [default: 1,2,4,8,16; 32 too on a GPU]")
+@click.option("--train-patch", type=click.IntRange(min=16), default=128, show_default=True,
+              help="--train: patch side in pixels.")
+@click.option("--train-batch", type=click.IntRange(min=1), default=16, show_default=True,
+              help="--train: patches per run and step.")
+@click.option("--train-steps", type=click.IntRange(min=1), default=10, show_default=True,
+              help="--train: steps per timed window (each case trains 3 windows and reports the middle one).")
+@click.option("--train-modes", default=",".join(TB.MODES), show_default=True,
+              help="--train: which of sequential (one run alone), processes, fused to time.")
+@click.option("--train-devices", default="auto", show_default=True,
+              help="--train: cpu, cuda or cpu,cuda; auto: the GPU when present, else the CPU (the full CPU table "
+                   "takes hours: restrict it with the other --train options).")
 def bench(presets: str, patches: int, threads: str, gpu: bool | None, gpu_patches: int, peers: bool, loader: bool,
-          json_path: str | None, seconds: float) -> None:
+          json_path: str | None, seconds: float, train: bool, train_models: str, train_k: str | None,
+          train_patch: int, train_batch: int, train_steps: int, train_modes: str, train_devices: str) -> None:
     """Patches/s of rain synthesis (rain layer + rainy image + mask) per preset, of sharpness and complexity, on
     CPU with one thread and all threads and on the GPU when present; beside them the peers on the same patches in
     the same process, and the ratios ours / peer.
@@ -50,6 +68,10 @@ def bench(presets: str, patches: int, threads: str, gpu: bool | None, gpu_patche
     re-faults the peers' large buffers on every call):
       MALLOC_TRIM_THRESHOLD_=1073741824 MALLOC_MMAP_THRESHOLD_=33554432 rainsweep bench
     """
+    if train:
+        _bench_train(train_models, train_k, train_patch, train_batch, train_steps, train_modes, train_devices,
+                     json_path)
+        return
     try:
         preset_names = B.check_presets(presets.split(","))
     except ValueError as err:
@@ -103,6 +125,51 @@ def bench(presets: str, patches: int, threads: str, gpu: bool | None, gpu_patche
             "ratios": ratio_rows,
             "loader": loader_rows if loader else None,
         }
+        atomic_write_json(json_path, _finite(doc), indent=2, default=_json_default, allow_nan=False)
+        click.echo(f"wrote {json_path}", err=True)
+
+
+def _bench_train(model_text: str, k_text: str | None, patch: int, batch: int, steps: int, mode_text: str,
+                 device_text: str, json_path: str | None) -> None:
+    """``rainsweep bench --train``: check the options, run ``engine.bench.train.run_train_bench`` per device,
+    print the table (and write the JSON file)."""
+    import models
+
+    names = [m.strip() for m in model_text.split(",") if m.strip()]
+    bad = [m for m in names if m not in models.NAMES]
+    if bad or not names:
+        raise click.BadParameter(f"{model_text!r}: expected models among {', '.join(models.NAMES)}",
+                                 param_hint="--train-models")
+    try:
+        ks = None if k_text is None else [int(k) for k in k_text.split(",") if k.strip()]
+    except ValueError:
+        ks = []
+    if ks is not None and (not ks or min(ks) < 1):
+        raise click.BadParameter(f"{k_text!r}: expected comma-separated group sizes >= 1",
+                                 param_hint="--train-k")
+    modes = [m.strip() for m in mode_text.split(",") if m.strip()]
+    if not modes or any(m not in TB.MODES for m in modes):
+        raise click.BadParameter(f"{mode_text!r}: expected some of {', '.join(TB.MODES)}", param_hint="--train-modes")
+    if device_text == "auto":
+        devices = ["cuda" if gpu_available() else "cpu"]
+    else:
+        devices = [d.strip() for d in device_text.split(",") if d.strip()]
+    if not devices or any(d not in ("cpu", "cuda") for d in devices):
+        raise click.BadParameter(f"{device_text!r}: expected cpu, cuda, both or auto", param_hint="--train-devices")
+    started = time.time()
+    rows = []
+    for device in devices:
+        rows += TB.run_train_bench(names, ks, patch, batch, steps, device, modes,
+                                   echo=lambda msg: click.echo(msg, err=True))
+    click.echo(f"training patches/s (all K runs together; {batch} patches per run and step, {patch} x {patch}, "
+               f"medium rain, data wait included):")
+    click.echo(TB.format_train_rows(rows))
+    if json_path:
+        doc = {"machine": machine_info(),
+               "settings": {"models": names, "ks": ks, "patch": patch, "batch": batch, "steps": steps,
+                            "modes": modes, "devices": devices, "started_utc": _utc(started),
+                            "elapsed_s": time.time() - started, "load_average": list(os.getloadavg())},
+               "train": rows}
         atomic_write_json(json_path, _finite(doc), indent=2, default=_json_default, allow_nan=False)
         click.echo(f"wrote {json_path}", err=True)
 

@@ -26,6 +26,19 @@ def _check_rains(names: list[str], option: str) -> None:
             raise click.BadParameter(str(err), param_hint=option) from None
 
 
+def _fuse_option(text: str | None) -> int | str | None:
+    """``--fuse``: None, "auto" or a group size >= 1."""
+    if text is None or text == "auto":
+        return text
+    try:
+        k = int(text)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise click.BadParameter(f"{text!r}: expected a group size K >= 1 or 'auto'", param_hint="--fuse")
+    return k
+
+
 @click.command(context_settings={"show_default": True})
 @click.option("--store", type=click.Path(exists=True), help="Patch store (rainsweep precompute). Required to run.")
 @click.option("--counts", default="8,16,32,64,128,256,512,1024", help="Training background counts.")
@@ -56,10 +69,13 @@ def _check_rains(names: list[str], option: str) -> None:
               help="Seconds between live views of the sweep (0: none).")
 @click.option("--status", "status_of", type=click.Path(exists=True, file_okay=False),
               help="Print where the sweep in this folder stands, run nothing.")
+@click.option("--fuse", default=None, metavar="K|auto",
+              help="Train up to K runs of one model together as one fused model (python -m train_fused; same "
+                   "results files); 'auto' times the device and picks K per model.")
 def sweep(store: str | None, counts: str, rains: str, model_names: str, iters: int, out: str | None, seeds: str,
           batch: int, test_rain: str, test_store: str | None, device: str, jobs: int, train_args: tuple[str, ...],
           executor: str, address: str | None, gpus_per_run: float | None, cpus_per_run: float, max_retries: int,
-          view_every: float, status_of: str | None) -> None:
+          view_every: float, status_of: str | None, fuse: str | None) -> None:
     """Train every (count, rain) configuration, skip finished ones, write results.csv/json and figures.
 
     Relative paths are read against the current folder. Each run's output shows as it runs, prefixed with the
@@ -100,7 +116,7 @@ def sweep(store: str | None, counts: str, rains: str, model_names: str, iters: i
         try:
             rows = sw.sweep(store, count_list, rain_list, model_list, iters, out, seeds=seed_list, extra=extra,
                             jobs=jobs, test_rain=test_rain, test_store=test_store, echo=click.echo,
-                            executor=runner, view_every=view_every)
+                            executor=runner, view_every=view_every, fuse=_fuse_option(fuse))
         finally:
             if runner is not None:
                 runner.close()

@@ -27,6 +27,7 @@ the machine at hand. One process per run keeps checkpoints, resume and the NaN c
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -40,7 +41,7 @@ from engine.atomic import atomic_write, atomic_write_json, atomic_write_text
 from engine.experiments.executors.base import Events, Executor, ExecutorError, Outcome, Resources, Unit
 from engine.experiments.executors.local import LocalExecutor, run_unit
 from engine.experiments.sweep_status import LiveView, SweepTracker
-from engine.experiments.train_command import TrainRun, absolute, train_argv
+from engine.experiments.train_command import TrainRun, absolute, fused_argv, fused_group_document, train_argv
 
 #: Metric columns of results.csv, in order.
 METRICS = ("E_R", "E_B", "rain_residual", "PSNR", "E_R_ceiling")
@@ -214,6 +215,129 @@ def run_one(cfg: RunConfig, store: str | os.PathLike, out_dir: Path, iters: int,
     return cell_row(cfg, out_dir, iters, run_unit(unit, on_line=on_line))
 
 
+# ---- fused groups: runs of one model trained together by train_fused ----------------------------------------------
+
+#: RunConfig fields in which the runs of a fused group may differ (each stream has its own data, rain and seed).
+FUSE_VARYING = ("rain", "count", "seed", "subset", "lr")
+
+
+def fuse_groups(configs: Sequence[RunConfig], k: int) -> list[list[int]]:
+    """Indices of ``configs`` in groups of at most ``k`` that can be trained fused: equal in every ``RunConfig``
+    field but ``FUSE_VARYING`` (in a sweep, the same model; all other options are the sweep's own).
+
+    Parameters
+    ----------
+    configs : sequence of RunConfig
+        The runs to group.
+    k : int
+        Largest group (>= 1).
+
+    Returns
+    -------
+    list of list of int
+        Every index once. The runs of one model are cut into ``ceil(n / k)`` groups as even in size as possible
+        (10 runs at ``k = 8``: 5 + 5, not 8 + 2: a group takes as long as its size needs), in plan order.
+    """
+    if k < 1:
+        raise SweepError(f"fuse: expected a group size >= 1, got {k}")
+    kinds: dict[tuple, list[int]] = {}
+    for i, cfg in enumerate(configs):
+        kinds.setdefault(tuple((f, v) for f, v in asdict(cfg).items() if f not in FUSE_VARYING), []).append(i)
+    groups = []
+    for idx in kinds.values():
+        n = -(-len(idx) // k)
+        size, bigger = divmod(len(idx), n)
+        start = 0
+        for g in range(n):
+            take = size + (g < bigger)
+            groups.append(idx[start:start + take])
+            start += take
+    return groups
+
+
+def group_name(configs: Sequence[RunConfig]) -> str:
+    """The group folder's name: ``<model>_x<K>_<digest of the run names>`` (the same runs give the same name, so an
+    interrupted sweep rerun with the same grouping finds and resumes its groups)."""
+    digest = hashlib.sha1("|".join(c.name for c in configs).encode()).hexdigest()[:10]
+    return f"{configs[0].model}_x{len(configs)}_{digest}"
+
+
+def group_command(configs: Sequence[RunConfig], store: str | os.PathLike, out_dir: Path, iters: int,
+                  extra: Sequence[str] = (), python: str = sys.executable, test_rain: str | None = None,
+                  test_store: str | os.PathLike | None = None) -> tuple[Path, list[str]]:
+    """Write the group file of ``configs`` (from ``fuse_groups``) and return the group's folder and the command
+    that trains them together, without ``--resume`` (add it when the group folder holds ``ckpt.pt``).
+
+    The command is one ``python -P -m train_fused`` process that writes each run's folder ``out_dir/runs/<name>``
+    as train.py would; the group folder ``out_dir/groups/<group_name>`` gets the group file (``group.json``), the
+    group checkpoint and config.json. Parameters are ``run_one``'s.
+    """
+    out_dir = absolute(out_dir)
+    group_dir = out_dir / "groups" / group_name(configs)
+    runs = [TrainRun(store=store, out=out_dir / "runs" / c.name, model=c.model, rain=c.rain, iters=iters,
+                     count=c.count, seed=c.seed, test_rain=test_rain, test_store=test_store, extra=tuple(extra))
+            for c in configs]
+    group_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(group_dir / "group.json", fused_group_document(runs), indent=2)
+    return group_dir, fused_argv(group_dir / "group.json", group_dir, python=python)
+
+
+def group_unit(configs: Sequence[RunConfig], store: str | os.PathLike, out_dir: Path, iters: int,
+               extra: Sequence[str] = (), python: str = sys.executable, test_rain: str | None = None,
+               test_store: str | os.PathLike | None = None, resources: Resources | None = None) -> Unit:
+    """The unit of work that trains ``configs`` (from ``fuse_groups``) together as one fused model
+    (``group_command``); its command gets ``--resume`` when the group folder holds the group checkpoint as it
+    starts (run folders of a fused group never hold one). Output goes to ``<group folder>/train.out``."""
+    out_dir = absolute(out_dir)
+    group_dir, argv = group_command(configs, store, out_dir, iters, extra, python, test_rain, test_store)
+    run_dirs = tuple(out_dir / "runs" / c.name for c in configs)
+    return Unit(group_dir.name, tuple(argv), (group_dir, *run_dirs), group_dir / "train.out",
+                resources or Resources())
+
+
+def option_value(args: Sequence[str], name: str, default: str) -> str:
+    """The value of the last ``name VALUE`` or ``name=VALUE`` in the train.py arguments ``args``, else ``default``."""
+    value = default
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args):
+            value = args[i + 1]
+        elif a.startswith(name + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+def fused_tasks(configs: Sequence[RunConfig], out_dir: Path, fuse: int | str, store, extra: Sequence[str],
+                echo: Callable[[str], None]) -> list[list[int]]:
+    """The sweep's work items under ``--fuse``: groups of unfinished runs (``fuse_groups``), one item per other run.
+
+    Finished runs, and runs with a checkpoint of their own (an interrupted unfused run, resumed by train.py), stay
+    alone. ``fuse="auto"`` picks the group size per model with ``engine.bench.train.pick_fuse_k`` on the sweep's
+    device, batch and patch size, and says what it picked and why through ``echo``.
+    """
+    alone, pending = [], []
+    for i, c in enumerate(configs):
+        run_dir = out_dir / "runs" / c.name
+        done = (run_dir / "metrics.json").exists() or (run_dir / "ckpt.pt").exists()
+        (alone if done else pending).append(i)
+    if fuse == "auto":
+        from engine.bench.train import pick_fuse_k
+        from engine.data.store import open_store
+
+        patch = int(open_store(store).patch_size)
+        batch, device = int(option_value(extra, "--batch", "16")), option_value(extra, "--device", "auto")
+        ks = {}
+        for model in dict.fromkeys(configs[i].model for i in pending):
+            n = sum(configs[i].model == model for i in pending)
+            ks[model] = pick_fuse_k(model, batch, patch, device, max_k=n, echo=echo) if n > 1 else 1
+    else:
+        ks = dict.fromkeys((configs[i].model for i in pending), int(fuse))
+    tasks = []
+    for model, k in ks.items():
+        idx = [i for i in pending if configs[i].model == model]
+        tasks += [[idx[j] for j in g] for g in fuse_groups([configs[i] for i in idx], k)]
+    return tasks + [[i] for i in alone]
+
+
 def write_results(out_dir: Path, rows: list[dict], extra_columns: Sequence[str] = ()) -> None:
     """Write ``rows`` to ``out_dir/results.json`` (every field) and ``out_dir/results.csv`` (the ``CONFIG``,
     ``METRICS`` and ``extra_columns`` columns; empty cells for missing values), each atomically."""
@@ -308,7 +432,8 @@ def sweep(store: str | os.PathLike, counts: Sequence[int], rains: Sequence[str],
           iters: int, out: str | os.PathLike, seeds: Sequence[int] = (0,), extra: Sequence[str] = (),
           jobs: int = 1, test_rain: str = "", test_store: str | os.PathLike | None = None,
           python: str = sys.executable, echo: Callable[[str], None] = print, executor: Executor | None = None,
-          resources: Resources | None = None, view_every: float = 30.0) -> list[dict]:
+          resources: Resources | None = None, view_every: float = 30.0, fuse: int | str | None = None
+          ) -> list[dict]:
     """Train every configuration (skipping finished ones), then write the results and figures.
 
     Parameters
@@ -350,6 +475,11 @@ def sweep(store: str | os.PathLike, counts: Sequence[int], rains: Sequence[str],
     view_every : float
         Seconds between live views (0: none). ``OUT/sweep_state.json`` records the cells' states for
         ``rainsweep sweep --status`` either way.
+    fuse : int or "auto", optional
+        Train unfinished runs of one model together, up to ``fuse`` at a time, each group as one fused model (one
+        ``python -m train_fused`` unit of work, ``group_command``; results are written as for unfused runs);
+        ``"auto"`` measures the device and picks the group size per model (``fused_tasks``). ``jobs`` then counts
+        units (groups and single runs).
 
     Returns
     -------
@@ -384,10 +514,13 @@ def sweep(store: str | os.PathLike, counts: Sequence[int], rains: Sequence[str],
     executor = executor or LocalExecutor(jobs)
     resources = resources or executor.resources
     rows: list[dict | None] = [None] * len(configs)
-    # Each unit of work trains the cells (indices into configs) of its group: one cell per unit here.
-    groups = [[i] for i, cfg in enumerate(configs) if not finished(cfg, out_dir)]
-    units = [cell_unit(configs[i], store, out_dir, iters, extra, python, test_rain or None, test_store, resources)
-             for (i,) in groups]
+    # Each unit of work trains the cells (indices into configs) of its group: one cell, or a fused group.
+    tasks = fused_tasks(configs, out_dir, fuse, store, extra, echo) if fuse else [[i] for i in range(len(configs))]
+    groups = [g for g in tasks if len(g) > 1 or not finished(configs[g[0]], out_dir)]
+    units = [cell_unit(configs[g[0]], store, out_dir, iters, extra, python, test_rain or None, test_store, resources)
+             if len(g) == 1 else group_unit([configs[i] for i in g], store, out_dir, iters, extra, python,
+                                            test_rain or None, test_store, resources)
+             for g in groups]
     tracker = SweepTracker(out_dir, [(c.name, iters) for c in configs], executor.name, view_every)
     lock = threading.Lock()
 
@@ -421,7 +554,10 @@ def sweep(store: str | os.PathLike, counts: Sequence[int], rains: Sequence[str],
 
     def ended(k: int, outcome: Outcome) -> None:
         for i in groups[k]:
-            record(i, cell_row(configs[i], out_dir, iters, outcome))
+            row = cell_row(configs[i], out_dir, iters, outcome)
+            if len(groups[k]) > 1:
+                row["group"] = units[k].name
+            record(i, row)
 
     events = Events(started=started, line=lambda k, text: say(f"{units[k].name} | {text}"), finished=ended)
     try:

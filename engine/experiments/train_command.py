@@ -1,4 +1,5 @@
-"""The one place that builds a ``train.py`` command line: ``TrainRun`` describes a run, ``train_argv`` spells it.
+"""The one place that builds a ``train.py`` command line: ``TrainRun`` describes a run, ``train_argv`` spells it;
+``fused_group_document`` and ``fused_argv`` do the same for a group of runs trained together by ``train_fused``.
 
 A training run is a ``python -P -m train ...`` subprocess that keeps the caller's working directory, and every
 path in its command line is absolute (resolved against the caller's working directory), so ``--out sweeps/s1``
@@ -123,7 +124,13 @@ def train_argv(run: TrainRun, python: str = sys.executable) -> list[str]:
     list of str
         argv for ``subprocess``; every path in it is absolute.
     """
-    cmd = [*train_module_argv(python), "--store", str(run.store)]
+    return [*train_module_argv(python), *train_args(run)]
+
+
+def train_args(run: TrainRun) -> list[str]:
+    """train.py's arguments for ``run`` (``train_argv`` without the interpreter): ``--store ... --out ... [extra]
+    [--resume]``; every path in them is absolute."""
+    cmd = ["--store", str(run.store)]
     if run.subset is not None:
         cmd += ["--subset", str(run.subset)]
     if run.count is not None:
@@ -136,6 +143,56 @@ def train_argv(run: TrainRun, python: str = sys.executable) -> list[str]:
     cmd += ["--model", run.model, "--iters", str(run.iters), "--seed", str(run.seed), "--out", str(run.out),
             *run.extra]
     return cmd + ["--resume"] if run.resume else cmd
+
+
+def fused_group_document(runs: Sequence[TrainRun]) -> dict:
+    """The group file of ``python -m train_fused`` (see train_fused.py) that trains ``runs`` together.
+
+    Parameters
+    ----------
+    runs : sequence of TrainRun
+        The runs, none of them with ``resume`` (a fused group resumes as a whole: ``fused_argv(..., resume=True)``).
+
+    Returns
+    -------
+    dict
+        ``{"runs": [train.py arguments of each run]}``, ready for ``engine.atomic.atomic_write_json``.
+
+    Raises
+    ------
+    ValueError
+        When ``runs`` is empty or a run has ``resume``.
+    """
+    if not runs:
+        raise ValueError("runs: expected at least one run for a fused group")
+    if any(r.resume for r in runs):
+        raise ValueError(f"{[str(r.out) for r in runs if r.resume]}: a fused group resumes as a whole "
+                         f"(fused_argv(..., resume=True)), not run by run")
+    return {"runs": [train_args(r) for r in runs]}
+
+
+def fused_argv(group_file: str | os.PathLike, out: str | os.PathLike, resume: bool = False,
+               python: str = sys.executable) -> list[str]:
+    """The command line of a fused group: ``python -P -m train_fused --group FILE --out DIR [--resume]``.
+
+    Parameters
+    ----------
+    group_file : str or os.PathLike
+        The group file (``fused_group_document``).
+    out : str or os.PathLike
+        The group folder (group checkpoint and config.json; every run writes to its own folder).
+    resume : bool
+        Continue the group from ``out/ckpt.pt``.
+    python : str
+        The interpreter.
+
+    Returns
+    -------
+    list of str
+        argv for ``subprocess``; every path in it is absolute. It runs in ``train_env(python)`` like train.py.
+    """
+    cmd = [python, "-P", "-m", "train_fused", "--group", str(absolute(group_file)), "--out", str(absolute(out))]
+    return cmd + ["--resume"] if resume else cmd
 
 
 def train_module_argv(python: str = sys.executable) -> list[str]:
@@ -187,5 +244,5 @@ def train_env(python: str = sys.executable, environ: Mapping[str, str] | None = 
     return env
 
 
-__all__ = ["PATH_OPTIONS", "ROOT", "TrainRun", "absolute", "absolute_path_options", "finds_own_train", "train_argv",
-           "train_env", "train_module_argv"]
+__all__ = ["PATH_OPTIONS", "ROOT", "TrainRun", "absolute", "absolute_path_options", "finds_own_train",
+           "fused_argv", "fused_group_document", "train_args", "train_argv", "train_env", "train_module_argv"]
