@@ -549,6 +549,8 @@ def sweep(store: str | os.PathLike, counts: Sequence[int], rains: Sequence[str],
             raise SweepError(str(err)) from None
 
     def started(k: int, where: str) -> None:
+        if len(groups[k]) > 1:
+            say(f"{units[k].name}: training {', '.join(configs[i].name for i in groups[k])} as one fused model")
         for i in groups[k]:
             tracker.started(configs[i].name, where)
 
