@@ -25,6 +25,9 @@ import click
 @click.option("--ckpt-every", default=500, type=click.IntRange(1), help="Steps per checkpoint.")
 @click.option("--dead-every", default=100, type=click.IntRange(0),
               help="Restart codes unused over this many steps at random latents (0: never).")
+@click.option("--codebook", default="gradient",
+              help="How codes learn: gradient (taming's codebook loss) or ema (moving averages of their latents).")
+@click.option("--ema-decay", default=0.99, type=float, help="Decay of --codebook ema.")
 def prior(**options) -> None:
     """Train a VQGAN autoencoder on a store's clean patches: the content prior that `python -m train --model
     vqgan-ft-s --prior OUT/prior.pt` fine-tunes. A rerun continues an interrupted training or reuses a finished

@@ -5,7 +5,9 @@ background patches of a store, so that its codebook and decoder hold the store's
 Objective per step (taming-transformers' ``VQModel`` autoencoder loss without its adversarial and perceptual
 terms): ``|x - x_rec|_1`` on the -1..1 scale plus the quantizer's loss (codebook term ``||sg(z) - e||^2`` weighted
 ``beta`` and commitment term ``||z - sg(e)||^2``, taming's legacy weighting, ``beta = 0.25``), codes updated through
-the straight-through estimator by Adam (betas 0.5, 0.9, as taming). Left out: the patch discriminator (GAN training
+the straight-through estimator by Adam (betas 0.5, 0.9, as taming); or, with ``codebook="ema"``, codes moved by
+exponential moving averages of their latents (``prior_codebook.EMACodebook``) and the loss L1 + ``beta`` x
+commitment. Left out: the patch discriminator (GAN training
 is unstable over a few thousand CPU steps) and the LPIPS perceptual loss (it needs VGG weights that are not
 shipped). Added: codes unused over ``dead_every`` steps are restarted at random latents of the current batch (a
 common cure for codebook collapse in short trainings; ``dead_every=0`` turns it off).
@@ -34,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.atomic import atomic_write, atomic_write_json
+from engine.experiments.prior_codebook import EMACodebook, restart_dead
 from engine.loader.steps import Position, TrainingStream
 
 PRIOR = "prior.pt"
@@ -41,7 +44,9 @@ CKPT = "ckpt.pt"
 LOG = "log.jsonl"
 BETAS = (0.5, 0.9)
 #: Options a continued run must share with its checkpoint.
-RESUME_KEYS = ("store", "count", "config", "batch", "lr", "seed", "dead_every")
+RESUME_KEYS = ("store", "count", "config", "batch", "lr", "seed", "dead_every", "codebook", "ema_decay")
+#: How the codes learn: through the quantizer's codebook loss, or by moving averages (``EMACodebook``).
+CODEBOOK_UPDATES = ("gradient", "ema")
 
 
 class PriorTrainingError(ValueError):
@@ -76,6 +81,11 @@ class PriorConfig:
         Steps between log lines and between checkpoints.
     dead_every : int
         Restart codes unused over this many steps (0: never).
+    codebook : str
+        ``gradient`` (taming: the codebook loss term moves the codes) or ``ema`` (moving averages of the assigned
+        latents, decay ``ema_decay``; the loss is then L1 + ``beta`` x commitment).
+    ema_decay : float
+        Decay of the ``ema`` codebook update.
     """
 
     store: str
@@ -91,6 +101,8 @@ class PriorConfig:
     log_every: int = 50
     ckpt_every: int = 500
     dead_every: int = 100
+    codebook: str = "gradient"
+    ema_decay: float = 0.99
 
     def check(self) -> None:
         """Raise ``PriorTrainingError`` naming the first option that cannot work."""
@@ -105,6 +117,10 @@ class PriorConfig:
             raise PriorTrainingError(f"--count {self.count}: expected a positive number of patches")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise PriorTrainingError(f"--lr {self.lr}: expected a positive learning rate")
+        if self.codebook not in CODEBOOK_UPDATES:
+            raise PriorTrainingError(f"--codebook {self.codebook!r}: expected one of {', '.join(CODEBOOK_UPDATES)}")
+        if not 0 < self.ema_decay < 1:
+            raise PriorTrainingError(f"--ema-decay {self.ema_decay}: expected a value in (0, 1)")
         if self.dead_every < 0:
             raise PriorTrainingError(f"--dead-every {self.dead_every}: expected >= 0")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -132,18 +148,6 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean over images of the PSNR (dB) between two NCHW batches on the 0..1 scale (``a`` clamped to 0..1)."""
     mse = ((a.clamp(0, 1) - b) ** 2).flatten(1).mean(1).double().clamp_min(1e-12)
     return float((10 * torch.log10(1.0 / mse)).mean())
-
-
-def restart_dead(quantizer, used: torch.Tensor, latents: torch.Tensor, gen: torch.Generator) -> int:
-    """Set every code with ``used == 0`` to a random row of ``latents`` ([M, embed_dim], detached); returns how many
-    were restarted."""
-    dead = torch.nonzero(used == 0).flatten()
-    if not len(dead):
-        return 0
-    pick = torch.randint(0, latents.shape[0], (len(dead),), generator=gen).to(latents.device)
-    with torch.no_grad():
-        quantizer.embedding.weight[dead] = latents[pick].to(quantizer.embedding.weight.dtype)
-    return int(len(dead))
 
 
 class Window:
@@ -178,8 +182,10 @@ def append_log(out: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def save_checkpoint(out: Path, net, opt, step: int, position: Position, cfg: PriorConfig) -> None:
-    ck = {"model": net.state_dict(), "optimizer": opt.state_dict(), "step": step, "epoch": position.epoch,
+def save_checkpoint(out: Path, net, opt, ema: EMACodebook | None, step: int, position: Position,
+                    cfg: PriorConfig) -> None:
+    ck = {"model": net.state_dict(), "optimizer": opt.state_dict(), "codebook_ema": ema and ema.state_dict(),
+          "step": step, "epoch": position.epoch,
           "offset": position.offset, "options": asdict(cfg), "rng": torch.get_rng_state()}
     atomic_write(out / CKPT, lambda f: torch.save(ck, f), fsync=True)
 
@@ -243,12 +249,17 @@ def train_prior(cfg: PriorConfig, echo: Callable[[str], None] = print, progress_
     stream = TrainingStream(str(Path(cfg.store).resolve()), indices, cfg.batch, rain=None, seed=cfg.seed,
                             device=device, mode="auto")
     net = vq.VQGAN(cfg.config).to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=BETAS)
+    ema = EMACodebook(net.quantize.embedding.weight.data, cfg.ema_decay) if cfg.codebook == "ema" else None
+    if ema is not None:
+        net.quantize.embedding.weight.requires_grad_(False)
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=cfg.lr, betas=BETAS)
     step, position = 0, Position()
     if (out / CKPT).exists():
         ck = torch.load(out / CKPT, map_location=device, weights_only=False)
         net.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(ck["codebook_ema"])
         torch.set_rng_state(ck["rng"])
         step, position = ck["step"], Position(ck["epoch"], ck["offset"])
     out.mkdir(parents=True, exist_ok=True)
@@ -269,12 +280,17 @@ def train_prior(cfg: PriorConfig, echo: Callable[[str], None] = print, progress_
     while step < cfg.iters:
         _, clean, position = next(steps)
         x = clean * 2 - 1
-        y, q = net.reconstruct(x)
+        h = net.quant_conv(net.encoder(x))
+        q = net.quantize(h)
+        y = net.decode(q.z_q)
         rec = F.l1_loss(y, x)
-        loss = rec + q.loss
+        loss = rec + (q.loss if ema is None else net.quantize.beta * q.commitment)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        latents = h.detach().permute(0, 2, 3, 1).reshape(-1, net.config.embed_dim)
+        if ema is not None:
+            ema.update(latents, q.indices.flatten())
         step += 1
         if not torch.isfinite(loss):
             raise PriorTrainingError(f"the loss became {float(loss)} at step {step}; lower --lr")
@@ -284,8 +300,10 @@ def train_prior(cfg: PriorConfig, echo: Callable[[str], None] = print, progress_
         window.add(loss=loss.item(), rec_l1=rec.item(), q_loss=q.loss.item(), commitment=q.commitment.item(),
                    psnr=psnr((y.detach() + 1) / 2, clean))
         if cfg.dead_every and step % cfg.dead_every == 0 and step < cfg.iters:
-            latents = net.quant_conv(net.encoder(x)).detach().permute(0, 2, 3, 1).reshape(-1, net.config.embed_dim)
-            restarted += restart_dead(net.quantize, dead_used, latents, gen)
+            dead = restart_dead(net.quantize.embedding.weight.data, dead_used, latents, gen)
+            if ema is not None:
+                ema.reset(dead)
+            restarted += len(dead)
             dead_used.zero_()
         at_ckpt = step % cfg.ckpt_every == 0 or step == cfg.iters
         if step % cfg.log_every == 0 or at_ckpt:
@@ -300,7 +318,7 @@ def train_prior(cfg: PriorConfig, echo: Callable[[str], None] = print, progress_
                      f"{net.config.n_embed}  {record['steps_per_s']:.1f} steps/s  ETA {eta:.0f} s")
                 last_shown = now
         if at_ckpt:
-            save_checkpoint(out, net, opt, step, position, cfg)
+            save_checkpoint(out, net, opt, ema, step, position, cfg)
     metrics = {**final_metrics(net, store, indices, device, cfg.batch), "step": step, "config": cfg.config,
                "train_patches": int(len(indices)), "train_seconds": time.perf_counter() - t_start}
     payload = vq.prior_payload(net, cfg.config, {"step": step, "metrics": metrics})
