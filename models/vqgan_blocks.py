@@ -90,6 +90,39 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+def make_level(block_in: int, block_out: int, blocks: int, attn: bool, dropout: float, groups: int) -> nn.Module:
+    """One resolution level: ``block`` (``blocks`` residual blocks, the first from ``block_in`` channels) and
+    ``attn`` (one attention block after each residual block when ``attn``, else empty)."""
+    level = nn.Module()
+    level.block = nn.ModuleList(ResnetBlock(block_in if i == 0 else block_out, block_out, dropout, groups)
+                                for i in range(blocks))
+    level.attn = nn.ModuleList(AttnBlock(block_out, groups) for _ in range(blocks if attn else 0))
+    return level
+
+
+def make_mid(channels: int, dropout: float, groups: int) -> nn.Module:
+    """The middle of the encoder or decoder: ``block_1``, ``attn_1``, ``block_2``."""
+    mid = nn.Module()
+    mid.block_1 = ResnetBlock(channels, channels, dropout, groups)
+    mid.attn_1 = AttnBlock(channels, groups)
+    mid.block_2 = ResnetBlock(channels, channels, dropout, groups)
+    return mid
+
+
+def run_level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The residual blocks of one level, each followed by its attention block where the level has them."""
+    for i, block in enumerate(level.block):
+        h = block(h)
+        if len(level.attn):
+            h = level.attn[i](h)
+    return h
+
+
+def run_mid(mid: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The middle of the encoder or decoder: block_1, attn_1, block_2."""
+    return mid.block_2(mid.attn_1(mid.block_1(h)))
+
+
 def attention_levels(resolution: int, levels: int, attn_resolutions: tuple[int, ...]) -> list[bool]:
     """Whether level ``i`` (resolution ``resolution / 2**i``) has attention blocks, as taming decides it: by the
     nominal training resolution, not the input's size, so the parameter set is fixed by the configuration."""
@@ -108,38 +141,23 @@ class Encoder(nn.Module):
         self.conv_in = nn.Conv2d(in_channels, ch, 3, 1, 1)
         in_mult = (1, *ch_mult)
         self.down = nn.ModuleList()
-        block_in = ch
         for i in range(levels):
-            level = nn.Module()
-            block_in, block_out = ch * in_mult[i], ch * ch_mult[i]
-            level.block = nn.ModuleList()
-            level.attn = nn.ModuleList()
-            for _ in range(num_res_blocks):
-                level.block.append(ResnetBlock(block_in, block_out, dropout, groups))
-                block_in = block_out
-                if attn[i]:
-                    level.attn.append(AttnBlock(block_in, groups))
+            level = make_level(ch * in_mult[i], ch * ch_mult[i], num_res_blocks, attn[i], dropout, groups)
             if i != levels - 1:
-                level.downsample = Downsample(block_in)
+                level.downsample = Downsample(ch * ch_mult[i])
             self.down.append(level)
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout, groups)
-        self.mid.attn_1 = AttnBlock(block_in, groups)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout, groups)
+        block_in = ch * ch_mult[-1]
+        self.mid = make_mid(block_in, dropout, groups)
         self.norm_out = normalize(block_in, groups)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for level in self.down:
-            for i, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[i](h)
+            h = run_level(level, h)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(swish(self.norm_out(h)))
+        return self.conv_out(swish(self.norm_out(run_mid(self.mid, h))))
 
 
 class Decoder(nn.Module):
@@ -152,21 +170,11 @@ class Decoder(nn.Module):
         attn = attention_levels(resolution, levels, attn_resolutions)
         block_in = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, 1, 1)
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout, groups)
-        self.mid.attn_1 = AttnBlock(block_in, groups)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout, groups)
+        self.mid = make_mid(block_in, dropout, groups)
         ups: list[nn.Module] = []
         for i in reversed(range(levels)):
-            level = nn.Module()
-            level.block = nn.ModuleList()
-            level.attn = nn.ModuleList()
-            block_out = ch * ch_mult[i]
-            for _ in range(num_res_blocks + 1):
-                level.block.append(ResnetBlock(block_in, block_out, dropout, groups))
-                block_in = block_out
-                if attn[i]:
-                    level.attn.append(AttnBlock(block_in, groups))
+            level = make_level(block_in, ch * ch_mult[i], num_res_blocks + 1, attn[i], dropout, groups)
+            block_in = ch * ch_mult[i]
             if i != 0:
                 level.upsample = Upsample(block_in)
             ups.insert(0, level)  # up[i] is level i, as in taming's checkpoints
@@ -175,12 +183,9 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, out_ch, 3, 1, 1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
+        h = run_mid(self.mid, self.conv_in(z))
         for level in reversed(self.up):
-            for i, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[i](h)
+            h = run_level(level, h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
         return self.conv_out(swish(self.norm_out(h)))
