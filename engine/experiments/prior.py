@@ -47,6 +47,9 @@ BETAS = (0.5, 0.9)
 RESUME_KEYS = ("store", "count", "config", "batch", "lr", "seed", "dead_every", "codebook", "ema_decay")
 #: How the codes learn: through the quantizer's codebook loss, or by moving averages (``EMACodebook``).
 CODEBOOK_UPDATES = ("gradient", "ema")
+#: The training loss of each codebook update, as config.json states it.
+LOSSES = {"gradient": "l1 on -1..1 + commitment + 0.25 x codebook (taming's legacy quantizer loss)",
+          "ema": "l1 on -1..1 + 0.25 x commitment; codes by moving averages"}
 
 
 class PriorTrainingError(ValueError):
@@ -264,7 +267,7 @@ def train_prior(cfg: PriorConfig, echo: Callable[[str], None] = print, progress_
         step, position = ck["step"], Position(ck["epoch"], ck["offset"])
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(saved, {"options": options, "vqgan": net.config.to_dict(), "train_patches": int(len(indices)),
-                              "loss": "l1 (-1..1) + quantizer (legacy, beta 0.25)", "betas": list(BETAS),
+                              "loss": LOSSES[cfg.codebook], "betas": list(BETAS),
                               "left_out": ["patch discriminator", "LPIPS perceptual loss"]}, indent=2)
     n_params = sum(p.numel() for p in net.parameters())
     echo(f"prior: {'continuing at step ' + str(step) + ' of' if step else 'training'} a VQGAN '{cfg.config}' "

@@ -209,7 +209,7 @@ def prior_recipe(recipe: str, sc: R.Scale, out: Path, stores: Stores, scratch: t
     specs = R.prior_sweeps(recipe, sc, ps, scratch, stores.count, stores.test_store, prior_path, device, noise)
     if plan_only:
         stage1 = [] if prior else [f"rainsweep prior --store {stores.store} --config {ps.config} --iters "
-                                   f"{ps.prior_iters} --batch {ps.prior_batch} --out {out / 'prior'}"]
+                                   f"{ps.prior_iters} --batch {ps.prior_batch} --lr {ps.prior_lr} --out {out / 'prior'}"]
         return stage1 + plan_lines(specs, stores, run_scale, out)
     prior_metrics = None
     if not prior:
