@@ -211,12 +211,12 @@ PRIOR_SCALES: dict[str, PriorScale] = {
             "pre-trained checkpoint, otherwise a prior trained here for 20,000 steps on the training store's clean "
             "patches (far less than ImageNet pre-training, so weaker)."),
     "cpu": PriorScale(
-        config="small", ft_model="vqgan-ft-s", noquant_model="vqgan-noquant-s", prior_iters=3000, prior_batch=16,
-        prior_lr=5e-4, prior_count=None, iters=2000, lr=1e-3,
-        why="The `small` VQGAN (f4, 256 codes of 32 channels, 772k parameters) trained for 3,000 steps on the "
-            "training store's clean 32 x 32 patches instead of taming's ImageNet model; every run 2,000 steps "
-            "of 16 patches at learning rate 1e-3, for the CPU budget of 30 minutes on 2 cores (swinir-s takes "
-            "about 160 ms a step there, 5x resnet-s)."),
+        config="small", ft_model="vqgan-ft-s", noquant_model="vqgan-noquant-s", prior_iters=2000, prior_batch=16,
+        prior_lr=5e-4, prior_count=None, iters=1500, lr=1e-3,
+        why="The `small` VQGAN (f4, 256 codes of 32 channels, 772k parameters) trained for 2,000 steps on the "
+            "training store's clean 32 x 32 patches instead of taming's ImageNet model; every run 1,500 steps "
+            "of 16 patches at learning rate 1e-3, for the CPU budget of 30 minutes on 2 cores (on an idle core "
+            "swinir-s takes about 160 ms a step, resnet-s 30 ms, vqgan-ft-s 70 ms, a prior step 90 ms)."),
     "tiny": PriorScale(
         config="small", ft_model="vqgan-ft-s", noquant_model="vqgan-noquant-s", prior_iters=4, prior_batch=4,
         prior_lr=5e-4, prior_count=None, iters=4, lr=1e-3, why="A smoke test of the plumbing: numbers mean nothing."),
