@@ -19,7 +19,8 @@ Outputs under ``out`` (every file written atomically; log.jsonl appended):
   ckpt.pt       the last checkpoint (model, optimizer, step, loader position, RNG); a rerun continues from it
   prior.pt      the final weights under taming's key names (``"state_dict"``, as a Lightning checkpoint), the
                 configuration and the final metrics; its existence marks the prior finished
-  metrics.json  reconstruction PSNR and code usage of the final weights on up to 256 training patches
+  metrics.json  reconstruction PSNR and code usage of the final weights on up to 256 training patches, evenly
+                spaced in store order
 """
 from __future__ import annotations
 
@@ -195,11 +196,12 @@ def save_checkpoint(out: Path, net, opt, ema: EMACodebook | None, step: int, pos
 
 @torch.no_grad()
 def final_metrics(net, store, indices: np.ndarray, device: torch.device, batch: int) -> dict:
-    """Reconstruction PSNR (dB, 0..1 scale) and code usage of ``net`` (eval mode) on the first 256 training
-    patches in store order."""
+    """Reconstruction PSNR (dB, 0..1 scale) and code usage of ``net`` (eval mode) on 256 training patches evenly
+    spaced in store order (the first 256 would all come from the first source picture)."""
     from models.vqgan_quantize import usage
 
-    rows = np.sort(indices)[:256]
+    ordered = np.sort(indices)
+    rows = np.unique(ordered[np.linspace(0, len(ordered) - 1, min(256, len(ordered))).round().astype(np.int64)])
     net.eval()
     values, codes = [], []
     for i in range(0, len(rows), batch):
