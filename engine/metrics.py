@@ -223,6 +223,11 @@ def decoupled(output: Any, rainy: Any, background: Any, mask: Any, backend: str 
     Sums run over pixels and channels (``sum M`` counts 3 per masked pixel). Empty mask -> E_R and rain_residual
     NaN; full mask -> E_B NaN; O == B -> PSNR inf.
 
+    For the noise families (``kernels.noise``) M is the set of corrupted pixels, so E_R measures the output on the
+    corrupted pixels and E_B on the untouched ones. salt-pepper corrupts a few percent of the pixels and leaves both
+    defined; gaussian-noise corrupts every pixel, so there E_B is NaN (no clean pixel to preserve) and E_R is the
+    RMS of ``O - I`` over the whole image.
+
     Parameters
     ----------
     output : numpy.ndarray, cupy.ndarray or torch.Tensor

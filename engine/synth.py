@@ -4,6 +4,10 @@ Every random number of a patch comes from ``(seed, key)`` (``kernels.rng``), so 
 the batch it is in, its position, the backend or the device. Per patch, stream 0 of the generator gives the common
 draws: rain on/off (``uniform < spec.rain_prob``) and ``beta`` in 1/1024 steps; the family's renderer
 (``kernels.families``) draws the rest. Compositing is exact integer arithmetic (``kernels.composite``).
+
+The noise families ("gaussian-noise", "salt-pepper"; ``kernels.noise``) go through the same calls: ``rainy`` is the
+noisy image, ``rain`` the layer ``max over channels of |rainy - background|`` (0..255), ``mask`` the corrupted
+pixels (every pixel for gaussian-noise; those with any channel salted or peppered for salt-pepper) and ``beta`` 1.
 """
 from __future__ import annotations
 
@@ -17,7 +21,6 @@ from numba import njit
 from engine import arrays
 from engine.rain import RainSpec
 from kernels import rng
-from kernels.composite import composite_gpu, composite_reference
 from kernels.families import family
 from kernels.finish import background_rows, finish_cpu
 
@@ -29,13 +32,17 @@ class SynthResult:
     Attributes
     ----------
     rainy : array
-        uint8 NHWC [N, H, W, 3], 0..255: ``min(255, B + beta * R)`` in exact 1/1024 fixed point.
+        uint8 NHWC [N, H, W, 3], 0..255: ``min(255, B + beta * R)`` in exact 1/1024 fixed point (noise families:
+        the noisy image, ``kernels.noise``).
     rain : array
-        uint8 NHW [N, H, W], 0..255: the rain layer before beta (all zeros for patches without rain).
+        uint8 NHW [N, H, W], 0..255: the rain layer before beta (all zeros for patches without rain); noise
+        families: ``max over channels of |rainy - B|``.
     beta : array
-        float64 [N]: the compositing weight of each patch (a multiple of 1/1024; drawn for every patch).
+        float64 [N]: the compositing weight of each patch (a multiple of 1/1024; drawn for every patch); 1 for
+        the noise families.
     mask : array
-        bool NHW [N, H, W]: ``rain > spec.threshold``.
+        bool NHW [N, H, W]: ``rain > spec.threshold``; noise families: the corrupted pixels (all of a noisy
+        patch for gaussian-noise, those with any channel replaced for salt-pepper).
     """
 
     rainy: Any
@@ -64,6 +71,14 @@ def _vector(spec: RainSpec) -> np.ndarray:
     return v
 
 
+def beta_q_range(spec: RainSpec) -> tuple[int, int]:
+    """The closed range of beta in 1/1024 steps: ``spec.beta``'s for rain, ``(1024, 1024)`` for the noise families
+    (which do not scale their noise, so they report 1)."""
+    if spec.mode != "add-layer":
+        return rng.BETA_SCALE, rng.BETA_SCALE
+    return int(round(spec.beta[0] * rng.BETA_SCALE)), int(round(spec.beta[1] * rng.BETA_SCALE))
+
+
 def common_draws(spec: RainSpec, seed: int, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Host-side per-patch draws: (states uint64 [N], active uint8 [N], beta_q int64 [N] in 1/1024).
 
@@ -71,8 +86,7 @@ def common_draws(spec: RainSpec, seed: int, keys: np.ndarray) -> tuple[np.ndarra
     spends most of a loader-sized batch's overhead in temporaries.
     """
     keys = np.ascontiguousarray(keys, dtype=np.int64)
-    lo = int(round(spec.beta[0] * rng.BETA_SCALE))
-    hi = int(round(spec.beta[1] * rng.BETA_SCALE))
+    lo, hi = beta_q_range(spec)
     n = keys.shape[0]
     states = np.empty(n, dtype=np.uint64)
     active = np.empty(n, dtype=np.uint8)
@@ -85,8 +99,7 @@ def common_draws_np(spec: RainSpec, seed: int, keys: np.ndarray) -> tuple[np.nda
     """``common_draws`` in plain numpy (the reference the numba loop is tested against)."""
     states = rng.patch_state_np(seed, keys)
     active = (rng.uniform_np(states, rng.counter_np(0, rng.COMMON_RAIN_ON)) < spec.rain_prob).astype(np.uint8)
-    lo = int(round(spec.beta[0] * rng.BETA_SCALE))
-    hi = int(round(spec.beta[1] * rng.BETA_SCALE))
+    lo, hi = beta_q_range(spec)
     beta_q = rng.randint_np(states, rng.counter_np(0, rng.COMMON_BETA), lo, hi).astype(np.int64)
     return states, active, beta_q
 
@@ -120,7 +133,7 @@ def _out_view(a, name: str, kind: arrays.ArrayKind):
 
 def synthesize(backgrounds: Any, spec: RainSpec | str, seed: int = 0, keys: Any = None, backend: str = "auto",
                out: SynthResult | None = None) -> SynthResult:
-    """Add rain of ``spec`` to each background patch.
+    """Add rain of ``spec`` to each background patch (or the noise of a noise family, see the module docstring).
 
     Parameters
     ----------
@@ -182,8 +195,7 @@ def synthesize(backgrounds: Any, spec: RainSpec | str, seed: int = 0, keys: Any 
     if n:
         params = _vector(spec)
         if which == "reference":
-            fam.render_reference(params, states, active, rain)
-            rainy[...], mask[...] = composite_reference(x, rain, beta_q, spec.threshold)
+            fam.render_composite_reference(params, states, active, x, beta_q, spec.threshold, rain, rainy, mask)
         elif which == "cpu":
             fam.render_composite_cpu(params, states, active, x, beta_q, spec.threshold, rain, rainy, mask)
         else:
@@ -191,8 +203,7 @@ def synthesize(backgrounds: Any, spec: RainSpec | str, seed: int = 0, keys: Any 
                 params_d, states, active, beta_q_d = (xp.asarray(a) for a in (params, states, active, beta_q))
             else:
                 params_d, beta_q_d = params.copy(), beta_q   # numba writes host arguments back after a launch
-            fam.render_gpu(params_d, states, active, rain)
-            composite_gpu(x, rain, beta_q_d, spec.threshold, rainy, mask)
+            fam.render_composite_gpu(params_d, states, active, x, beta_q_d, spec.threshold, rain, rainy, mask)
     beta_out = xp.asarray(beta) if kind.on_gpu else beta
     if out is not None:
         _out_view(out.beta, "beta", kind)[...] = beta_out
@@ -209,8 +220,8 @@ def synthesize_planes_cpu(backgrounds: np.ndarray, spec: RainSpec | str | None, 
     The values are those of ``synthesize(backgrounds, spec, seed, keys)``, each converted to the number format of
     the planes' dtype (``kernels.finish.PLANE_DTYPES``: float32 ``v / 255``, bfloat16 bits as int16, float16 bits
     as uint16, or uint8 ``v``). With ``spec=None`` there is no rain: rainy equals the background, the rain layer is
-    zeros and the mask all False. A streak spec renders and converts each patch in one pass while it is in cache;
-    other families render the batch first, then convert it.
+    zeros and the mask all False. A streak spec renders and converts each patch in one pass while it is in cache,
+    and so do the noise families; the other rain families render the batch first, then convert it.
 
     Parameters
     ----------
@@ -229,14 +240,14 @@ def synthesize_planes_cpu(backgrounds: np.ndarray, spec: RainSpec | str | None, 
     out_rain : numpy.ndarray
         [N, 1, H, W] of that dtype, written: the rain layer; an array with ``shape[0] == 0`` skips it.
     mask : numpy.ndarray
-        bool NHW [N, H, W], written: ``rain > spec.threshold``.
+        bool NHW [N, H, W], written: ``rain > spec.threshold`` (noise families: the corrupted pixels).
     rows : numpy.ndarray, optional
         int64 [N]: patch i's background is ``backgrounds[rows[i]]`` (no gathered copy); None: ``backgrounds[i]``.
 
     Returns
     -------
     numpy.ndarray
-        float64 [N]: each patch's beta (zeros without rain).
+        float64 [N]: each patch's beta (zeros without rain; 1 for the noise families).
     """
     backgrounds = np.ascontiguousarray(backgrounds)
     rows = background_rows(backgrounds, rows)

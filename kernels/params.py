@@ -21,7 +21,22 @@ N_WIDTHS = 12       # number of width choices (1..MAX_WIDTHS)
 WIDTHS = 13         # WIDTHS .. WIDTHS+MAX_WIDTHS-1: odd blur widths in pixels
 WIDTH_CDF = WIDTHS + 8  # cumulative probabilities of the width choices (last one is 1.0)
 MAX_WIDTHS = 8
-SIZE = WIDTH_CDF + MAX_WIDTHS
+SIGMA = WIDTH_CDF + MAX_WIDTHS  # gaussian-noise: standard deviation on the 0..255 scale
+MU = SIGMA + 1                  # gaussian-noise: mean on the 0..255 scale
+SALT = MU + 1                   # salt-pepper: probability that a channel value becomes 255
+PEPPER = SALT + 1               # salt-pepper: probability that a channel value becomes 0
+SIZE = PEPPER + 1
 
-#: Renderer families. "streak" is the authors' generator; the others are held-out test families.
-FAMILY_IDS = {"streak": 0, "layered": 1, "sparse": 2}
+#: Renderer families. "streak" is the authors' generator; "layered" and "sparse" are held-out rain families;
+#: "gaussian-noise" and "salt-pepper" are degradations beyond rain (``kernels.noise``).
+FAMILY_IDS = {"streak": 0, "layered": 1, "sparse": 2, "gaussian-noise": 3, "salt-pepper": 4}
+
+#: How a family's degradation meets the background ``B`` (uint8, 0..255), per compositing mode:
+#: "add-layer": ``I = min(255, B + beta * R)`` with one non-negative rain layer ``R`` for all three channels;
+#: "add-signed-rgb": ``I = clip(B + n, 0, 255)`` with a signed offset ``n`` drawn per channel;
+#: "replace": each channel value is kept or replaced by a drawn value.
+MODES = {"add-layer": 0, "add-signed-rgb": 1, "replace": 2}
+
+#: The compositing mode of every family of ``FAMILY_IDS``.
+FAMILY_MODES = {"streak": "add-layer", "layered": "add-layer", "sparse": "add-layer",
+                "gaussian-noise": "add-signed-rgb", "salt-pepper": "replace"}

@@ -7,6 +7,13 @@ numpy arrays under the CUDA simulator) and ``render_reference`` (numpy). ``rende
 ``render_finish_cpu`` add compositing (``kernels.composite``) or channel planes (``kernels.finish``) to the CPU
 render: a family may fuse them per patch (the streak family does), or render the batch first and run the second step
 over it (``unfused_family``); the values are the same.
+
+Every family declares its compositing mode (``kernels.params.MODES``). The rain families ("add-layer") make a rain
+layer that does not depend on the background and composite it with ``kernels.composite``; families of the other
+modes (``kernels.noise``) degrade each channel of each pixel from the background itself, so they have no
+background-free layer: their ``render_cpu`` / ``render_gpu`` / ``render_reference`` raise, and every backend goes
+through the ``render_composite_*`` and ``render_finish_cpu`` renderers, which write ``rain = max over channels of
+|I - B|`` as the layer.
 """
 from __future__ import annotations
 
@@ -16,7 +23,7 @@ from typing import Protocol
 import numpy as np
 
 from kernels import params as P
-from kernels.composite import composite_cpu
+from kernels.composite import composite_cpu, composite_gpu, composite_reference
 from kernels.finish import finish_cpu
 
 
@@ -44,7 +51,13 @@ class FinishRenderer(Protocol):
 
 @dataclass(frozen=True)
 class RainFamily:
-    """The renderers of one rain family (module docstring); ``name`` is its key in ``kernels.params.FAMILY_IDS``."""
+    """The renderers of one family (module docstring); ``name`` is its key in ``kernels.params.FAMILY_IDS``.
+
+    ``render_composite_gpu`` (CUDA; CuPy arrays, or numpy under the simulator) and ``render_composite_reference``
+    (numpy) have the ``CompositeRenderer`` signature; left None, they are ``render_gpu`` / ``render_reference``
+    followed by ``kernels.composite.composite_gpu`` / ``composite_reference`` (the "add-layer" mode). ``mode``: the
+    family's compositing mode, a key of ``kernels.params.MODES`` (``kernels.params.FAMILY_MODES[name]``).
+    """
 
     name: str
     render_cpu: Renderer
@@ -52,22 +65,49 @@ class RainFamily:
     render_reference: Renderer
     render_composite_cpu: CompositeRenderer
     render_finish_cpu: FinishRenderer
+    render_composite_gpu: CompositeRenderer | None = None
+    render_composite_reference: CompositeRenderer | None = None
+
+    @property
+    def mode(self) -> str:
+        """The compositing mode (``kernels.params.FAMILY_MODES``)."""
+        return P.FAMILY_MODES[self.name]
+
+    def __post_init__(self) -> None:
+        if self.name not in P.FAMILY_MODES:
+            raise ValueError(f"RainFamily.name: {self.name!r} is not a family of kernels.params.FAMILY_MODES")
+        if self.render_composite_gpu is None:
+            object.__setattr__(self, "render_composite_gpu", _layer_then(self.render_gpu, composite_gpu))
+        if self.render_composite_reference is None:
+            object.__setattr__(self, "render_composite_reference",
+                               _layer_then(self.render_reference, _composite_reference_into))
+
+
+def _composite_reference_into(backgrounds, rain, beta_q, threshold, rainy, mask) -> None:
+    rainy[...], mask[...] = composite_reference(backgrounds, rain, beta_q, threshold)
+
+
+def _layer_then(render: Renderer, composite) -> CompositeRenderer:
+    """The "add-layer" composite renderer: ``render`` the rain layer, then ``composite`` it (in place)."""
+
+    def render_composite(params, states, active, backgrounds, beta_q, threshold, rain, rainy, mask) -> None:
+        render(params, states, active, rain)
+        composite(backgrounds, rain, beta_q, threshold, rainy, mask)
+
+    return render_composite
 
 
 def unfused_family(name: str, render_cpu: Renderer, render_gpu: Renderer, render_reference: Renderer) -> RainFamily:
     """A ``RainFamily`` whose composite and finish renderers run ``render_cpu`` over the batch, then
     ``kernels.composite.composite_cpu`` or ``kernels.finish.finish_cpu`` over it."""
 
-    def render_composite_cpu(params, states, active, backgrounds, beta_q, threshold, rain, rainy, mask) -> None:
-        render_cpu(params, states, active, rain)
-        composite_cpu(backgrounds, rain, beta_q, threshold, rainy, mask)
-
     def render_finish_cpu(params, states, active, backgrounds, beta_q, threshold, rain, out_bg, out_rainy, out_rain,
                           mask, rows=None) -> None:
         render_cpu(params, states, active, rain)
         finish_cpu(backgrounds, rain, beta_q, threshold, out_bg, out_rainy, out_rain, mask, rows)
 
-    return RainFamily(name, render_cpu, render_gpu, render_reference, render_composite_cpu, render_finish_cpu)
+    return RainFamily(name, render_cpu, render_gpu, render_reference, _layer_then(render_cpu, composite_cpu),
+                      render_finish_cpu)
 
 
 def check_render_args(params, states, active, out) -> None:

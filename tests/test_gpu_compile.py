@@ -29,7 +29,7 @@ _SCRIPT = textwrap.dedent("""
     # No driver here: compiling needs a compute capability, not a device.
     D.get_current_device = lambda: SimpleNamespace(compute_capability=(9, 0))
     from numba import cuda, types as T
-    from kernels import complexity, composite, decoupled, rain_layered, rain_sparse, sharpness
+    from kernels import complexity, composite, decoupled, noise, rain_layered, rain_sparse, sharpness
     from kernels.streak import gpu as streak_gpu
 
     u8_4a = T.Array(T.uint8, 4, "A")
@@ -46,6 +46,9 @@ _SCRIPT = textwrap.dedent("""
         "composite._composite_gpu_kernel": (composite._composite_gpu_kernel,
                                             (T.uint8[:, :, :, ::1], T.uint8[:, :, ::1], T.int64[::1], T.int32,
                                              T.uint8[:, :, :, ::1], T.boolean[:, :, ::1])),
+        "noise.composite_gpu_kernel": (noise.composite_gpu_kernel,
+                                       (T.int32, T.uint64[::1], T.uint64[::1], T.uint8[::1], u8_4a,
+                                        T.uint8[:, :, :, ::1], T.uint8[:, :, ::1], T.boolean[:, :, ::1])),
         "streak.gpu.render_gpu_kernel": (streak_gpu.render_gpu_kernel,
                                          (T.float64[::1], T.uint64[::1], T.uint8[::1], T.uint8[:, :, ::1],
                                           T.int64[:, ::1], T.int64[:, ::1], T.int64[:, :, :, ::1],
@@ -55,8 +58,9 @@ _SCRIPT = textwrap.dedent("""
     segment_sig = (T.float64[::1], T.uint64[::1], T.uint8[::1], T.uint8[:, :, ::1], T.int32[:, :, ::1],
                    T.int64[:, ::1], T.int64)
     # The held-out families promise that multiplication is their only float64 arithmetic (no add that the
-    # compiler could contract into an FMA and round differently from the CPU): the ops are checked below.
-    exact_f64 = {"rain_layered.render_gpu_kernel", "rain_sparse.render_gpu_kernel"}
+    # compiler could contract into an FMA and round differently from the CPU): the ops are checked below. The
+    # noise kernel promises integer arithmetic only (it prints no op).
+    exact_f64 = {"rain_layered.render_gpu_kernel", "rain_sparse.render_gpu_kernel", "noise.composite_gpu_kernel"}
     cases["rain_layered.render_gpu_kernel"] = (rain_layered.render_gpu_kernel, segment_sig)
     cases["rain_sparse.render_gpu_kernel"] = (rain_sparse.render_gpu_kernel, segment_sig)
     failed = []

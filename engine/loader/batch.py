@@ -33,12 +33,15 @@ class Batch:
         itself) with the loader's ``dtype``.
     rainy : torch.Tensor
         [N, 3, P, P] NCHW, same dtype and scale as ``background``: ``clip(B + beta * R, 0, 255)`` (/ 255 for float
-        types); equals ``background`` when the loader has no rain or a patch drew no rain.
+        types), or the noisy image of a noise family (``kernels.noise``); equals ``background`` when the loader
+        has no rain or a patch drew no rain.
     rain : torch.Tensor
         [N, 1, P, P] N1HW, same dtype and scale: the rain layer ``R`` (/ 255 for float types) before beta (zeros
-        without rain).
+        without rain); for a noise family, ``max over channels of |rainy - background|`` (on 0..255, then / 255).
     mask : torch.Tensor
-        bool [N, 1, P, P] N1HW: ``R > threshold`` on the 0..255 scale (all False without rain).
+        bool [N, 1, P, P] N1HW: ``R > threshold`` on the 0..255 scale (all False without rain); for a noise family,
+        the corrupted pixels (every pixel of a noisy patch for gaussian-noise, those with any channel replaced for
+        salt-pepper).
     epoch : int
         The epoch the batch belongs to.
     step : int
@@ -69,7 +72,7 @@ def finish_batch(background_u8, index: np.ndarray, rain, seed: int, epoch: int, 
     index : numpy.ndarray
         int64 [N] store indices of the patches; rain keys are ``epoch << 40 | index``.
     rain : RainSpec or None
-        The rain to synthesize; None for none.
+        The rain (or noise family) to synthesize; None for none.
     seed, epoch, step : int
         The loader's seed, and the batch's epoch and step (recorded in the ``Batch``).
     scratch : Scratch, optional
