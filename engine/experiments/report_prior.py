@@ -104,7 +104,7 @@ def prior_section(ps: R.PriorScale, prior_path: str, metrics: dict | None) -> st
 
 
 def write_prior_recipe(ctx: rep.Context, ps: R.PriorScale, rows: list[dict], prior_path: str,
-                       prior_metrics: dict | None, noise: bool) -> Path:
+                       prior_metrics: dict | None, noise: bool, available: bool = True) -> Path:
     """fig18 / fig19: results.csv / results.json, ``figures/<recipe>.png`` and report.md into ``ctx.out``."""
     ctx.out.mkdir(parents=True, exist_ok=True)
     rows = with_half(rows)
@@ -114,8 +114,9 @@ def write_prior_recipe(ctx: rep.Context, ps: R.PriorScale, rows: list[dict], pri
         title = "Fig. 19: a content prior against networks trained from scratch, on unseen degradations"
         fig = bars_figure(ctx.out / "figures" / "fig19.png", done, "Fig. 19: E_R, seen and unseen degradation")
         gains = gain_sentences(done, ps.ft_model)
+        why = "it was not requested" if available else "this engine has no noise degradations"
         missing = "" if noise else (f" The denoising half (Fig. 19b: {R.NOISE_TRAIN} -> {R.NOISE_TEST}) is left "
-                                    f"out: this engine has no noise degradations.")
+                                    f"out: {why}.")
         body = [
             f"Models trained from scratch on {rep.fmt(done[0]['count']) if done else 'n/a'} backgrounds against the "
             f"VQGAN prior fine-tuned on the same pairs, the same number of steps, scored on a degradation none saw "

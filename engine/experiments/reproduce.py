@@ -200,12 +200,13 @@ def rescore_rows(rows: list[dict], echo: Callable[[str], None]) -> list[dict]:
 
 def prior_recipe(recipe: str, sc: R.Scale, out: Path, stores: Stores, scratch: tuple[str, ...],
                  device: str | None, jobs: int, prior: str | None, plan_only: bool, echo: Callable[[str], None],
-                 t0: float) -> Path | list[str]:
+                 t0: float, noise: bool | None = None) -> Path | list[str]:
     """fig18 / fig19: the prior (``prior`` or stage 1 here), the sweeps, the seen-degradation scores, the report."""
     ps = R.get_prior_scale(sc.name)
     run_scale = dataclasses.replace(sc, iters=ps.iters)
     prior_path = str(Path(prior).resolve()) if prior else str(out / "prior" / "prior.pt")
-    noise = R.noise_available()
+    available = R.noise_available()
+    noise = available if noise is None else noise and available
     specs = R.prior_sweeps(recipe, sc, ps, scratch, stores.count, stores.test_store, prior_path, device, noise)
     if plan_only:
         stage1 = [] if prior else [f"rainsweep prior --store {stores.store} --config {ps.config} --iters "
@@ -215,8 +216,8 @@ def prior_recipe(recipe: str, sc: R.Scale, out: Path, stores: Stores, scratch: t
     if not prior:
         prior_path, prior_metrics = ensure_prior(out, ps, sc, stores, device, jobs, echo)
     if recipe == "fig19" and not noise:
-        echo(f"fig19: the noise degradations ({R.NOISE_TRAIN}, {R.NOISE_TEST}) are not available: denoising half "
-             f"left out")
+        why = "left out on request" if available else "the noise degradations are not available"
+        echo(f"fig19: denoising half ({R.NOISE_TRAIN} -> {R.NOISE_TEST}) {why}")
     rows, failed = run_specs(specs, stores, run_scale, out, jobs, echo)
     rows = rescore_rows(rows, echo)
     context = rep.Context(recipe=recipe, scale=run_scale, out=out / recipe, store=stores.store,
@@ -224,7 +225,7 @@ def prior_recipe(recipe: str, sc: R.Scale, out: Path, stores: Stores, scratch: t
                           test_store=stores.test_store, built_test_store=stores.test_built,
                           models=tuple(dict.fromkeys(r["model"] for r in rows)),
                           wall_s=time.perf_counter() - t0, bands=stores.bands)
-    path = rep_prior.write_prior_recipe(context, ps, rows, prior_path, prior_metrics, noise)
+    path = rep_prior.write_prior_recipe(context, ps, rows, prior_path, prior_metrics, noise, available)
     echo(f"report: {path}")
     if failed:
         raise R.RecipeError(f"{len(failed)} run(s) failed: {', '.join(failed)} (see their train.out); the report "
@@ -271,7 +272,8 @@ def run_specs(specs: list[R.SweepSpec], stores: Stores, scale: R.Scale, out: Pat
 def reproduce(recipe: str, scale: str, out: str | os.PathLike, store: str | os.PathLike | None = None,
               test_store: str | os.PathLike | None = None, model_names: list[str] | None = None,
               device: str | None = None, jobs: int | None = None, plan_only: bool = False,
-              echo: Callable[[str], None] = print, prior: str | os.PathLike | None = None) -> Path | list[str]:
+              echo: Callable[[str], None] = print, prior: str | os.PathLike | None = None,
+              noise: bool | None = None) -> Path | list[str]:
     """Run ``recipe`` at ``scale`` into ``out``.
 
     Parameters
@@ -298,6 +300,9 @@ def reproduce(recipe: str, scale: str, out: str | os.PathLike, store: str | os.P
     prior : str or os.PathLike, optional
         fig18 / fig19: a prior checkpoint (a taming ``.ckpt`` of the scale's configuration, or a ``prior.pt``) to
         fine-tune instead of training one under ``out/prior``.
+    noise : bool, optional
+        fig19: run the denoising half (None: whenever the engine has the noise degradations; False: the deraining
+        half only).
 
     Returns
     -------
@@ -330,7 +335,7 @@ def reproduce(recipe: str, scale: str, out: str | os.PathLike, store: str | os.P
     check_out(out, sc, stores)
     if recipe in R.PRIOR_RECIPES:
         return prior_recipe(recipe, sc, out, stores, model_list, device, jobs or sc.jobs,
-                            None if prior is None else str(prior), plan_only, echo, t0)
+                            None if prior is None else str(prior), plan_only, echo, t0, noise)
     specs = sweep_specs(recipe, sc, model_list, stores, device)
     if plan_only:
         return plan_lines(specs, stores, sc, out)
