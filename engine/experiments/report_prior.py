@@ -99,7 +99,7 @@ def prior_section(ps: R.PriorScale, prior_path: str, metrics: dict | None) -> st
                      f"code perplexity {metrics['perplexity']:.1f} of {metrics['n_embed']} codes, "
                      f"{metrics['dead_codes']} unused; {rep.duration(metrics.get('train_seconds', 0))} of training.")
     lines.append(f"Fine-tuning trains only the encoder side (`encoder.*`, `quant_conv`); codebook, `post_quant_conv` "
-                 f"and decoder stay bit-identical to the prior. {ps.why}")
+                 f"and decoder stay bit-identical to the prior.")
     return "\n\n".join(lines)
 
 

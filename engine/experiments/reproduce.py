@@ -203,7 +203,7 @@ def prior_recipe(recipe: str, sc: R.Scale, out: Path, stores: Stores, scratch: t
                  t0: float, noise: bool | None = None) -> Path | list[str]:
     """fig18 / fig19: the prior (``prior`` or stage 1 here), the sweeps, the seen-degradation scores, the report."""
     ps = R.get_prior_scale(sc.name)
-    run_scale = dataclasses.replace(sc, iters=ps.iters)
+    run_scale = dataclasses.replace(sc, iters=ps.iters, why=ps.why)
     prior_path = str(Path(prior).resolve()) if prior else str(out / "prior" / "prior.pt")
     available = R.noise_available()
     noise = available if noise is None else noise and available

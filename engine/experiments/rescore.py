@@ -9,6 +9,7 @@ same ``--test-store`` patches, count and ``--test-seed``; only the degradation d
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +78,9 @@ def score_run(run_dir: str | Path, rain: str, batch: int = 64) -> dict:
     diff = held.rainy.astype(np.float64) - held.background
     ceiling = np.sqrt((held.mask[..., None] * diff ** 2).sum(axis=(1, 2, 3))
                       / np.maximum(held.mask.sum(axis=(1, 2)) * 3, 1))
-    result = {k: float(np.nanmean(np.asarray(m[k], dtype=np.float64))) for k in METRICS}
+    with warnings.catch_warnings():  # an image without degraded pixels has no E_R (NaN); all NaN gives NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = {k: float(np.nanmean(np.asarray(m[k], dtype=np.float64))) for k in METRICS}
     result.update({"E_R_ceiling": float(np.nanmean(ceiling)), "rain": rain, "count": int(len(held.indices))})
     atomic_write_json(cached, result, indent=2)
     return result
