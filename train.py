@@ -118,6 +118,7 @@ class TrainConfig:
     resume: bool
     fault_at: int
     stop_after: int
+    prior: str | None = None
 
     @classmethod
     def from_options(cls, options: dict[str, Any], world: int) -> "TrainConfig":
@@ -143,6 +144,12 @@ class TrainConfig:
         if self.model not in models.NAMES:
             raise click.BadParameter(f"unknown model {self.model!r}; valid models: {', '.join(models.NAMES)}",
                                      param_hint="--model")
+        if self.model in models.PRIOR_MODELS and not self.prior:
+            raise click.BadParameter(f"{self.model} fine-tunes a prior: pass --prior (a prior.pt of rainsweep prior "
+                                     f"or a taming-transformers checkpoint)", param_hint="--prior")
+        if self.prior and self.model not in models.PRIOR_MODELS:
+            raise click.BadParameter(f"{self.model} takes no prior; models that do: {', '.join(models.PRIOR_MODELS)}",
+                                     param_hint="--prior")
         parse_rain(self.rain, "--rain")
         parse_rain(self.test_rain, "--test-rain")
         if self.subset and self.count:
@@ -361,13 +368,25 @@ class TrainState:
 def make_model(cfg: TrainConfig, device: torch.device) -> TrainState:
     """A freshly initialized network (torch's global RNG, seeded by ``seed_everything``), its EMA copy, Adam and
     the multi-step schedule."""
-    net = models.build(cfg.model).to(device)
+    net = build_net(cfg).to(device)
     ema = models.build(cfg.model).to(device)
     ema.load_state_dict(net.state_dict())
     ema.requires_grad_(False)
-    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=BETAS)
+    # Only the trainable parameters: a prior's frozen decoder and codebook must stay bit-identical.
+    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=cfg.lr, betas=BETAS)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.milestone_steps, gamma=cfg.gamma)
     return TrainState(net, ema, optimizer, scheduler)
+
+
+def build_net(cfg: TrainConfig) -> torch.nn.Module:
+    """The network of ``cfg.model``: from scratch, or with ``--prior``'s weights and all but the encoder frozen."""
+    if not cfg.prior:
+        return models.build(cfg.model)
+    try:
+        net, _ = models.build_from_prior(cfg.model, cfg.prior)
+    except models.PriorError as err:
+        raise click.BadParameter(str(err), param_hint="--prior") from None
+    return net
 
 
 def run_config(cfg: TrainConfig, data: Data, state: TrainState, device: torch.device, world: int) -> dict:
@@ -404,6 +423,9 @@ def train_step(model: torch.nn.Module, state: TrainState, rainy: torch.Tensor, c
     """
     with autocast(rainy.device):
         loss = F.l1_loss(model(rainy), clean)
+        aux = getattr(state.net, "aux_loss", None)  # a quantizer's commitment term (models.vqgan)
+        if aux is not None:
+            loss = loss + aux
     if poison:
         loss = loss * float("nan")
     state.optimizer.zero_grad(set_to_none=True)
@@ -742,6 +764,9 @@ def train(cfg: TrainConfig, device: torch.device, rank: int, world: int) -> None
 @click.option("--threads", default=0, type=click.IntRange(0),
               help="CPU threads for torch and numba (0: their defaults).")
 @click.option("--resume", is_flag=True, help="Continue from OUT/ckpt.pt.")
+@click.option("--prior", type=click.Path(exists=True, dir_okay=False),
+              help=f"Prior checkpoint for {', '.join(models.PRIOR_MODELS)}: a prior.pt of rainsweep prior or a "
+                   f"taming-transformers .ckpt; all but the encoder stays frozen.")
 @click.option("--fault-at", default=0, type=int, hidden=True, help="Test hook: make the loss NaN at this step.")
 @click.option("--stop-after", default=0, type=int, hidden=True,
               help="Test hook: exit after the checkpoint at this step, as if the job were preempted.")

@@ -19,6 +19,7 @@ COMMANDS = {
     "demo": "engine.cli.train:demo",
     "toy": "engine.cli.toy:toy",
     "reproduce": "engine.cli.reproduce:reproduce",
+    "prior": "engine.cli.prior:prior",
 }
 
 

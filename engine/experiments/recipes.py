@@ -14,6 +14,12 @@ Recipes:
 - ``fig6``: E_R and E_B along training for models trained on the low / medium / high sharpness band.
 - ``table3``: ResNet with the largest usable count / 64 backgrounds on medium rain, 256 / 128 on large rain.
 - ``toy``: the cosine-curve denoising grid of the paper's section V (``engine.experiments.toy``).
+- ``fig19``: the content prior (the paper's Sec. VI-B, Fig. 19): ResNet, UNet and SwinIR trained from scratch on
+  many backgrounds against a VQGAN prior (stage 1: ``engine.experiments.prior`` on the store's clean patches) whose
+  encoder alone is fine-tuned (``vqgan-ft``), all scored on unseen rain; and the same for denoising (Gaussian
+  N(0, 30) -> salt-and-pepper 2 % / 2 %) when the noise degradations are available.
+- ``fig18``: the ablation: the same encoder-decoder without quantization (``vqgan-noquant``) from scratch, scored on
+  the training rain (seen) and on unseen rain, beside the fine-tuned prior.
 
 Every run is scored on the same held-out backgrounds, taken from a separate test store (as the paper tests on
 another data set's backgrounds). Count recipes (``fig4``, ``table3``) share one folder of runs (``sweeps/counts``),
@@ -24,13 +30,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 #: Recipe names, in the order the paper shows them.
-RECIPES: tuple[str, ...] = ("fig4", "fig6", "table3", "toy")
+RECIPES: tuple[str, ...] = ("fig4", "fig6", "table3", "toy", "fig18", "fig19")
+#: Recipes of the content prior (they train a prior first; ``PRIOR_SCALES``).
+PRIOR_RECIPES: tuple[str, ...] = ("fig18", "fig19")
 #: Scales a user picks; ``tiny`` exists for tests and is not advertised.
 PUBLIC_SCALES: tuple[str, ...] = ("cpu", "gpu")
 #: Sharpness bands of fig6 (engine.data.select.BANDS: low < 50, medium 500..1000, high > 5000).
 BANDS: tuple[str, ...] = ("low", "medium", "high")
 #: Held-out rain of every deraining recipe (rain of a family no training preset has).
 TEST_RAIN = "heldout-layered"
+#: Training and test degradation of the denoising half of fig19 (engine.rain presets of the noise families).
+NOISE_TRAIN, NOISE_TEST = "gaussian-30", "salt-pepper-2"
 #: Model families a user names; a scale maps each to its concrete model (``resnet`` -> ``resnet-s`` on CPU).
 FAMILIES: tuple[str, ...] = ("resnet", "unet", "swinir")
 
@@ -155,6 +165,83 @@ SCALES: dict[str, Scale] = {
 
 
 @dataclass(frozen=True)
+class PriorScale:
+    """How large fig18 / fig19 run at one scale (the store, held-out set, batch and threads are the ``Scale``'s).
+
+    Attributes
+    ----------
+    config : str
+        VQGAN configuration of the prior (``models.vqgan.CONFIGS``).
+    ft_model, noquant_model : str
+        The fine-tuned prior's and the ablation's model names (``models.NAMES``).
+    prior_iters, prior_batch : int
+        Stage-1 steps and patches per step.
+    prior_lr : float
+        Stage-1 Adam learning rate.
+    prior_count : int or None
+        Clean patches stage 1 trains on (None: the whole store).
+    iters : int
+        Training steps of every fig18 / fig19 run (from scratch and fine-tuned alike).
+    lr : float
+        train.py ``--lr`` of those runs.
+    rain : str
+        Training rain of the deraining half.
+    why : str
+        What was scaled and why (quoted in the reports).
+    """
+
+    config: str
+    ft_model: str
+    noquant_model: str
+    prior_iters: int
+    prior_batch: int
+    prior_lr: float
+    prior_count: int | None
+    iters: int
+    lr: float
+    rain: str = "medium"
+    why: str = ""
+
+
+PRIOR_SCALES: dict[str, PriorScale] = {
+    "gpu": PriorScale(
+        config="f16-1024", ft_model="vqgan-ft", noquant_model="vqgan-noquant", prior_iters=20_000, prior_batch=16,
+        prior_lr=1e-4, prior_count=None, iters=15_000, lr=2e-4,
+        why="taming-transformers' ImageNet VQGAN architecture (f16, 1,024 codes); with `--prior` the user's "
+            "pre-trained checkpoint, otherwise a prior trained here for 20,000 steps on the training store's clean "
+            "patches (far less than ImageNet pre-training, so weaker)."),
+    "cpu": PriorScale(
+        config="small", ft_model="vqgan-ft-s", noquant_model="vqgan-noquant-s", prior_iters=2000, prior_batch=16,
+        prior_lr=5e-4, prior_count=None, iters=1500, lr=1e-3,
+        why="The `small` VQGAN (f4, 256 codes of 32 channels, 772k parameters) trained for 2,000 steps on the "
+            "training store's clean 32 x 32 patches instead of taming's ImageNet model; every run 1,500 steps "
+            "of 16 patches at learning rate 1e-3, for the CPU budget of 30 minutes on 2 cores (on an idle core "
+            "swinir-s takes about 160 ms a step, resnet-s 30 ms, vqgan-ft-s 70 ms, a prior step 90 ms)."),
+    "tiny": PriorScale(
+        config="small", ft_model="vqgan-ft-s", noquant_model="vqgan-noquant-s", prior_iters=4, prior_batch=4,
+        prior_lr=5e-4, prior_count=None, iters=4, lr=1e-3, why="A smoke test of the plumbing: numbers mean nothing."),
+}
+
+
+def get_prior_scale(name: str) -> PriorScale:
+    """The prior scale called ``name``; RecipeError listing the valid ones otherwise."""
+    if name not in PRIOR_SCALES:
+        raise RecipeError(f"--scale {name!r}: expected one of {', '.join(PUBLIC_SCALES)}")
+    return PRIOR_SCALES[name]
+
+
+def noise_available() -> bool:
+    """Whether the engine knows the noise degradations of fig19's denoising half (``NOISE_TRAIN``, ``NOISE_TEST``)."""
+    from engine.rain import RainSpec
+
+    try:
+        RainSpec.parse(NOISE_TRAIN), RainSpec.parse(NOISE_TEST)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
 class SweepSpec:
     """One ``sweep()`` call of a recipe.
 
@@ -168,6 +255,8 @@ class SweepSpec:
         train.py arguments beyond the grid's (batch, device, held-out set, sharpness band, ...).
     label : str
         What distinguishes this call within its recipe (e.g. ``sharpness low``), for tables and legends.
+    test_rain : str
+        Held-out degradation of its runs.
     """
 
     key: str
@@ -176,6 +265,7 @@ class SweepSpec:
     models: tuple[str, ...]
     extra: tuple[str, ...]
     label: str = ""
+    test_rain: str = TEST_RAIN
 
 
 def get_scale(name: str) -> Scale:
@@ -214,10 +304,10 @@ def largest_count(store_count: int) -> int:
     return store_count - 1
 
 
-def base_extra(scale: Scale, device: str | None, test_store: str) -> tuple[str, ...]:
+def base_extra(scale: Scale, device: str | None, test_store: str, test_rain: str = TEST_RAIN) -> tuple[str, ...]:
     """train.py arguments every run of a recipe shares. Every run is scored on the same held-out backgrounds: the
     first ``scale.test_count`` of a fixed permutation of ``test_store``."""
-    args = ["--batch", str(scale.batch), "--device", device or scale.device, "--test-rain", TEST_RAIN,
+    args = ["--batch", str(scale.batch), "--device", device or scale.device, "--test-rain", test_rain,
             "--test-store", test_store, "--test-count", str(scale.test_count), "--eval-every", str(scale.eval_every)]
     if scale.threads:
         args += ["--threads", str(scale.threads)]
@@ -282,3 +372,25 @@ def toy_grid() -> dict:
     tested on orders 1, 4, 8 with N(0, 1), N(0, 2) and N(10, 5)."""
     return {"train_orders": (1, 4, 8), "train_noises": ((0.0, 1.0),), "test_orders": (1, 4, 8),
             "test_noises": ((0.0, 1.0), (0.0, 2.0), (10.0, 5.0))}
+
+
+def prior_sweeps(recipe: str, scale: Scale, prior_scale: PriorScale, scratch_models: tuple[str, ...],
+                 store_count: int, test_store: str, prior: str, device: str | None = None,
+                 noise: bool = False) -> list[SweepSpec]:
+    """fig18 / fig19: the scratch models and the fine-tuned prior, each trained on the largest usable count.
+
+    fig19 has a deraining half (``prior_scale.rain`` -> ``TEST_RAIN``) and, with ``noise``, a denoising half
+    (``NOISE_TRAIN`` -> ``NOISE_TEST``); fig18 the deraining half with ``scratch_models`` = the ablation. Scratch and
+    fine-tuned runs go to separate folders (only the latter get ``--prior``); fig18 reuses fig19's fine-tuned run.
+    """
+    top = _top(store_count)
+    halves = [("rain", prior_scale.rain, TEST_RAIN)]
+    if noise and recipe == "fig19":
+        halves.append(("noise", NOISE_TRAIN, NOISE_TEST))
+    specs = []
+    for label, train, test in halves:
+        extra = (*base_extra(scale, device, test_store, test), "--lr", str(prior_scale.lr))
+        specs.append(SweepSpec(f"prior-scratch-{label}", (top,), (train,), scratch_models, extra, label, test))
+        specs.append(SweepSpec(f"prior-ft-{label}", (top,), (train,), (prior_scale.ft_model,),
+                               (*extra, "--prior", prior), label, test))
+    return specs

@@ -8,11 +8,14 @@ Layout of ``OUT`` (every path absolute, every file written atomically):
 - ``sweeps/<key>/``: the runs of each ``sweep()`` call (``runs/<name>/{config.json, log.jsonl, metrics.json,
   samples.png}``); finished runs are skipped on a rerun, so an interrupted recipe continues where it stopped;
 - ``<recipe>/``: ``results.csv``, ``results.json``, ``figures/*.png`` and ``report.md`` (engine.experiments.report);
-- ``reproduce.json``: the scale and stores ``OUT`` was made with; another scale or store needs another ``OUT``.
+- ``reproduce.json``: the scale and stores ``OUT`` was made with; another scale or store needs another ``OUT``;
+- ``prior/``: fig18 / fig19's content prior (``rainsweep prior``: prior.pt, log.jsonl, metrics.json), trained once
+  and reused, unless ``--prior`` names a checkpoint.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shlex
@@ -25,6 +28,7 @@ from typing import Callable, Iterator
 from engine.atomic import atomic_write_json
 from engine.experiments import recipes as R
 from engine.experiments import report as rep
+from engine.experiments import report_prior as rep_prior
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,76 @@ def plan_lines(specs: list[R.SweepSpec], stores: Stores, scale: R.Scale, out: Pa
     return lines
 
 
+def ensure_prior(out: Path, prior_scale: R.PriorScale, scale: R.Scale, stores: Stores, device: str | None,
+                 jobs: int, echo: Callable[[str], None]) -> tuple[str, dict]:
+    """Train fig18 / fig19's prior on the training store's clean patches into ``out/prior`` (or reuse it); returns
+    the path of ``prior.pt`` and its metrics."""
+    from engine.experiments.prior import PRIOR, PriorConfig, PriorTrainingError, train_prior
+
+    cfg = PriorConfig(store=stores.store, out=str(out / "prior"), count=prior_scale.prior_count,
+                      config=prior_scale.config, iters=prior_scale.prior_iters, batch=prior_scale.prior_batch,
+                      lr=prior_scale.prior_lr, seed=0, device=device or scale.device,
+                      threads=scale.threads * jobs if scale.threads else 0)
+    try:
+        metrics = train_prior(cfg, echo=echo)
+    except PriorTrainingError as err:
+        raise R.RecipeError(f"the prior: {err}") from None
+    return str(out / "prior" / PRIOR), metrics
+
+
+def rescore_rows(rows: list[dict], echo: Callable[[str], None]) -> list[dict]:
+    """Each finished fig18 / fig19 row with its scores on the degradation it trained on (``*_seen`` fields)."""
+    from engine.experiments.rescore import RescoreError, score_run
+
+    out = []
+    for r in rows:
+        r = dict(r)
+        if r.get("E_R") is not None:
+            try:
+                seen = score_run(r["run_dir"], r["rain"])
+            except RescoreError as err:
+                echo(f"rescore: {err}")
+            else:
+                r.update({f"{k}_seen": v for k, v in seen.items() if k not in ("rain", "count")})
+        out.append(r)
+    return out
+
+
+def prior_recipe(recipe: str, sc: R.Scale, out: Path, stores: Stores, scratch: tuple[str, ...],
+                 device: str | None, jobs: int, prior: str | None, plan_only: bool, echo: Callable[[str], None],
+                 t0: float, noise: bool | None = None) -> Path | list[str]:
+    """fig18 / fig19: the prior (``prior`` or stage 1 here), the sweeps, the seen-degradation scores, the report."""
+    ps = R.get_prior_scale(sc.name)
+    run_scale = dataclasses.replace(sc, iters=ps.iters, why=ps.why)
+    prior_path = str(Path(prior).resolve()) if prior else str(out / "prior" / "prior.pt")
+    available = R.noise_available()
+    noise = available if noise is None else noise and available
+    specs = R.prior_sweeps(recipe, sc, ps, scratch, stores.count, stores.test_store, prior_path, device, noise)
+    if plan_only:
+        stage1 = [] if prior else [f"rainsweep prior --store {stores.store} --config {ps.config} --iters "
+                                   f"{ps.prior_iters} --batch {ps.prior_batch} --lr {ps.prior_lr} --out {out / 'prior'}"]
+        return stage1 + plan_lines(specs, stores, run_scale, out)
+    prior_metrics = None
+    if not prior:
+        prior_path, prior_metrics = ensure_prior(out, ps, sc, stores, device, jobs, echo)
+    if recipe == "fig19" and not noise:
+        why = "left out on request" if available else "the noise degradations are not available"
+        echo(f"fig19: denoising half ({R.NOISE_TRAIN} -> {R.NOISE_TEST}) {why}")
+    rows, failed = run_specs(specs, stores, run_scale, out, jobs, echo)
+    rows = rescore_rows(rows, echo)
+    context = rep.Context(recipe=recipe, scale=run_scale, out=out / recipe, store=stores.store,
+                          store_count=stores.count, patch=stores.patch, built_store=stores.built,
+                          test_store=stores.test_store, built_test_store=stores.test_built,
+                          models=tuple(dict.fromkeys(r["model"] for r in rows)),
+                          wall_s=time.perf_counter() - t0, bands=stores.bands)
+    path = rep_prior.write_prior_recipe(context, ps, rows, prior_path, prior_metrics, noise, available)
+    echo(f"report: {path}")
+    if failed:
+        raise R.RecipeError(f"{len(failed)} run(s) failed: {', '.join(failed)} (see their train.out); the report "
+                            f"lists the finished ones")
+    return path
+
+
 def run_sweep(spec: R.SweepSpec, stores: Stores, scale: R.Scale, out: Path, jobs: int,
               echo: Callable[[str], None]) -> tuple[list[dict], list[str]]:
     """One sweep call; returns its rows (with ``label``, ``sweep`` and ``run_dir``) and its failed runs' names."""
@@ -169,7 +243,7 @@ def run_sweep(spec: R.SweepSpec, stores: Stores, scale: R.Scale, out: Path, jobs
     failed: list[str] = []
     try:
         got = sweep(stores.store, list(spec.counts), list(spec.rains), list(spec.models), scale.iters,
-                    str(sweep_dir), extra=list(spec.extra), jobs=jobs, test_rain=R.TEST_RAIN, echo=echo)
+                    str(sweep_dir), extra=list(spec.extra), jobs=jobs, test_rain=spec.test_rain, echo=echo)
     except SweepError as err:
         echo(f"sweep: {err}")
         results = sweep_dir / "results.json"
@@ -198,7 +272,8 @@ def run_specs(specs: list[R.SweepSpec], stores: Stores, scale: R.Scale, out: Pat
 def reproduce(recipe: str, scale: str, out: str | os.PathLike, store: str | os.PathLike | None = None,
               test_store: str | os.PathLike | None = None, model_names: list[str] | None = None,
               device: str | None = None, jobs: int | None = None, plan_only: bool = False,
-              echo: Callable[[str], None] = print) -> Path | list[str]:
+              echo: Callable[[str], None] = print, prior: str | os.PathLike | None = None,
+              noise: bool | None = None) -> Path | list[str]:
     """Run ``recipe`` at ``scale`` into ``out``.
 
     Parameters
@@ -222,6 +297,12 @@ def reproduce(recipe: str, scale: str, out: str | os.PathLike, store: str | os.P
         their size).
     echo : callable
         Receives every progress line.
+    prior : str or os.PathLike, optional
+        fig18 / fig19: a prior checkpoint (a taming ``.ckpt`` of the scale's configuration, or a ``prior.pt``) to
+        fine-tune instead of training one under ``out/prior``.
+    noise : bool, optional
+        fig19: run the denoising half (None: whenever the engine has the noise degradations; False: the deraining
+        half only).
 
     Returns
     -------
@@ -245,10 +326,16 @@ def reproduce(recipe: str, scale: str, out: str | os.PathLike, store: str | os.P
         if plan_only:
             return [f"toy grid {R.toy_grid()} with ToyConfig overrides {sc.toy or 'none'} -> {out / 'toy'}"]
         return run_toy(sc, out / "toy", device=device, echo=echo, started=t0)
-    model_list = R.resolve_models(model_names, sc)
+    if recipe == "fig18":  # the ablation's model is fixed by the scale
+        model_list = (R.get_prior_scale(sc.name).noquant_model,)
+    else:
+        model_list = R.resolve_models(model_names or (list(R.FAMILIES) if recipe == "fig19" else None), sc)
     stores = prepare_stores(out, sc, None if store is None else str(store),
                             None if test_store is None else str(test_store), echo)
     check_out(out, sc, stores)
+    if recipe in R.PRIOR_RECIPES:
+        return prior_recipe(recipe, sc, out, stores, model_list, device, jobs or sc.jobs,
+                            None if prior is None else str(prior), plan_only, echo, t0, noise)
     specs = sweep_specs(recipe, sc, model_list, stores, device)
     if plan_only:
         return plan_lines(specs, stores, sc, out)
