@@ -71,6 +71,7 @@ from engine.experiments.scoring import (SAMPLE_TITLES, full_float32, per_image_m
 from engine.loader import MODES, LoaderError
 from engine.loader.steps import Position, TrainingStream
 from engine.rain import RainSpec
+from engine.runtime import limit_cpu_threads
 
 CKPT = "ckpt.pt"
 LOG = "log.jsonl"
@@ -214,12 +215,9 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
 def seed_everything(seed: int, threads: int, device: torch.device) -> None:
     """Seed torch and numpy; deterministic algorithms on the CPU, so a resumed run is bit-exact there.
 
-    ``threads`` (0: the libraries' defaults) limits torch and numba alike: the loader's numba rain kernels run
-    between torch's steps, and a numba pool wider than the cores given to the run takes them from torch.
+    ``threads`` (0: the libraries' defaults) limits torch and numba alike (``engine.runtime.limit_cpu_threads``).
     """
-    if threads:
-        torch.set_num_threads(threads)
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    limit_cpu_threads(threads)
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     if device.type == "cpu":

@@ -49,3 +49,20 @@ def configure_process() -> None:
         root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rainsweep" / "numba"
         config.CACHE_DIR = str(root / kernel_source_digest())
     _configured = True
+
+
+def limit_cpu_threads(threads: int) -> None:
+    """Give torch and numba ``threads`` CPU threads each (numba at most its pool size); 0 leaves both as they are.
+
+    Both are limited together because the loader's numba rain kernels run between torch's steps: a numba pool wider
+    than the cores given to a run takes them from torch.
+    """
+    if threads < 0:
+        raise ValueError(f"threads: expected >= 0, got {threads}")
+    if not threads:
+        return
+    import numba
+    import torch
+
+    torch.set_num_threads(threads)
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from engine.atomic import atomic_write, atomic_write_json
 from engine.experiments.prior_codebook import EMACodebook, restart_dead
 from engine.loader.steps import Position, TrainingStream
+from engine.runtime import limit_cpu_threads
 
 PRIOR = "prior.pt"
 CKPT = "ckpt.pt"
@@ -223,8 +224,6 @@ def train_prior(cfg: PriorConfig, echo: Callable[[str], None] = print, progress_
     A folder whose ``prior.pt`` exists is reused as it is (when its options match); one holding ``ckpt.pt``
     continues from it. Raises ``PriorTrainingError`` for bad options or a folder made with other options.
     """
-    import numba
-
     import models.vqgan as vq
     from engine.data.store import open_store
 
@@ -246,9 +245,7 @@ def train_prior(cfg: PriorConfig, echo: Callable[[str], None] = print, progress_
     except ValueError as err:
         raise PriorTrainingError(f"--store {cfg.store}: {err}") from None
     device = resolve_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-        numba.set_num_threads(min(cfg.threads, numba.config.NUMBA_NUM_THREADS))
+    limit_cpu_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     indices = training_indices(cfg, store)
     stream = TrainingStream(str(Path(cfg.store).resolve()), indices, cfg.batch, rain=None, seed=cfg.seed,
