@@ -53,8 +53,10 @@ rows = run_loader_bench(modes=("resident", "dali"), device="cuda", seconds=3, th
 print(json.dumps(rows, indent=1, default=str))
 atomic_write_text(sys.argv[1], json.dumps(rows, indent=1, default=str))
 PY
+  # the toy's default grid on the GPU, timed (the goal: under a minute for the three networks)
+  step toy 300 python -m engine.cli toy --device cuda --out "$out/toy"
 else
-  echo "== bench, loader: skipped (no GPU)"
+  echo "== bench, loader, toy: skipped (no GPU)"
 fi
 
 if [ "$gpu" = 1 ]; then where="GPU present"; else where="no GPU: GPU steps skipped"; fi

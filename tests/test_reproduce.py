@@ -285,6 +285,13 @@ def test_toy_tiny_end_to_end(tmp_path: Path) -> None:
         assert (f"| trained O={tr}, N(0,1) | O={te}, N({mu:g},{sigma:g}) | {paper:.4g} | "
                 f"{float(cell['mse']):.4g} | {float(cell['mse_input']):.4g} |") in text
     assert "Direction" in text and ("shows here" in text or "does not show here" in text)
+    from engine.experiments.toy_config import receptive_field
+    from engine.experiments.toy_ordering import own_cell_ordering
+
+    records = json.loads((out / "results.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    ordering = own_cell_ordering(records, field=receptive_field(config["kernel"]), points=config["points"])
+    assert ordering.text() in text  # the verdict computed from the written results is the one reported
     _check_png(out / "figures" / "toy_cells.png")
 
 

@@ -158,15 +158,17 @@ def test_network_size_and_shapes():
 
 def test_network_scales_its_inputs_and_output():
     torch.manual_seed(0)
-    net = ToyNet(width=6, kernel=3, y_in_scale=40.0)
+    net = ToyNet(width=6, kernel=3, y_in_scale=40.0, x_in_scale=2.5)
     z = torch.randn(2, 2, 17) * 10
-    # reference: the same convolutions applied by hand to (x / 10, y / 40), output times 10
-    h = torch.stack([z[:, 0] / 10, z[:, 1] / 40], 1)
+    # reference: the same convolutions applied by hand to (x / 2.5, y / 40), output times 10
+    h = torch.stack([z[:, 0] / 2.5, z[:, 1] / 40], 1)
     for mod in net.body:
         h = mod(h)
     torch.testing.assert_close(net(z), h * 10, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="y_in_scale"):
         ToyNet(y_in_scale=0)
+    with pytest.raises(ValueError, match="x_in_scale"):
+        ToyNet(x_in_scale=-1.0)
 
 
 def test_config_validation():
@@ -178,6 +180,8 @@ def test_config_validation():
         ToyConfig(iters=0)
     with pytest.raises(ValueError, match="y_in_scale"):
         ToyConfig(y_in_scale=-1.0)
+    with pytest.raises(ValueError, match="x_in_scale"):
+        ToyConfig(x_in_scale=0.0)
 
 
 # ------------------------------------------------------------------------------------------------- training
@@ -226,7 +230,7 @@ def test_grid_is_deterministic_and_independent_of_grid_composition():
 
 @pytest.mark.parametrize("loss", ["l1", "l2"])
 def test_trained_network_beats_identity_on_its_training_distribution(loss):
-    cfg = ToyConfig(**TINY, loss=loss)
+    cfg = ToyConfig(**{**TINY, "iters": 300}, loss=loss)
     noise = Noise(0, 1)
     trained = train_network(1, noise, cfg)
     res = evaluate(trained.model, *test_curves(1, noise, cfg))
@@ -284,6 +288,10 @@ def test_evaluate_averages_over_curves_and_scores_the_training_curve():
     own = 10 * np.cos(np.pi * inp[:, 0].astype(np.float64) / 10)
     np.testing.assert_allclose(res.mse_train_curve, np.mean((inp[:, 1] + 1.0 - own) ** 2), rtol=1e-5)
     np.testing.assert_array_equal(res.x, inp[0, 0])  # the figures show the first curve
+    per = [np.mean((n + 1) ** 2) for n in noise]
+    np.testing.assert_allclose(res.mse_per_curve, per, rtol=1e-6)
+    np.testing.assert_allclose(res.mse_se, abs(per[0] - per[1]) / 2, rtol=1e-6)  # std(ddof=1) / sqrt(2) of two
+    assert math.isnan(evaluate(Shift(), inp[0], tgt[0]).mse_se)  # one curve: no spread to estimate from
     assert evaluate(Shift(), inp[0], tgt[0]).mse_train_curve is None
     with pytest.raises(ValueError, match="shape"):
         evaluate(Shift(), inp[:, :1], tgt[:, :1])
@@ -296,6 +304,20 @@ def test_test_curves_are_independent_draws_and_extend_consistently():
     assert not np.array_equal(inp[0, 0], inp[1, 0])
     more, _ = test_curves(4, Noise(0, 1), ToyConfig(**{**TINY, "test_curves": 5}))
     np.testing.assert_array_equal(more[:3], inp)
+
+
+def test_test_curves_share_x_and_noise_across_orders():
+    """Common random numbers: curve r of every order has the same x and the same noise; only the cosine differs."""
+    cfg = ToyConfig(**{**TINY, "test_curves": 3})
+    in4, tg4 = test_curves(4, Noise(10, 5), cfg)
+    in8, tg8 = test_curves(8, Noise(10, 5), cfg)
+    np.testing.assert_array_equal(in4[:, 0], in8[:, 0])
+    x = in4[:, 0].astype(np.float64)
+    np.testing.assert_allclose(tg4[:, 1], 10 * np.cos(0.4 * np.pi * x), atol=2e-5)
+    np.testing.assert_allclose(tg8[:, 1], 10 * np.cos(0.8 * np.pi * x), atol=2e-5)
+    np.testing.assert_allclose(in4[:, 1] - tg4[:, 1], in8[:, 1] - tg8[:, 1], atol=1e-4)
+    other, _ = test_curves(4, Noise(0, 1), cfg)  # another noise: other draws
+    assert not np.array_equal(other[:, 0], in4[:, 0])
 
 
 # -------------------------------------------------------------------------------------------------- command
@@ -368,7 +390,7 @@ def test_write_results_is_complete_and_atomic(tmp_path):
                 "mse": 0.25, "mse_input": 125.0, "mse_train_curve": 40.5}]
     write_results(tmp_path, records, {"seed": 0})
     assert json.loads((tmp_path / "results.json").read_text()) == records
-    assert (tmp_path / "results.csv").read_text().splitlines()[1] == "1,0.0,1.0,4,10.0,5.0,0.25,125.0,40.5"
+    assert (tmp_path / "results.csv").read_text().splitlines()[1] == "1,0.0,1.0,4,10.0,5.0,0.25,nan,125.0,40.5"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "results.csv", "results.json"]
 
 
@@ -392,6 +414,25 @@ def test_worker_processes_train_the_same_networks_as_one_process():
         assert a.trained.final_loss == b.trained.final_loss
         for k, v in a.trained.model.state_dict().items():
             torch.testing.assert_close(b.trained.model.state_dict()[k], v, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_cuda_training_and_evaluation_agree_with_the_cpu():
+    """On a real GPU: a network evaluates to the CPU's numbers, and a tiny grid trained on CUDA denoises like the
+    CPU's (trajectories differ in rounding, so the comparison is of quality, not of bits)."""
+    cfg = ToyConfig(**{**TINY, "iters": 300})
+    cells = [(1, Noise(0, 1)), (8, Noise(10, 5))]
+    cpu = run_grid([1], [Noise(0, 1)], [c[0] for c in cells], [Noise(0, 1), Noise(10, 5)], cfg)[0]
+    model = cpu.trained.model
+    for order, noise in cells:
+        inp, tgt = test_curves(order, noise, cfg)
+        on_gpu = evaluate(model.to("cuda"), inp, tgt, train_order=1)
+        on_cpu = evaluate(model.to("cpu"), inp, tgt, train_order=1)
+        assert on_gpu.mse == pytest.approx(on_cpu.mse, rel=1e-4)
+    gpu = run_grid([1], [Noise(0, 1)], [1], [Noise(0, 1)], ToyConfig(**{**cfg.__dict__, "device": "cuda"}))[0]
+    mse_gpu, mse_cpu = gpu.cells[(1, Noise(0, 1))].mse, cpu.cells[(1, Noise(0, 1))].mse
+    assert mse_gpu < 0.5 * gpu.cells[(1, Noise(0, 1))].mse_input
+    assert 0.5 < mse_gpu / mse_cpu < 2.0, (mse_gpu, mse_cpu)
 
 
 def test_run_grid_rejects_bad_jobs():

@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 # only light imports at module level: torch loads when the command runs
-from engine.experiments.toy_config import LOSSES, ToyConfig
+from engine.experiments.toy_config import LOSSES, ToyConfig, receptive_field
 from engine.experiments.toy_data import SEGMENT_LEN, Noise
 
 #: the defaults every option below shows and uses
@@ -83,12 +83,14 @@ class NoiseList(click.ParamType):
 @click.option("--width", type=click.IntRange(min=1), default=DEFAULTS.width, show_default=True,
               help="Channels of the hidden conv layers (163 with kernel 5: about 402k parameters).")
 @click.option("--kernel", type=click.IntRange(min=1), default=DEFAULTS.kernel, show_default=True,
-              help="Odd kernel size of every conv layer (receptive field 4 * (kernel - 1) + 1 points).")
+              help="Odd kernel size of every conv layer (receptive field 5 * (kernel - 1) + 1 points).")
+@click.option("--x-in-scale", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS.x_in_scale,
+              show_default=True, help="The network divides the x input by this.")
 @click.option("--y-in-scale", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS.y_in_scale,
-              show_default=True, help="The network divides the noisy y input by this (x by 10).")
+              show_default=True, help="The network divides the noisy y input by this.")
 @click.option("--test-curves", type=click.IntRange(min=1), default=DEFAULTS.test_curves, show_default=True,
-              help="Independent noisy test curves per test cell; a cell's MSE is over all of them (figures show "
-                   "the first).")
+              help="Independent noisy test curves per test cell; a cell's MSE is over all of them, with its "
+                   "standard error (figures show the first). Cells of one noise share x and noise across orders.")
 @click.option("--loss", type=click.Choice(LOSSES), default=DEFAULTS.loss, show_default=True, help="Training loss.")
 @click.option("--seed", type=click.IntRange(min=0), default=DEFAULTS.seed, show_default=True,
               help="Seed of data, weights and test curves.")
@@ -102,7 +104,7 @@ class NoiseList(click.ParamType):
                    "is reproducible for a fixed thread count.")
 @click.option("--figures/--no-figures", default=True, show_default=True, help="Write the PNG figures.")
 def toy(train_order, train_noise, test_order, test_noise, out, iters, epochs, batch, lr, segments, points, width,
-        kernel, y_in_scale, test_curves, loss, seed, device, jobs, threads, figures) -> None:
+        kernel, x_in_scale, y_in_scale, test_curves, loss, seed, device, jobs, threads, figures) -> None:
     """Cosine-curve denoising, the paper's analogous experiment (section V).
 
     Trains one 1-D CNN per training setting (order x noise) on 128-point segments of
@@ -111,6 +113,7 @@ def toy(train_order, train_noise, test_order, test_noise, out, iters, epochs, ba
     learn the curve and remove unseen noise too; on complex curves they learn the noise.
     """
     import os
+    import time
 
     # torch's OpenMP threads spin while waiting for each other; on a shared or oversubscribed machine that costs
     # up to 10x (measured: 3.7 s vs 0.36 s per step with 2 threads at load 10 on 2 cores). Passive waiting only
@@ -120,6 +123,7 @@ def toy(train_order, train_noise, test_order, test_noise, out, iters, epochs, ba
     import torch
 
     from engine.experiments import toy as T
+    from engine.experiments.toy_ordering import own_cell_ordering
     from engine.experiments.toy_figures import write_mse_figure, write_setting_figure
 
     if kernel % 2 == 0:
@@ -133,14 +137,14 @@ def toy(train_order, train_noise, test_order, test_noise, out, iters, epochs, ba
                                      param_hint="--jobs")
         jobs = 1
     else:
-        jobs = min(n_nets, jobs or 2 * len(os.sched_getaffinity(0)))
+        jobs = min(n_nets, jobs) if jobs else T.default_jobs(n_nets)
     if threads is not None and jobs == 1:
         torch.set_num_threads(threads)
     if epochs is not None:
         steps_per_epoch = max(1, segments // min(batch, segments))
         iters = epochs * steps_per_epoch
     cfg = T.ToyConfig(iters=iters, batch=batch, lr=lr, segments=segments, points=points, seg_len=SEGMENT_LEN,
-                      width=width, kernel=kernel, y_in_scale=y_in_scale, test_curves=test_curves, loss=loss,
+                      width=width, kernel=kernel, x_in_scale=x_in_scale, y_in_scale=y_in_scale, test_curves=test_curves, loss=loss,
                       seed=seed, device=device)
     threads_per_net = (threads or 1) if jobs > 1 else torch.get_num_threads()
     config = T.config_record(cfg, train_order, train_noise, test_order, test_noise, threads_per_net)
@@ -160,12 +164,17 @@ def toy(train_order, train_noise, test_order, test_noise, out, iters, epochs, ba
     click.echo(f"toy: {n_nets} network(s) x {len(test_order) * len(test_noise)} test cells, "
                f"{config['parameters']:,} parameters, {iters} steps of {batch}, {loss}, {device}, {jobs} job(s) "
                f"of {threads_per_net} thread(s) -> {out}")
+    started = time.perf_counter()
     T.run_grid(train_order, train_noise, test_order, test_noise, cfg, log=click.echo, on_setting=on_setting,
                jobs=jobs, threads=threads)
     if figures:
         write_mse_figure(out, done)
     click.echo(format_table(records))
     click.echo(format_table(records, "mse_train_curve", "mse against the training order's curve"))
+    ordering = own_cell_ordering(records, field=receptive_field(kernel), points=points)
+    if ordering is not None:
+        click.echo(ordering.text())
+    click.echo(f"toy: {n_nets} network(s) trained and tested in {time.perf_counter() - started:.1f} s on {device}")
 
 
 def format_table(records: list[dict], field: str = "mse", title: str = "mse") -> str:

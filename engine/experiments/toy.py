@@ -15,21 +15,31 @@ y channel only, in squared y units.
 The default regime (``ToyConfig()``, what ``rainsweep toy`` runs without options) and why:
 
 - Network: five convolutions of kernel 5 and 163 channels (402,449 parameters, the paper's "about 400k") with
-  LeakyReLU; receptive field 21 points. A network that denoises from y alone averages over about its receptive
-  field and scores about 1/21 = 0.048 on N(0, 1), the paper's figure for its order-8 network (0.047). A wider field
-  (kernel 9: 41 points) makes that averaging shortcut twice as good and holds the order-1 network in it for
-  thousands of steps longer.
-- Input scales: x enters divided by 10 (into [-1, 1]), the noisy y divided by ``y_in_scale`` = 200; the output is
-  multiplied by 10. Every first-layer unit mixes x and y, so a network that fits the curve from x can still carry
-  y inside its features and cancel it only over the y values it was trained on (about [-13, 13]). Mean-shifted
-  noise N(10, 5) moves y to about [-5, 35], past kinks that training never constrained, and the output bends (with
-  y scaled like x: mse about 7 under N(10, 5) for an order-1 network that scores 0.001 on its own cell). With y
-  entering at a twentieth of x's scale the response to y stays close to linear over that whole range, so the
-  insensitivity learned in range holds out of range and the order-1 network's output stops depending on the noisy
-  y, as the paper reports. Networks that need y (orders 4 and 8) still learn to use it and follow shifted noise.
+  LeakyReLU; receptive field 21 points. A network that denoises from y alone is a filter over its receptive field;
+  the best linear one (``toy_ordering.linear_filter_floor``) scores 0.0476 / 0.0487 / 0.0521 on orders 1 / 4 / 8
+  with N(0, 1): about 1/21, the paper's figure for its order-8 network (0.047), and higher on a more curved
+  cosine, which the filter must follow. A wider field (kernel 9: 41 points) makes that filter twice as good and
+  holds the order-1 network in it for thousands of steps longer.
+- Input scales: x enters divided by ``x_in_scale`` = 2.5 (into [-4, 4]), the noisy y divided by ``y_in_scale`` =
+  200; the output is multiplied by 10. Every first-layer unit mixes x and y, so a network that fits the curve from
+  x can still carry y inside its features and cancel it only over the y values it was trained on (about
+  [-13, 13]). Mean-shifted noise N(10, 5) moves y to about [-5, 35], past kinks that training never constrained,
+  and the output bends (with y scaled like x: mse about 7 under N(10, 5) for an order-1 network that scores 0.001
+  on its own cell). With y entering at a twentieth of x's scale the response to y stays close to linear over that
+  whole range, so the insensitivity learned in range holds out of range and the order-1 network's output stops
+  depending on the noisy y, as the paper reports. Networks that need y (orders 4 and 8) still learn to use it and
+  follow shifted noise. x at four times the scale of [-1, 1] brings the order-4 and order-8 filters to their
+  floors within the 6,000 steps (own-cell mse over 100 test curves, seeds 0 / 1 / 2: order 4 0.0485 / 0.0483 /
+  0.0488, order 8 0.0539 / 0.0528 / 0.0527; with x / 10, seeds 0 / 1: 0.0533 / 0.0504 and 0.0555 / 0.0568) and
+  the order-1 network closer to the paper under N(10, 5) (0.31 against 0.115; paper 0.354).
 - Training: Adam at lr 2e-3, cosine-decayed to 0, 6,000 steps of 16 segments (9.6 passes over the 10,000
   segments), L1 loss (the paper's) on both channels. The order-1 network fits the cosine from x to about 1e-3 mse
   only in the late, low-learning-rate steps.
+- Test: 100 whole curves of 1,000 points per cell, with the same x positions and noise values for every order of
+  one noise (common random numbers), so the own-cell ordering O=1 < O=4 < O=8 is judged on per-curve differences
+  (``engine.experiments.toy_ordering``): the order-4 / order-8 difference is about 0.004-0.006 and its paired
+  standard error 0.0004 (11-17 standard errors over the seeds above). With 10 independent curves per cell the
+  same difference was within the estimate's noise.
 - CPU: one worker process per network (``run_grid(jobs=...)``), one torch thread each. Convolutions this small gain
   little from a second thread, while independent networks use every core.
 """
@@ -39,6 +49,7 @@ import contextlib
 import csv
 import io
 import multiprocessing
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -50,7 +61,7 @@ import torch
 from torch import nn
 
 from engine.atomic import atomic_write_json, atomic_write_text
-from engine.experiments.toy_config import ToyConfig
+from engine.experiments.toy_config import LAYERS, ToyConfig
 from engine.experiments.toy_data import (
     PURPOSE_TEST_CURVE,
     PURPOSE_TRAIN_DATA,
@@ -63,7 +74,7 @@ from engine.experiments.toy_data import (
     stream_seed,
 )
 
-#: the x input, the x output and the y output are divided / multiplied by this (curve units -> O(1))
+#: the network's x and y outputs are multiplied by this (O(1) -> curve units)
 UNIT_SCALE = 10.0
 
 
@@ -71,18 +82,18 @@ class ToyNet(nn.Module):
     """Five 1-D convolutions with LeakyReLU (slope 0.2) between them: float32 ``(N, 2, L)`` -> ``(N, 2, L)``, any
     ``L``, channels 0 = x and 1 = y in curve units.
 
-    The input x is divided by 10 and the input y by ``y_in_scale``; the output (x, y) is the last convolution's
-    output times 10. With the defaults (width 163, kernel 5) it has 402,449 parameters (the paper's "about 400k")
+    The input x is divided by ``x_in_scale`` and the input y by ``y_in_scale``; the output (x, y) is the last
+    convolution's output times 10. With the defaults (width 163, kernel 5) it has 402,449 parameters (the paper's "about 400k")
     and a receptive field of 21 points; 'same' zero padding keeps the length.
     """
 
-    def __init__(self, width: int = 163, kernel: int = 5, y_in_scale: float = 200.0, layers: int = 5,
-                 negative_slope: float = 0.2) -> None:
+    def __init__(self, width: int = 163, kernel: int = 5, y_in_scale: float = 200.0, layers: int = LAYERS,
+                 negative_slope: float = 0.2, x_in_scale: float = 2.5) -> None:
         super().__init__()
         if width < 1 or layers < 2 or kernel < 1 or kernel % 2 == 0:
             raise ValueError(f"need width >= 1, layers >= 2 and an odd kernel, got {width=}, {kernel=}, {layers=}")
-        if not y_in_scale > 0:
-            raise ValueError(f"y_in_scale must be > 0, got {y_in_scale}")
+        if not (x_in_scale > 0 and y_in_scale > 0):
+            raise ValueError(f"x_in_scale and y_in_scale must be > 0, got {x_in_scale=}, {y_in_scale=}")
         mods: list[nn.Module] = []
         cin = 2
         for i in range(layers):
@@ -92,7 +103,7 @@ class ToyNet(nn.Module):
                 mods.append(nn.LeakyReLU(negative_slope))
             cin = cout
         self.body = nn.Sequential(*mods)
-        self.register_buffer("in_scale", torch.tensor([1.0 / UNIT_SCALE, 1.0 / y_in_scale]).view(1, 2, 1),
+        self.register_buffer("in_scale", torch.tensor([1.0 / x_in_scale, 1.0 / y_in_scale]).view(1, 2, 1),
                              persistent=False)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -108,7 +119,7 @@ def n_parameters(model: nn.Module) -> int:
 
 def build_network(cfg: ToyConfig) -> ToyNet:
     """The ToyNet that ``cfg`` describes (on the CPU, freshly initialized from torch's current seed)."""
-    return ToyNet(cfg.width, cfg.kernel, cfg.y_in_scale)
+    return ToyNet(cfg.width, cfg.kernel, cfg.y_in_scale, x_in_scale=cfg.x_in_scale)
 
 
 @dataclass
@@ -123,7 +134,11 @@ class Trained:
 @dataclass
 class CurveResult:
     """One test cell: its first test curve (float32 ``(P,)`` each: x, noisy y, clean y, predicted y), for the
-    figures, and MSEs of the y channel (y units squared) over all its test curves."""
+    figures, and MSEs of the y channel (y units squared) over all its test curves.
+
+    ``mse_per_curve`` holds each test curve's MSE (float64 ``(R,)``), ``mse_se`` the standard error of their mean
+    (NaN with one curve).
+    """
 
     x: np.ndarray
     noisy: np.ndarray
@@ -132,6 +147,8 @@ class CurveResult:
     mse: float  # prediction vs truth
     mse_input: float  # noisy input vs truth: what the identity map scores
     mse_train_curve: float | None = None  # prediction vs the clean curve of the network's training order
+    mse_per_curve: np.ndarray | None = None
+    mse_se: float = float("nan")
 
 
 @contextlib.contextmanager
@@ -202,8 +219,14 @@ def train_network(order: int, noise: Noise, cfg: ToyConfig) -> Trained:
 def test_curves(order: int, noise: Noise, cfg: ToyConfig) -> tuple[np.ndarray, np.ndarray]:
     """The ``cfg.test_curves`` whole noisy test curves of one cell and their targets, float32
     ``(cfg.test_curves, 2, cfg.points)`` each; the same for every network evaluated with the same ``cfg.seed``,
-    ``cfg.points`` and ``cfg.test_curves`` (and the first curves are the same whatever ``cfg.test_curves``)."""
-    rng = np.random.default_rng(stream_seed(cfg.seed, PURPOSE_TEST_CURVE, order, noise))
+    ``cfg.points`` and ``cfg.test_curves`` (and the first curves are the same whatever ``cfg.test_curves``).
+
+    Cells of one noise share their draws across orders: curve ``r`` of every order has the same x positions and
+    the same noise values, only the clean cosine differs. Comparing orders (the own-cell ordering) then compares
+    networks on identical noise, which removes most of the draw-to-draw spread from the difference (common random
+    numbers); each cell's MSE is still an unbiased estimate.
+    """
+    rng = np.random.default_rng(stream_seed(cfg.seed, PURPOSE_TEST_CURVE, None, noise))
     pairs = [make_curve(order, noise, cfg.points, rng) for _ in range(cfg.test_curves)]
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
@@ -218,6 +241,7 @@ def evaluate(model: ToyNet, inputs: np.ndarray, targets: np.ndarray, train_order
 
     Several curves make a steadier score: a denoiser's errors are correlated over its receptive field, so one
     1,000-point curve holds only about 50 independent errors and its MSE varies by 15-20 % from curve to curve.
+    The result keeps every curve's MSE and the standard error of their mean.
     """
     if inputs.ndim == 2:
         inputs, targets = inputs[None], targets[None]
@@ -227,13 +251,16 @@ def evaluate(model: ToyNet, inputs: np.ndarray, targets: np.ndarray, train_order
     device = next(model.parameters()).device
     pred = model(torch.from_numpy(inputs).to(device))[:, 1].cpu().numpy()
     x, noisy, truth = inputs[:, 0], inputs[:, 1], targets[:, 1]
-    mse = float(np.mean((pred.astype(np.float64) - truth) ** 2))
+    per_curve = np.mean((pred.astype(np.float64) - truth) ** 2, axis=1)
+    mse = float(np.mean(per_curve))
+    se = float(np.std(per_curve, ddof=1) / np.sqrt(len(per_curve))) if len(per_curve) > 1 else float("nan")
     mse_input = float(np.mean((noisy.astype(np.float64) - truth) ** 2))
     mse_train = None
     if train_order is not None:
         own = ground_truth(x.astype(np.float64), train_order)
         mse_train = float(np.mean((pred.astype(np.float64) - own) ** 2))
-    return CurveResult(x[0].copy(), noisy[0].copy(), truth[0].copy(), pred[0].copy(), mse, mse_input, mse_train)
+    return CurveResult(x[0].copy(), noisy[0].copy(), truth[0].copy(), pred[0].copy(), mse, mse_input, mse_train,
+                       per_curve, se)
 
 
 @dataclass
@@ -253,8 +280,10 @@ class SettingResult:
                 "test_order": order,
                 "test_noise": noise.as_list(),
                 "mse": res.mse,
+                "mse_se": res.mse_se,
                 "mse_input": res.mse_input,
                 "mse_train_curve": res.mse_train_curve,
+                "mse_per_curve": None if res.mse_per_curve is None else [float(v) for v in res.mse_per_curve],
             }
             for (order, noise), res in self.cells.items()
         ]
@@ -267,6 +296,12 @@ def _train_state(order: int, noise: Noise, cfg: ToyConfig) -> tuple[dict[str, np
         trained = train_network(order, noise, cfg)
     state = {k: v.detach().cpu().numpy() for k, v in trained.model.state_dict().items()}
     return state, trained.final_loss, trained.seconds
+
+
+def default_jobs(n_networks: int) -> int:
+    """Networks to train at once on the CPU: one per network, at most two per usable core, so that a grid of a few
+    more networks than cores keeps every core busy to the end instead of training its last networks alone."""
+    return max(1, min(n_networks, 2 * len(os.sched_getaffinity(0))))
 
 
 def _init_worker(threads: int) -> None:
@@ -348,14 +383,14 @@ def run_grid(
 
 
 CSV_FIELDS = (
-    "train_order", "train_mu", "train_sigma", "test_order", "test_mu", "test_sigma", "mse", "mse_input",
+    "train_order", "train_mu", "train_sigma", "test_order", "test_mu", "test_sigma", "mse", "mse_se", "mse_input",
     "mse_train_curve",
 )
 
 
 def write_results(out: Path, records: list[dict], config: dict) -> None:
-    """Write ``results.json`` (the records), ``results.csv`` (the same, noise split into mu / sigma columns) and
-    ``config.json`` (the settings that produced them) into ``out``, atomically."""
+    """Write ``results.json`` (the records), ``results.csv`` (the same but the per-curve MSEs, noise split into mu /
+    sigma columns) and ``config.json`` (the settings that produced them) into ``out``, atomically."""
     atomic_write_json(out / "results.json", records, indent=1)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -363,7 +398,7 @@ def write_results(out: Path, records: list[dict], config: dict) -> None:
     for r in records:
         w.writerow([
             r["train_order"], *r["train_noise"], r["test_order"], *r["test_noise"],
-            repr(r["mse"]), repr(r["mse_input"]), repr(r["mse_train_curve"]),
+            repr(r["mse"]), repr(r.get("mse_se", float("nan"))), repr(r["mse_input"]), repr(r["mse_train_curve"]),
         ])
     atomic_write_text(out / "results.csv", buf.getvalue())
     atomic_write_json(out / "config.json", config, indent=1)
@@ -381,6 +416,7 @@ def config_record(cfg: ToyConfig, train_orders, train_noises, test_orders, test_
         "parameters": n_parameters(build_network(cfg)),
         "torch": torch.__version__,
         "mse": "mean squared error of the predicted y channel against the clean curve, y units squared",
+        "mse_se": "standard error of mse: the spread of the per-curve MSEs (mse_per_curve) over sqrt(test_curves)",
         "mse_input": "the same for the noisy input (the identity map's score)",
         "mse_train_curve": "mean squared error of the predicted y against the clean curve of the training order at "
                            "the test x: small on other orders when a network draws its own training curve",

@@ -9,6 +9,13 @@ from dataclasses import dataclass
 from engine.experiments.toy_data import DEFAULT_POINTS, DEFAULT_SEGMENTS, SEGMENT_LEN
 
 LOSSES = ("l1", "l2")
+#: convolutions in the toy network (the paper's five)
+LAYERS = 5
+
+
+def receptive_field(kernel: int, layers: int = LAYERS) -> int:
+    """Points of input one output point of ``layers`` stacked 'same' convolutions of odd ``kernel`` depends on."""
+    return layers * (kernel - 1) + 1
 
 
 @dataclass(frozen=True)
@@ -17,7 +24,7 @@ class ToyConfig:
 
     Training: ``iters`` optimizer steps of ``batch`` segments each, Adam at ``lr`` with a cosine decay to 0, loss
     ``loss`` ("l1", the paper's, or "l2") on both output channels. Network: five 1-D convolutions of ``width``
-    hidden channels and an odd ``kernel``; the noisy y enters divided by ``y_in_scale`` (x by 10). Test: every cell's
+    hidden channels and an odd ``kernel``; x enters divided by ``x_in_scale``, the noisy y by ``y_in_scale``. Test: every cell's
     MSE is over ``test_curves`` independent whole curves of ``points`` points. Sizes in points; ``seed`` fixes data,
     batch order, initial weights and test curves; ``device`` is a torch device ("cpu", "cuda").
     """
@@ -30,8 +37,9 @@ class ToyConfig:
     seg_len: int = SEGMENT_LEN
     width: int = 163
     kernel: int = 5
+    x_in_scale: float = 2.5
     y_in_scale: float = 200.0
-    test_curves: int = 10
+    test_curves: int = 100
     loss: str = "l1"
     seed: int = 0
     device: str = "cpu"
@@ -48,7 +56,8 @@ class ToyConfig:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not self.y_in_scale > 0:
-            raise ValueError(f"y_in_scale must be > 0, got {self.y_in_scale}")
+        for name in ("x_in_scale", "y_in_scale"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")

@@ -79,15 +79,17 @@ def ground_truth(x: np.ndarray, order: int) -> np.ndarray:
     return (AMPLITUDE * np.cos(order * np.pi * x / 10.0)).astype(x.dtype, copy=False)
 
 
-def stream_seed(seed: int, purpose: int, order: int, noise: Noise) -> np.random.SeedSequence:
+def stream_seed(seed: int, purpose: int, order: int | None, noise: Noise) -> np.random.SeedSequence:
     """A seed sequence for one (purpose, order, noise) stream, independent of the others and of grid order.
 
+    ``order=None`` gives a stream shared by every order (the test draws: see ``engine.experiments.toy.test_curves``).
     The noise parameters enter through their float64 bit patterns, so 0:1 and 0:1.0 give the same stream.
     """
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     bits = np.array([noise.mu, noise.sigma], dtype=np.float64).view(np.uint64)
-    return np.random.SeedSequence([int(seed), int(purpose), check_order(order), int(bits[0]), int(bits[1])])
+    order_key = 0 if order is None else check_order(order)  # orders are >= 1, so 0 never names one
+    return np.random.SeedSequence([int(seed), int(purpose), order_key, int(bits[0]), int(bits[1])])
 
 
 def sample_x(n_points: int, rng: np.random.Generator, rows: int | None = None) -> np.ndarray:

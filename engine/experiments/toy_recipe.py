@@ -12,6 +12,8 @@ from engine.atomic import atomic_write_text
 from engine.experiments import recipes as R
 from engine.experiments.report import duration, md_table
 from engine.experiments.report_figures import save
+from engine.experiments.toy_config import receptive_field
+from engine.experiments.toy_ordering import own_cell_ordering
 
 
 @contextlib.contextmanager
@@ -97,8 +99,13 @@ def report_text(scale: R.Scale, records: list[dict], config: dict, wall_s: float
                    f"{simple:.3g} against {complex_:.3g} for the one trained on the complex curve (O=8): the "
                    f"paper's direction (a simple training curve is learned and the unseen noise removed; a complex one "
                    f"makes the network learn the noise) {'shows' if shows else 'does not show'} here.")
+    ordering = own_cell_ordering(records, field=receptive_field(config["kernel"]),
+                                 points=config["points"])
+    if ordering is not None:
+        verdict += "\n\n" + ordering.text()
     settings = ", ".join(f"{k}={v}" for k, v in config.items()
-                         if k in ("iters", "batch", "lr", "segments", "points", "width", "kernel", "loss", "seed",
+                         if k in ("iters", "batch", "lr", "segments", "points", "width", "kernel", "x_in_scale",
+                                  "y_in_scale", "test_curves", "loss", "seed",
                                   "device", "threads", "parameters"))
     sections = [
         "# Section V: the toy (cosine denoising)",
@@ -147,8 +154,9 @@ def run_toy(scale: R.Scale, out: Path, device: str | None = None, echo: Callable
             T.write_results(out, records, config)  # results so far stay on disk if the grid is interrupted
 
         echo(f"toy: {len(grid['train_orders'])} network(s), {cfg.iters} steps each, on {cfg.device} -> {out}")
+        jobs = T.default_jobs(len(grid["train_orders"]) * len(train_noises)) if cfg.device == "cpu" else 1
         results = T.run_grid(grid["train_orders"], train_noises, grid["test_orders"], test_noises, cfg, log=echo,
-                             on_setting=on_setting)
+                             on_setting=on_setting, jobs=jobs, threads=scale.threads or 1)
     cells_figure(out / "figures" / "toy_cells.png", results)
     path = atomic_write_text(out / "report.md", report_text(scale, records, config, time.perf_counter() - t0))
     echo(f"report: {path}")
