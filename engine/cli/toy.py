@@ -123,8 +123,8 @@ def toy(train_order, train_noise, test_order, test_noise, out, iters, epochs, ba
     import torch
 
     from engine.experiments import toy as T
-    from engine.experiments.toy_ordering import own_cell_ordering
     from engine.experiments.toy_figures import write_mse_figure, write_setting_figure
+    from engine.experiments.toy_ordering import own_cell_ordering
 
     if kernel % 2 == 0:
         raise click.BadParameter(f"the kernel size must be odd, got {kernel}", param_hint="--kernel")
@@ -144,8 +144,8 @@ def toy(train_order, train_noise, test_order, test_noise, out, iters, epochs, ba
         steps_per_epoch = max(1, segments // min(batch, segments))
         iters = epochs * steps_per_epoch
     cfg = T.ToyConfig(iters=iters, batch=batch, lr=lr, segments=segments, points=points, seg_len=SEGMENT_LEN,
-                      width=width, kernel=kernel, x_in_scale=x_in_scale, y_in_scale=y_in_scale, test_curves=test_curves, loss=loss,
-                      seed=seed, device=device)
+                      width=width, kernel=kernel, x_in_scale=x_in_scale, y_in_scale=y_in_scale,
+                      test_curves=test_curves, loss=loss, seed=seed, device=device)
     threads_per_net = (threads or 1) if jobs > 1 else torch.get_num_threads()
     config = T.config_record(cfg, train_order, train_noise, test_order, test_noise, threads_per_net)
     config["jobs"] = jobs

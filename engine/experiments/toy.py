@@ -83,8 +83,8 @@ class ToyNet(nn.Module):
     ``L``, channels 0 = x and 1 = y in curve units.
 
     The input x is divided by ``x_in_scale`` and the input y by ``y_in_scale``; the output (x, y) is the last
-    convolution's output times 10. With the defaults (width 163, kernel 5) it has 402,449 parameters (the paper's "about 400k")
-    and a receptive field of 21 points; 'same' zero padding keeps the length.
+    convolution's output times 10. With the defaults (width 163, kernel 5) it has 402,449 parameters (the paper's
+    "about 400k") and a receptive field of 21 points; 'same' zero padding keeps the length.
     """
 
     def __init__(self, width: int = 163, kernel: int = 5, y_in_scale: float = 200.0, layers: int = LAYERS,

@@ -24,9 +24,10 @@ class ToyConfig:
 
     Training: ``iters`` optimizer steps of ``batch`` segments each, Adam at ``lr`` with a cosine decay to 0, loss
     ``loss`` ("l1", the paper's, or "l2") on both output channels. Network: five 1-D convolutions of ``width``
-    hidden channels and an odd ``kernel``; x enters divided by ``x_in_scale``, the noisy y by ``y_in_scale``. Test: every cell's
-    MSE is over ``test_curves`` independent whole curves of ``points`` points. Sizes in points; ``seed`` fixes data,
-    batch order, initial weights and test curves; ``device`` is a torch device ("cpu", "cuda").
+    hidden channels and an odd ``kernel``; x enters divided by ``x_in_scale``, the noisy y by ``y_in_scale``. Test:
+    every cell's MSE is over ``test_curves`` independent whole curves of ``points`` points (the cells of one noise
+    share them across orders). Sizes in points; ``seed`` fixes data, batch order, initial weights and test curves;
+    ``device`` is a torch device ("cpu", "cuda").
     """
 
     iters: int = 6000
